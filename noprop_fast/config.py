@@ -1,0 +1,176 @@
+"""Run configuration: one dataclass per task, YAML files mapped onto it, a CLI generated from it.
+
+Precedence: the dataclass defaults (the paper's hyperparameters), then the YAML config
+(`--config NAME_OR_PATH`; `digits` when none is named), then command-line overrides. An unknown
+key, a value of the wrong type or outside its choices is a `ConfigError`: one line, non-zero exit.
+"""
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "digits"
+
+
+def _opt(default, help: str, choices: tuple | None = None, minimum: float | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+
+
+@dataclass
+class ImageConfig:
+    task: str = _opt("image", "which task this config is for", ("image",))
+    method: str = _opt("noprop", "noprop: NoProp-DT; backprop: the same blocks trained end to end",
+                       ("noprop", "backprop"))
+    dataset: str = _opt("digits", "digits ships with scikit-learn, so it runs offline",
+                        ("digits", "mnist", "cifar10", "cifar100"))
+    data_dir: str | None = _opt(None, "folder with a datasets save or the original files; "
+                                "none: the hub (mnist, cifar)")
+    embedding: str = _opt("onehot", "class embedding W_embed", ("onehot", "learned", "prototype"))
+    embed_dim: int = _opt(20, "d of learned embeddings (one-hot: d = classes; prototype: d = pixels)",
+                          minimum=1)
+    num_blocks: int = _opt(10, "T, the number of blocks (denoising steps)", minimum=1)
+    snr_max: float = _opt(100.0, "abar is clamped to snr_max / (1 + snr_max), so SNR(T) is finite",
+                          minimum=1e-6)
+    eta: float = _opt(0.1, "scale of the SNR-weighted denoising loss", minimum=1e-12)
+    block_schedule: str = _opt("all", "all: every block on every minibatch (one pass per epoch); "
+                               "sequential: the paper's one block per pass, one block in memory",
+                               ("all", "sequential"))
+    epochs: int = _opt(100, "passes over the training data (sequential: T passes each)", minimum=1)
+    batch_size: int = _opt(128, "minibatch size", minimum=2)
+    lr: float = _opt(1e-3, "AdamW learning rate (no schedule, as in the paper)", minimum=0.0)
+    weight_decay: float = _opt(1e-3, "AdamW decoupled weight decay", minimum=0.0)
+    dropout: float = _opt(0.2, "dropout in the conv branch", minimum=0.0)
+    inference: str = _opt("stochastic", "Eq. 3 with its noise, or the noise-free variant (eps_t = 0)",
+                          ("stochastic", "noise-free"))
+    eval_every: int = _opt(1, "evaluate test accuracy every this many epochs (and at the end)",
+                           minimum=1)
+    seed: int = _opt(0, "seeds weights, noise, shuffling and evaluation")
+    device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
+    out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time>")
+
+    def validate(self) -> "ImageConfig":
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}")
+            if meta.get("minimum") is not None and value < meta["minimum"]:
+                raise ConfigError(f"{f.name}: {value!r} is below its minimum {meta['minimum']}")
+        if self.dropout >= 1:
+            raise ConfigError(f"dropout: {self.dropout} must be below 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TASK_CONFIGS = {"image": ImageConfig}
+
+
+def _coerce(name: str, value, annotation):
+    """YAML or command-line value -> the field's type, or a ConfigError naming the field."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if value is None:
+        if type(None) in typing.get_args(annotation):
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    kind = kinds[0]
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+
+
+def from_mapping(values: dict, source: str, base=None, cls=ImageConfig):
+    """Apply a mapping of field -> value onto `base` (or the defaults)."""
+    cfg = dataclasses.replace(base) if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} in {source} (valid keys: {', '.join(sorted(known))})")
+        setattr(cfg, key, _coerce(key, value, hints[key]))
+    return cfg
+
+
+def config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        raise ConfigError(f"no config named {name_or_path!r} (see --list-configs) and no such file")
+    return packaged
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read YAML ({' '.join(str(err).split())})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
+def load_config(name_or_path: str, cls=ImageConfig):
+    path = config_path(name_or_path)
+    return from_mapping(read_yaml(path), str(path), cls=cls)
+
+
+def list_configs() -> list[tuple[str, str]]:
+    """(name, description) of every packaged config; the description is the file's first comment."""
+    rows = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        rows.append((path.stem, first.lstrip("# ").strip()))
+    return rows
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig) -> None:
+    """One `--field-name` option per config field; unset options stay out of the namespace."""
+    group = parser.add_argument_group("config fields (override the config file)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "task":
+            continue  # chosen with --task
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        extra = f" ({'|'.join(meta['choices'])})" if meta.get("choices") else ""
+        metavar = typing.get_args(hints[f.name])[0].__name__.upper() if typing.get_args(hints[f.name]) \
+            else hints[f.name].__name__.upper()
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                           help=f"{meta.get('help', '')}{extra} [default {f.default}]")
+
+
+def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):
+    """The final config: base (a resumed run's) or the named config file, then the overrides."""
+    if base is None:
+        base = load_config(config or DEFAULT_CONFIG, cls)
+    return from_mapping(overrides, "the command line", base=base, cls=cls).validate()
+
+
+def save_config(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

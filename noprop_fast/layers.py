@@ -1,0 +1,137 @@
+"""Batched multi-block layers: T blocks' parameters stacked along a leading block dimension.
+
+NoProp's T blocks have the same architecture and never exchange activations while training, so
+instead of T modules run one after another, every layer here holds all T blocks' parameters in one
+tensor whose first dimension is the block, and runs them as one computation:
+
+    BlockLinear      weight [T, out, in]        Y[t] = X[t] W[t]^T + b[t]       (one batched matmul)
+    BlockConv2d      weight [T, out, in, k, k]  a conv with T x out channels; groups = T when each
+                                                block reads its own input, groups = 1 when all
+                                                blocks read the same image (the first conv)
+    BlockBatchNorm   weight [T, C]              statistics per (block, channel)
+
+Every forward takes `blocks`, a slice of the block range (default: all), and uses only those
+blocks' parameters: the sequential schedule trains one block with one block's activations in
+memory, and inference runs block t alone at step t. Activations of block-batched features are laid
+out [B, N, C] (B = blocks in the slice); conv maps are [N, B * C, H, W], block-major in channels.
+
+The leading block dimension is what the optimiser (`optim.BlockAdamW`) reads to keep a step count
+per block, so every parameter of a block layer carries it. No computation here mixes blocks, so no
+gradient can flow from one block's loss into another block's parameters (a test checks).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALL_BLOCKS = slice(None)
+
+
+def block_count(blocks: slice, num_blocks: int) -> int:
+    return len(range(*blocks.indices(num_blocks)))
+
+
+class BlockLinear(nn.Module):
+    """T independent linear layers, run as one batched matmul. Input [B, N, in] -> [B, N, out]."""
+
+    def __init__(self, num_blocks: int, in_features: int, out_features: int):
+        super().__init__()
+        self.num_blocks, self.in_features, self.out_features = num_blocks, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_blocks, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_blocks, out_features))
+        # nn.Linear's default initialisation, drawn for each block: U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        weight, bias = self.weight[blocks], self.bias[blocks]
+        if x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
+            raise ValueError(f"BlockLinear expects [{weight.shape[0]}, N, {self.in_features}], "
+                             f"got {list(x.shape)}")
+        # [B, N, in] @ [B, in, out] + [B, 1, out]
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.num_blocks}, in={self.in_features}, out={self.out_features}"
+
+
+class BlockConv2d(nn.Module):
+    """T independent 3x3 ('same' padding) convs as one conv of T x out channels.
+
+    shared_input: every block reads the same input [N, in, H, W] (the image), so the blocks' filters
+    are simply stacked as output channels. Otherwise input is [N, B * in, H, W] and the conv is
+    grouped by block. Output [N, B * out, H, W].
+    """
+
+    def __init__(self, num_blocks: int, in_channels: int, out_channels: int, shared_input: bool,
+                 kernel_size: int = 3):
+        super().__init__()
+        self.num_blocks, self.shared_input = num_blocks, shared_input
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.weight = nn.Parameter(
+            torch.empty(num_blocks, out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(num_blocks, out_channels))
+        # nn.Conv2d's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        weight, bias = self.weight[blocks], self.bias[blocks]
+        nb = weight.shape[0]
+        expected = self.in_channels if self.shared_input else nb * self.in_channels
+        if x.shape[1] != expected:
+            raise ValueError(f"BlockConv2d expects {expected} input channels, got {list(x.shape)}")
+        weight = weight.reshape(nb * self.out_channels, self.in_channels, self.kernel_size,
+                                self.kernel_size)
+        groups = 1 if self.shared_input else nb
+        return F.conv2d(x, weight, bias.reshape(-1), padding=self.kernel_size // 2, groups=groups)
+
+    def extra_repr(self) -> str:
+        return (f"blocks={self.num_blocks}, in={self.in_channels}, out={self.out_channels}, "
+                f"shared_input={self.shared_input}")
+
+
+class BlockBatchNorm(nn.Module):
+    """BatchNorm1d with statistics and affine parameters per (block, channel). Input [B, N, C].
+
+    Equivalent to T separate nn.BatchNorm1d(C): each (block, channel) is normalised over the batch
+    alone. Running statistics of the blocks in the slice are updated in place.
+    """
+
+    def __init__(self, num_blocks: int, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_blocks, self.num_features, self.eps, self.momentum = (
+            num_blocks, num_features, eps, momentum)
+        self.weight = nn.Parameter(torch.ones(num_blocks, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_blocks, num_features))
+        self.register_buffer("running_mean", torch.zeros(num_blocks, num_features))
+        self.register_buffer("running_var", torch.ones(num_blocks, num_features))
+
+    def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        nb, n, c = x.shape
+        # Rows of a [T, C] buffer are contiguous, so these reshapes are views and batch_norm's
+        # in-place running-statistics update lands in the buffers.
+        running_mean = self.running_mean[blocks].reshape(-1)
+        running_var = self.running_var[blocks].reshape(-1)
+        if running_mean.numel() != nb * c:
+            raise ValueError(f"BlockBatchNorm expects [{running_mean.numel() // c}, N, {c}], "
+                             f"got {list(x.shape)}")
+        flat = x.transpose(0, 1).reshape(n, nb * c)  # [N, B * C]: channel (b, c) at b * C + c
+        out = F.batch_norm(flat, running_mean, running_var, self.weight[blocks].reshape(-1),
+                           self.bias[blocks].reshape(-1), self.training, self.momentum, self.eps)
+        return out.view(n, nb, c).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.num_blocks}, features={self.num_features}"
+
+
+def block_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `module` that belong to block layers (leading dimension = block)."""
+    params = []
+    for sub in module.modules():
+        if isinstance(sub, (BlockLinear, BlockConv2d, BlockBatchNorm)):
+            params.extend(sub.parameters(recurse=False))
+    return params

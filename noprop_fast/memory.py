@@ -1,0 +1,49 @@
+"""Memory figures: the CUDA allocator's peak, or on CPU the bytes saved for backward.
+
+A CPU has no allocator peak worth quoting, but the memory NoProp saves is activation memory: what
+autograd keeps from the forward pass for the backward pass. `SavedTensorBytes` counts it with
+saved-tensor hooks, each storage once (a tensor saved by several ops, or views of one buffer, are
+one allocation). Parameters saved by the ops that use them are counted too.
+"""
+import torch
+
+
+class SavedTensorBytes:
+    """Context manager: `.bytes` is the size of the distinct storages autograd saved inside it."""
+
+    def __init__(self):
+        self._storages: dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        self._storages[(storage.device.type, storage.data_ptr())] = storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def memory_kind(device: torch.device) -> str:
+    return "cuda_peak_allocated" if device.type == "cuda" else "cpu_saved_for_backward"
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0

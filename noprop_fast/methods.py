@@ -1,0 +1,102 @@
+"""One training loss per method, and inference, for the image task.
+
+NoProp-DT (NOPROP.md section 2), for a minibatch (x, y) and the blocks in `blocks`:
+
+    u        = W_embed[y]                                        [N, d]
+    z[b]     = sqrt(abar_{t-1}) u + sqrt(1 - abar_{t-1}) eps     [B, N, d], sampled from q
+    loss     = (T / B) sum_b w_t ||u_hat_t(z[b], x) - u||^2      (batch mean)
+             + CE(classifier(z_T), y),   z_T ~ q(z_T | y)
+             + KL(q(z_0 | y) || N(0, I))
+
+With all blocks on the minibatch (B = T) the factor is 1; with one block (the sequential schedule)
+it is the paper's T. Block t's parameters see only its own term, the classifier only the CE term,
+W_embed all of them: nothing crosses between blocks (a test checks).
+
+Backprop baseline (Eqs. 17-19): z_0 ~ N(0, I), z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x),
+a_t = tanh(w_t), cross-entropy of the classifier on z_T, trained end to end.
+
+Inference (Eq. 3): `predict` takes images only: the labels are never read.
+
+Nothing here reads a tensor's value on the host: the losses come back as device tensors.
+"""
+import torch
+import torch.nn.functional as F
+
+from .layers import ALL_BLOCKS
+from .models.image import ImageModel
+from .schedule import (NoiseSchedule, block_losses_ref, clean_latent_sample, denoise_step,
+                       noisy_latents_ref, prior_kl)
+
+
+def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
+                blocks: slice = ALL_BLOCKS) -> tuple[torch.Tensor, dict]:
+    """NoProp-DT loss for the blocks in `blocks`. Returns (loss, parts) with parts detached:
+    `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`."""
+    T = model.num_blocks
+    u = model.embedding(y)                                    # [N, d]
+    features = model.blocks.image_features(x, blocks)         # [B, N, 256]
+    nb, n, d = features.shape[0], u.shape[0], u.shape[1]
+    noise = torch.randn(nb, n, d, device=u.device, dtype=u.dtype)
+    z = noisy_latents_ref(u, schedule.input_scale[blocks], schedule.noise_scale[blocks], noise)
+    u_hat = model.blocks.denoise(features, z, model.embedding.weight, blocks)  # [B, N, d]
+    per_block = block_losses_ref(u_hat, u)                    # [B]
+    denoise = (T / nb) * (schedule.snr_weights[blocks] * per_block).sum()
+    z_clean = clean_latent_sample(u, schedule, torch.randn_like(u))
+    ce = F.cross_entropy(model.classifier(z_clean), y)
+    kl = prior_kl(u, schedule)
+    parts = {"block_losses": per_block.detach(), "ce": ce.detach(), "kl": kl.detach()}
+    return denoise + ce + kl, parts
+
+
+def backprop_chain(model: ImageModel, x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Eqs. 17-19: run the T blocks as one residual chain; returns the classifier logits [N, m]."""
+    features = model.blocks.image_features(x)                 # [T, N, 256], all blocks at once
+    w = model.embedding.weight
+    z = torch.randn(x.shape[0], w.shape[1], device=x.device, dtype=w.dtype, generator=generator)
+    mix = torch.tanh(model.mix_logits)                        # [T]
+    for t in range(model.num_blocks):
+        one = slice(t, t + 1)
+        u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0]
+        z = (1 - mix[t]) * z + mix[t] * u_hat
+    return model.classifier(z)
+
+
+def backprop_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    ce = F.cross_entropy(backprop_chain(model, x), y)
+    return ce, {"ce": ce.detach()}
+
+
+@torch.no_grad()
+def predict(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class logits [N, m] for images x [N, C, H, W]; labels are not an argument.
+
+    NoProp: z_0 ~ N(0, I), then Eq. 3 for t = 1..T with block t alone, then the classifier on z_T.
+    `stochastic=False` is the noise-free variant (eps_t = 0; z_0 is still drawn).
+    Backprop baseline: its own chain (Eqs. 17-19).
+    """
+    if model.method == "backprop":
+        return backprop_chain(model, x, generator)
+    features = model.blocks.image_features(x)                 # [T, N, 256]
+    w = model.embedding.weight
+    z = torch.randn(x.shape[0], w.shape[1], device=x.device, dtype=w.dtype, generator=generator)
+    for t in range(1, model.num_blocks + 1):
+        one = slice(t - 1, t)
+        u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0]
+        noise = torch.randn(z.shape, device=z.device, dtype=z.dtype,
+                            generator=generator) if stochastic else None
+        z = denoise_step(z, u_hat, schedule, t, noise)
+    return model.classifier(z)
+
+
+@torch.no_grad()
+def evaluate(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
+             stochastic: bool = True, seed: int = 0, batch_size: int = 1000) -> float:
+    """Test accuracy: predictions from the images alone, compared with y afterwards."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    predictions = torch.cat([predict(model, schedule, x[i:i + batch_size], stochastic, generator)
+                             .argmax(-1) for i in range(0, x.shape[0], batch_size)])
+    model.train(was_training)
+    return (predictions == y).float().mean().item()  # host sync: once per evaluation

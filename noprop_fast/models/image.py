@@ -1,0 +1,196 @@
+"""The image model: T NoProp-DT blocks (paper Figure 6) run as one batched computation.
+
+One block t predicts the clean class embedding from the image x and its noisy latent z_{t-1}:
+
+    image branch   conv3x3 32 -> ReLU -> maxpool 2 -> dropout -> conv3x3 64 -> ReLU -> dropout
+                   -> conv3x3 128 -> ReLU -> maxpool 2 -> dropout -> flatten -> FC 256 -> BN
+    latent branch  h1 = ReLU(BN(FC256(z)));  h = BN(FC256(ReLU(BN(FC256(h1))))) + h1
+                   (prototype embeddings: z is image-shaped and goes through its own conv tower)
+    fusion         concat (512) -> FC 256 -> BN -> ReLU -> FC 128 -> BN -> ReLU -> FC m = logits
+    output         u_hat = softmax(logits) @ W_embed
+
+All T blocks live in the block layers of `layers.py` (stacked parameters, one conv / one batched
+matmul per layer for all blocks). The image branch does not depend on z, so it is computed once per
+batch for every block (`image_features`), also at inference where the latent part then runs one
+block at a time (`denoise` with a one-block slice).
+
+`ImageModel` adds what the blocks share: the class embedding W_embed, the linear classifier on z_T,
+and, for the backprop baseline, the learnable mixing weights a_t = tanh(w_t) of Eqs. 17-19.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, block_count
+
+HIDDEN = 256        # width of the image and latent features and of the first fusion layer
+FUSION_HIDDEN = 128  # width of the second fusion layer
+CONV_CHANNELS = (32, 64, 128)
+
+
+class ConvTower(nn.Module):
+    """The DT block's conv branch for T blocks: [N, C_in(*B), H, W] -> features [B, N, 256]."""
+
+    def __init__(self, num_blocks: int, image_shape: tuple[int, int, int], dropout: float,
+                 shared_input: bool):
+        super().__init__()
+        c, h, w = image_shape
+        c1, c2, c3 = CONV_CHANNELS
+        self.conv1 = BlockConv2d(num_blocks, c, c1, shared_input=shared_input)
+        self.conv2 = BlockConv2d(num_blocks, c1, c2, shared_input=False)
+        self.conv3 = BlockConv2d(num_blocks, c2, c3, shared_input=False)
+        self.flat_features = c3 * (h // 4) * (w // 4)  # two 2x2 max pools (floor)
+        if h < 4 or w < 4:
+            raise ValueError(f"images must be at least 4x4 for two 2x2 pools, got {h}x{w}")
+        self.fc = BlockLinear(num_blocks, self.flat_features, HIDDEN)
+        self.bn = BlockBatchNorm(num_blocks, HIDDEN)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        n = x.shape[0]
+        h = self.dropout(F.max_pool2d(F.relu(self.conv1(x, blocks)), 2))
+        h = self.dropout(F.relu(self.conv2(h, blocks)))
+        h = self.dropout(F.max_pool2d(F.relu(self.conv3(h, blocks)), 2))
+        nb = h.shape[1] // CONV_CHANNELS[2]
+        # [N, B * 128, h, w] -> [B, N, 128 * h * w]: channels are block-major
+        h = h.reshape(n, nb, self.flat_features).transpose(0, 1)
+        return self.bn(self.fc(h, blocks), blocks)
+
+
+class DenoisingBlocks(nn.Module):
+    """T DT blocks. `forward(x, z, W_embed)` -> u_hat [B, N, d] for the blocks in the slice.
+
+    x: [N, C, H, W] images; z: [B, N, d] each block's noisy latent; W_embed: [m, d].
+    latent_image_shape: set for prototype embeddings (d = C * H * W): z then goes through a conv
+    tower of its own instead of the fully connected latent branch.
+    """
+
+    def __init__(self, num_blocks: int, image_shape: tuple[int, int, int], num_classes: int,
+                 embed_dim: int, dropout: float = 0.2,
+                 latent_image_shape: tuple[int, int, int] | None = None):
+        super().__init__()
+        T = self.num_blocks = num_blocks
+        self.embed_dim, self.latent_image_shape = embed_dim, latent_image_shape
+        self.image_tower = ConvTower(T, image_shape, dropout, shared_input=True)
+        if latent_image_shape is not None:
+            if math.prod(latent_image_shape) != embed_dim:
+                raise ValueError(f"latent image shape {latent_image_shape} does not hold d={embed_dim}")
+            self.latent_tower = ConvTower(T, latent_image_shape, dropout, shared_input=False)
+        else:
+            self.latent_fc1, self.latent_bn1 = BlockLinear(T, embed_dim, HIDDEN), BlockBatchNorm(T, HIDDEN)
+            self.latent_fc2, self.latent_bn2 = BlockLinear(T, HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
+            self.latent_fc3, self.latent_bn3 = BlockLinear(T, HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
+        self.fuse_fc1, self.fuse_bn1 = BlockLinear(T, 2 * HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
+        self.fuse_fc2, self.fuse_bn2 = BlockLinear(T, HIDDEN, FUSION_HIDDEN), BlockBatchNorm(T, FUSION_HIDDEN)
+        self.head = BlockLinear(T, FUSION_HIDDEN, num_classes)
+
+    def image_features(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """[N, C, H, W] -> [B, N, 256]; independent of z, so computed once per batch."""
+        return self.image_tower(x, blocks)
+
+    def latent_features(self, z: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """[B, N, d] -> [B, N, 256]."""
+        if self.latent_image_shape is not None:
+            nb, n, _ = z.shape
+            # [B, N, d] -> [N, B * C, H, W]: each block's latent as an image, block-major channels
+            c, h, w = self.latent_image_shape
+            return self.latent_tower(z.transpose(0, 1).reshape(n, nb * c, h, w), blocks)
+        h1 = F.relu(self.latent_bn1(self.latent_fc1(z, blocks), blocks))
+        h = F.relu(self.latent_bn2(self.latent_fc2(h1, blocks), blocks))
+        return self.latent_bn3(self.latent_fc3(h, blocks), blocks) + h1
+
+    def logits(self, image_features: torch.Tensor, z: torch.Tensor,
+               blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """Image features [B, N, 256] and latents [B, N, d] -> class logits [B, N, m]."""
+        h = torch.cat([image_features, self.latent_features(z, blocks)], dim=-1)  # [B, N, 512]
+        h = F.relu(self.fuse_bn1(self.fuse_fc1(h, blocks), blocks))
+        h = F.relu(self.fuse_bn2(self.fuse_fc2(h, blocks), blocks))
+        return self.head(h, blocks)
+
+    def denoise(self, image_features: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
+                blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """u_hat = softmax(logits) @ W_embed: [B, N, d], a convex combination of class embeddings."""
+        return torch.softmax(self.logits(image_features, z, blocks), dim=-1) @ embed_weight
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
+                blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        return self.denoise(self.image_features(x, blocks), z, embed_weight, blocks)
+
+
+def prototype_embeddings(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         chunk: int = 1024) -> torch.Tensor:
+    """Each class's training image of smallest median distance to the other images of its class.
+
+    images: [N, C, H, W]; returns [m, C * H * W]. Distances are computed in chunks of rows so that a
+    class of n images needs O(chunk * n) memory, not O(n^2).
+    """
+    flat = images.reshape(images.shape[0], -1).float()
+    rows = []
+    for k in range(num_classes):
+        members = flat[labels == k]
+        if members.shape[0] == 0:
+            raise ValueError(f"class {k} has no training image to build its prototype from")
+        medians = torch.cat([torch.cdist(members[i:i + chunk], members).median(dim=1).values
+                             for i in range(0, members.shape[0], chunk)])
+        rows.append(members[medians.argmin()])
+    return torch.stack(rows)
+
+
+class ClassEmbedding(nn.Module):
+    """W_embed [m, d]: one-hot (fixed identity, d = m), learned (d = dim, orthogonal init), or
+    prototype (d = C * H * W, initialised with each class's prototype image, learned)."""
+
+    KINDS = ("onehot", "learned", "prototype")
+
+    def __init__(self, kind: str, num_classes: int, dim: int = 20,
+                 prototypes: torch.Tensor | None = None):
+        super().__init__()
+        self.kind = kind
+        if kind == "onehot":
+            self.register_buffer("weight", torch.eye(num_classes))
+        elif kind == "learned":
+            self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(num_classes, dim)))
+        elif kind == "prototype":
+            if prototypes is None or prototypes.shape[0] != num_classes:
+                raise ValueError("prototype embeddings need one prototype image per class")
+            self.weight = nn.Parameter(prototypes.clone().float())
+        else:
+            raise ValueError(f"unknown embedding {kind!r}; expected one of {self.KINDS}")
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.weight[labels]
+
+
+class ImageModel(nn.Module):
+    """The DT blocks with what they share: class embedding, classifier on z_T, and (backprop
+    baseline only) the mixing weights a_t = tanh(w_t)."""
+
+    def __init__(self, method: str, num_blocks: int, image_shape: tuple[int, int, int],
+                 num_classes: int, embedding: ClassEmbedding, dropout: float = 0.2):
+        super().__init__()
+        self.method, self.num_classes = method, num_classes
+        self.embedding = embedding
+        latent_shape = image_shape if embedding.kind == "prototype" else None
+        self.blocks = DenoisingBlocks(num_blocks, image_shape, num_classes, embedding.dim, dropout,
+                                      latent_image_shape=latent_shape)
+        self.classifier = nn.Linear(embedding.dim, num_classes)
+        if method == "backprop":
+            # w_t with a_t = tanh(w_t) = 0.5 at the start: each step moves half way to u_hat_t
+            self.mix_logits = nn.Parameter(torch.full((num_blocks,), math.atanh(0.5)))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every block's step touches: W_embed (if learned) and the classifier."""
+        return [p for n, p in self.named_parameters() if not n.startswith("blocks.")]
+
+    def block_slice_size(self, blocks: slice) -> int:
+        return block_count(blocks, self.num_blocks)

@@ -1,0 +1,234 @@
+"""The image task's run: build the model, train epoch by epoch, evaluate, checkpoint, summarise.
+
+Reproducibility: the weights are drawn from `seed`; every epoch reseeds the global generator
+(noise, dropout) and the shuffling generator from (seed, epoch). A run resumed from the checkpoint
+of epoch k therefore replays epochs k+1.. exactly as the uninterrupted run does (a test checks).
+
+Host syncs: the per-step losses go into a device buffer that is read every `LOG_EVERY` steps (to
+update the progress bar and to stop on a non-finite loss, naming its step), and once per epoch.
+"""
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import runs
+from .config import ImageConfig, save_config
+from .data import ImageData, batches
+from .errors import UserError
+from .layers import ALL_BLOCKS
+from .memory import SavedTensorBytes, cuda_peak, memory_kind, reset_peak
+from .methods import backprop_loss, evaluate, noprop_loss
+from .models.image import ClassEmbedding, ImageModel, prototype_embeddings
+from .optim import BlockAdamW, make_optimizer
+from .schedule import NoiseSchedule
+
+LOG_EVERY = 10  # steps between reads of the loss buffer (each read is one host sync)
+
+
+class NonFiniteLoss(UserError):
+    """The loss turned NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def build_model(cfg: ImageConfig, data: ImageData, device: torch.device) -> ImageModel:
+    torch.manual_seed(cfg.seed)
+    prototypes = None
+    if cfg.embedding == "prototype":
+        prototypes = prototype_embeddings(data.train_x, data.train_y, data.num_classes)
+    embedding = ClassEmbedding(cfg.embedding, data.num_classes, cfg.embed_dim, prototypes)
+    model = ImageModel(cfg.method, cfg.num_blocks, data.image_shape, data.num_classes, embedding,
+                       cfg.dropout)
+    return model.to(device)
+
+
+def train_step(model: ImageModel, optimizer: BlockAdamW, schedule: NoiseSchedule,
+               x: torch.Tensor, y: torch.Tensor, blocks: slice = ALL_BLOCKS):
+    """One optimiser step on the blocks in `blocks`. Returns (loss, parts) as device tensors."""
+    if model.method == "noprop":
+        loss, parts = noprop_loss(model, schedule, x, y, blocks)
+    else:
+        loss, parts = backprop_loss(model, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step(blocks)
+    return loss.detach(), parts
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the model and the optimiser."""
+    epoch: int = 0                   # last finished epoch
+    train_seconds: float = 0.0       # training time so far, evaluation excluded
+    saved_bytes: int = 0             # CPU: largest saved-for-backward bytes of a measured step
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: ImageConfig, data: ImageData, run_dir: Path, show_progress: bool = True):
+        self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), show_progress
+        self.device = resolve_device(cfg.device)
+        self.data = data.to(self.device)
+        self.model = build_model(cfg, self.data, self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, self.device)
+        self.progress = Progress()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "progress": self.progress.__dict__, "config": self.cfg.to_dict()}
+
+    def restore(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            msg = " ".join(str(err).split())[:200]
+            raise UserError(f"{self.run_dir}: checkpoint does not fit this config ({msg})") from None
+        self.progress = Progress(**state["progress"])
+        runs.rewrite_metrics(self.run_dir, self.progress.history)
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def passes(self) -> list[slice]:
+        """The block slices trained in one epoch, each for one pass over the data."""
+        if self.cfg.method == "noprop" and self.cfg.block_schedule == "sequential":
+            return [slice(t, t + 1) for t in range(self.cfg.num_blocks)]
+        return [ALL_BLOCKS]
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg, data, device = self.cfg, self.data, self.device
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        shuffle = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch))
+        n = data.train_x.shape[0]
+        per_pass = -(-n // cfg.batch_size)
+        passes = self.passes()
+        losses = torch.zeros(per_pass * len(passes), device=device)  # [steps] device buffer
+        block_sum = torch.zeros(cfg.num_blocks, device=device)
+        bar = tqdm(total=losses.numel(), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+                   disable=not self.show_progress, leave=False, file=sys.stderr)
+        self.model.train()
+        step, read, seen, start = 0, 0, 0, time.perf_counter()
+        for blocks in passes:
+            for x, y in batches(data.train_x, data.train_y, cfg.batch_size, generator=shuffle):
+                if x.shape[0] < 2:
+                    continue  # BatchNorm needs two examples; a last batch of one is skipped
+                if step == 0 and device.type == "cpu":
+                    with SavedTensorBytes() as saved:
+                        loss, parts = train_step(self.model, self.optimizer, self.schedule, x, y,
+                                                 blocks)
+                    self.progress.saved_bytes = max(self.progress.saved_bytes, saved.bytes)
+                else:
+                    loss, parts = train_step(self.model, self.optimizer, self.schedule, x, y, blocks)
+                losses[step] = loss
+                if "block_losses" in parts:
+                    block_sum[blocks] += parts["block_losses"]
+                step, seen = step + 1, seen + x.shape[0]
+                if step % LOG_EVERY == 0:
+                    read = self._check_losses(losses, read, step, epoch, bar, seen, start)
+        self._check_losses(losses, read, step, epoch, bar, seen, start)
+        seconds = time.perf_counter() - start
+        bar.close()
+        record = {"epoch": epoch, "train_loss": losses[:step].mean().item(),
+                  "epoch_seconds": seconds, "images_per_second": seen / seconds}
+        if cfg.method == "noprop":
+            record["block_losses"] = (block_sum / per_pass).tolist()
+        return record
+
+    def _check_losses(self, losses, read, step, epoch, bar, seen, start) -> int:
+        """Read losses[read:step] (one host sync); stop on the first non-finite one."""
+        chunk = losses[read:step].tolist()
+        for i, value in enumerate(chunk):
+            if value != value or value in (float("inf"), float("-inf")):
+                bad = read + i
+                raise NonFiniteLoss(
+                    f"loss became {value} at step {bad + 1} of epoch {epoch}; run stopped. "
+                    f"Last good checkpoint: {self._last_checkpoint()}")
+        if chunk:
+            bar.update(step - read)
+            bar.set_postfix(loss=f"{chunk[-1]:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}",
+                            acc=self._last_accuracy())
+        return step
+
+    def _last_checkpoint(self) -> str:
+        if self.progress.epoch == 0:
+            return "none (no epoch finished)"
+        return f"{self.run_dir / runs.CHECKPOINT} (epoch {self.progress.epoch})"
+
+    def _last_accuracy(self) -> str:
+        accs = [r["test_accuracy"] for r in self.progress.history if r.get("test_accuracy") is not None]
+        return f"{accs[-1]:.4f}" if accs else "-"
+
+    # -- the run -----------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.schedule, self.data.test_x, self.data.test_y,
+                        stochastic=self.cfg.inference == "stochastic", seed=self.cfg.seed)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        save_config(cfg, self.run_dir / "config.yaml")
+        reset_peak(self.device)
+        for epoch in range(self.progress.epoch + 1, cfg.epochs + 1):
+            record = self.train_epoch(epoch)
+            record["test_accuracy"] = None
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                start = time.perf_counter()
+                record["test_accuracy"] = self.evaluate()
+                record["eval_seconds"] = time.perf_counter() - start
+            self.progress.epoch = epoch
+            self.progress.train_seconds += record["epoch_seconds"]
+            self.progress.history.append(record)
+            runs.save_checkpoint(self.run_dir, self.checkpoint_state())
+            runs.append_metrics(self.run_dir, record)
+            acc = record["test_accuracy"]
+            print(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                  f"test acc {'-' if acc is None else f'{acc:.4f}'}  "
+                  f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s",
+                  flush=True)
+        return self.summary()
+
+    def summary(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        accs = [r["test_accuracy"] for r in p.history if r.get("test_accuracy") is not None]
+        if accs and p.history[-1].get("test_accuracy") is None:
+            accs.append(self.evaluate())
+        peak = cuda_peak(self.device) if self.device.type == "cuda" else p.saved_bytes
+        summary = {
+            "task": cfg.task, "method": cfg.method, "dataset": cfg.dataset,
+            "embedding": cfg.embedding, "num_blocks": cfg.num_blocks,
+            "block_schedule": cfg.block_schedule if cfg.method == "noprop" else None,
+            "inference": cfg.inference, "epochs": p.epoch,
+            "test_accuracy": accs[-1] if accs else None,
+            "train_seconds": p.train_seconds,
+            "seconds_per_epoch": p.train_seconds / max(p.epoch, 1),
+            "peak_memory_bytes": peak, "memory_kind": memory_kind(self.device),
+            "device": runs.device_name(self.device), "data_source": self.data.source,
+            "run_dir": str(self.run_dir),
+        }
+        runs.write_summary(self.run_dir, summary)
+        return summary
+
+
+def results_table(history: list[dict]) -> str:
+    """The closing table: one row per epoch."""
+    lines = ["epoch  train loss  test acc  seconds  img/s", "-----  ----------  --------  -------  -----"]
+    for r in history:
+        acc = "-" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}"
+        lines.append(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {acc:>8}  "
+                     f"{r['epoch_seconds']:>7.2f}  {r['images_per_second']:>5.0f}")
+    return "\n".join(lines)
