@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .schedule import NoiseSchedule, cosine_alpha_bar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "digits"
@@ -63,6 +64,11 @@ class ImageConfig:
                 raise ConfigError(f"{f.name}: {value!r} is below its minimum {meta['minimum']}")
         if self.dropout >= 1:
             raise ConfigError(f"dropout: {self.dropout} must be below 1")
+        try:
+            cosine_alpha_bar(self.num_blocks, self.snr_max)
+            NoiseSchedule.cosine(self.num_blocks, self.snr_max, self.eta)
+        except ValueError as err:
+            raise ConfigError(f"snr_max / num_blocks: {err}") from None
         return self
 
     def to_dict(self) -> dict:

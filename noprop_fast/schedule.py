@@ -49,13 +49,19 @@ def cosine_alpha_bar(num_blocks: int, snr_max: float) -> list[float]:
     if not snr_max > 0:
         raise ValueError(f"snr_max must be > 0, got {snr_max}")
     s, T = COSINE_OFFSET, num_blocks
-    top = snr_max / (1.0 + snr_max)
+    top = 1.0 if math.isinf(snr_max) else snr_max / (1.0 + snr_max)
     norm = math.cos(s / (1 + s) * math.pi / 2) ** 2
     values = []
     for t in range(T + 1):
         abar = 1.0 - math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 / norm
         values.append(min(max(abar, 0.0), top))
     return values
+
+
+def required_snr_max(num_blocks: int) -> float:
+    """The smallest snr_max that leaves abar_{T-1} unclamped, so that every w_t is positive."""
+    abar = cosine_alpha_bar(num_blocks, snr_max=float("inf"))
+    return abar[-2] / (1.0 - abar[-2]) if num_blocks > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,9 @@ class NoiseSchedule:
             b_coef.append(math.sqrt(alpha_prev) * (1 - cur) / (1 - prev))
             c_coef.append((1 - cur) * (1 - alpha_prev) / (1 - prev))
         if min(weights) <= 0:
-            raise ValueError(f"non-positive SNR weight in {weights}: abar must increase in t")
+            raise ValueError(f"snr_max={snr_max:g} clamps the top of the schedule for T={num_blocks}, "
+                             f"so some SNR weights are not positive; use snr_max > "
+                             f"{required_snr_max(num_blocks):.4g} or fewer blocks")
 
         def tensor(values):
             return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=torch.float32)
