@@ -90,13 +90,20 @@ def predict(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, stochas
 
 
 @torch.no_grad()
-def evaluate(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-             stochastic: bool = True, seed: int = 0, batch_size: int = 1000) -> float:
-    """Test accuracy: predictions from the images alone, compared with y afterwards."""
+def predict_classes(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor,
+                    stochastic: bool = True, seed: int = 0, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted classes [N] for images x, in eval mode, with inference noise drawn from `seed`."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=x.device).manual_seed(seed)
     predictions = torch.cat([predict(model, schedule, x[i:i + batch_size], stochastic, generator)
                              .argmax(-1) for i in range(0, x.shape[0], batch_size)])
     model.train(was_training)
+    return predictions
+
+
+def evaluate(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
+             stochastic: bool = True, seed: int = 0) -> float:
+    """Test accuracy: predictions from the images alone, compared with y afterwards."""
+    predictions = predict_classes(model, schedule, x, stochastic, seed)
     return (predictions == y).float().mean().item()  # host sync: once per evaluation

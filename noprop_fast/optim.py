@@ -70,8 +70,9 @@ class BlockAdamW(torch.optim.Optimizer):
                 step.add_(1)  # a view of the state's counts: updates them in place
                 # per-block bias corrections, shaped to broadcast over each block's slice
                 shape = (-1,) + (1,) * (param.dim() - 1) if per_block else ()
-                bias_correction1 = (1 - beta1 ** step).view(shape)
-                bias_correction2_sqrt = (1 - beta2 ** step).sqrt().view(shape)
+                k = step.to(param.dtype)  # bias corrections in the parameter's precision
+                bias_correction1 = (1 - beta1 ** k).view(shape)
+                bias_correction2_sqrt = (1 - beta2 ** k).sqrt().view(shape)
                 param.mul_(1 - lr * wd)
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -1,0 +1,95 @@
+"""Configs: every packaged YAML is valid; unknown keys and bad values are clear errors."""
+import subprocess
+import sys
+
+import pytest
+
+from noprop_fast.config import (CONFIG_DIR, ImageConfig, list_configs, load_config, resolve)
+from noprop_fast.errors import ConfigError
+
+
+def test_every_packaged_config_is_valid_and_the_paper_grid_is_complete():
+    names = {name for name, _ in list_configs()}
+    for dataset in ("mnist", "cifar10", "cifar100"):
+        for method in ("noprop", "backprop"):
+            for embedding in ("onehot", "learned", "prototype"):
+                name = f"{dataset}-{method}-{embedding}"
+                assert name in names
+                cfg = load_config(name).validate()
+                assert (cfg.dataset, cfg.method, cfg.embedding) == (dataset, method, embedding)
+                # the paper's optimiser settings (NOPROP.md section 2)
+                assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.num_blocks) == (1e-3, 1e-3, 128, 10)
+                assert cfg.epochs == (100 if dataset == "mnist" else 150)
+    assert load_config("digits").validate().dataset == "digits"
+    assert all(description for _, description in list_configs())
+
+
+def test_precedence_defaults_then_file_then_command_line(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("epochs: 7\nlr: 0.01\n")
+    cfg = resolve(str(path), {"lr": "0.5", "num_blocks": "3"})
+    assert (cfg.epochs, cfg.lr, cfg.num_blocks, cfg.batch_size) == (7, 0.5, 3, ImageConfig().batch_size)
+    assert resolve(None, {}).dataset == "digits"  # no --config: the fast default
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochz: 3\n", "unknown key 'epochz'"),
+    ("epochs: ten\n", "epochs: 'ten' is not a valid int"),
+    ("epochs: 2.5\n", "epochs: 2.5 is not a valid int"),
+    ("lr: [1, 2]\n", "lr: [1, 2] is not a valid float"),
+    ("method: sgd\n", "method: 'sgd' is not one of noprop, backprop"),
+    ("epochs: 0\n", "epochs: 0 is below its minimum 1"),
+    ("dropout: 1.0\n", "dropout: 1.0 must be below 1"),
+    ("num_blocks: 40\n", "use snr_max >"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("epochs: [\n", "cannot read YAML"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        resolve(str(path), {})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_names_and_files():
+    with pytest.raises(ConfigError, match="no config named 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/no/such/file.yaml")
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "noprop_fast.train", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope"], "no config named 'nope'"),
+    (["--epochs", "0"], "epochs: 0 is below its minimum"),
+    (["--embedding", "random"], "embedding: 'random' is not one of"),
+    (["--lr", "fast"], "lr: 'fast' is not a valid float"),
+    (["--dataset", "mnist", "--data-dir", "does-not-exist"], "does-not-exist"),
+    (["--resume", "no-such-run"], "no-such-run"),
+    (["--device", "cuda"], "cuda"),
+])
+def test_cli_user_errors_end_in_one_line_and_nonzero_exit(tmp_path, args, message):
+    import torch
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_list_configs_and_help(tmp_path):
+    listing = run_cli("--list-configs", cwd=tmp_path)
+    assert listing.returncode == 0
+    assert len(listing.stdout.splitlines()) == len(list(CONFIG_DIR.glob("*.yaml")))
+    helptext = run_cli("--help", cwd=tmp_path)
+    assert helptext.returncode == 0
+    for field in ("--num-blocks", "--block-schedule", "--inference", "--embedding", "--data-dir"):
+        assert field in helptext.stdout

@@ -1,0 +1,120 @@
+"""End to end on the bundled digits: runs, determinism, resume, NaN stop, label-free inference."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from noprop_fast import train
+from noprop_fast.config import resolve
+from noprop_fast.data import load_image_dataset
+from noprop_fast.methods import predict_classes
+from noprop_fast.runs import load_checkpoint
+from noprop_fast.trainer import Trainer
+
+TINY = ["--num-blocks", "2", "--batch-size", "256", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_image_dataset("digits")
+
+
+def run(tmp_path, name, *args):
+    return train.run([*TINY, "--out", str(tmp_path / name), *args])
+
+
+def history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(records):
+    """The parts of an epoch record that must replay exactly (not the timings)."""
+    return [{k: r.get(k) for k in ("epoch", "train_loss", "test_accuracy", "block_losses")} for r in records]
+
+
+def test_run_writes_its_folder(tmp_path):
+    summary = run(tmp_path, "a", "--epochs", "2")
+    out = tmp_path / "a"
+    for key in ("task", "method", "dataset", "epochs", "test_accuracy", "train_seconds",
+                "peak_memory_bytes", "device"):
+        assert key in summary
+    assert summary["epochs"] == 2 and summary["task"] == "image" and summary["dataset"] == "digits"
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["peak_memory_bytes"] > 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert [r["epoch"] for r in history(out)] == [1, 2]
+    assert (out / "checkpoint.pt").is_file() and (out / "config.yaml").is_file()
+    assert not list(out.glob(".*.tmp"))  # the atomic write left no temporary file behind
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    run(tmp_path, "a", "--epochs", "1")
+    run(tmp_path, "b", "--epochs", "1")
+    run(tmp_path, "c", "--epochs", "1", "--seed", "1")
+    a, b, c = (comparable(history(tmp_path / n)) for n in "abc")
+    assert a == b
+    assert a[0]["train_loss"] != c[0]["train_loss"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--block-schedule", "sequential"], ["--method", "backprop"]])
+def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path, extra):
+    run(tmp_path, "whole", "--epochs", "3", *extra)
+    run(tmp_path, "split", "--epochs", "1", *extra)
+    summary = train.run(["--resume", str(tmp_path / "split"), "--epochs", "3", "--no-progress"])
+    assert summary["epochs"] == 3
+    assert comparable(history(tmp_path / "split")) == comparable(history(tmp_path / "whole"))
+    whole, split = (load_checkpoint(tmp_path / n)["model"] for n in ("whole", "split"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import noprop_fast.trainer as trainer_module
+    real, calls = trainer_module.noprop_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 9 else loss), parts  # digits: 6 steps/epoch
+
+    monkeypatch.setattr(trainer_module, "noprop_loss", poisoned)
+    code = train.main([*TINY, "--epochs", "3", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "loss became nan at step 3 of epoch 2" in err[0] and "(epoch 1)" in err[0]
+    assert load_checkpoint(tmp_path / "r")["progress"]["epoch"] == 1
+    assert [r["epoch"] for r in history(tmp_path / "r")] == [1]
+
+
+def test_predictions_do_not_read_the_labels(tmp_path, digits):
+    """Replace every test label: the predictions stay the same (NOPROP.md section 8, mistake 1)."""
+    cfg = resolve(None, {"num_blocks": "3", "epochs": "1", "batch_size": "256"})
+    scrambled = dataclasses.replace(digits, test_y=torch.randint(0, 10, digits.test_y.shape,
+                                                                 generator=torch.Generator().manual_seed(5)))
+    preds, accs = [], []
+    for data, name in ((digits, "true"), (scrambled, "scrambled")):
+        trainer = Trainer(cfg, data, tmp_path / name, show_progress=False)
+        trainer.fit()
+        for stochastic in (True, False):
+            preds.append(predict_classes(trainer.model, trainer.schedule, trainer.data.test_x,
+                                         stochastic=stochastic, seed=3))
+        accs.append(trainer.evaluate())
+    assert torch.equal(preds[0], preds[2]) and torch.equal(preds[1], preds[3])
+    assert accs[0] != accs[1]  # the labels are read only to score the predictions
+
+
+def test_sequential_schedule_saves_a_fraction_of_the_activations(tmp_path):
+    full = run(tmp_path, "all", "--epochs", "1", "--num-blocks", "4")
+    seq = run(tmp_path, "seq", "--epochs", "1", "--num-blocks", "4", "--block-schedule", "sequential")
+    bp = run(tmp_path, "bp", "--epochs", "1", "--num-blocks", "4", "--method", "backprop")
+    assert seq["memory_kind"] == "cpu_saved_for_backward"
+    # one block's activations instead of four: well under half
+    assert seq["peak_memory_bytes"] < 0.4 * full["peak_memory_bytes"]
+    assert seq["peak_memory_bytes"] < 0.4 * bp["peak_memory_bytes"]
+
+
+@pytest.mark.slow
+def test_default_job_reaches_95_percent_on_digits(tmp_path):
+    """The README's first command: the `digits` config, NoProp-DT, stochastic inference."""
+    summary = train.run(["--no-progress", "--out", str(tmp_path / "default")])
+    assert summary["method"] == "noprop" and summary["inference"] == "stochastic"
+    assert summary["test_accuracy"] >= 0.95, summary
