@@ -1,0 +1,259 @@
+"""Command line: `python -m noprop_fast.compare [--config NAME] [--field value ...] [--out DIR]`.
+
+Trains NoProp-DT and the backprop baseline of the same architecture on the same data (loaded once,
+one `ImageData` given to both trainers) and writes a side-by-side report:
+
+    OUT/report.md        config, device, torch version, command; one row per method; per-epoch table
+    OUT/summary.json     {"config": ..., "runs": {method: summary}, "history": {method: [epochs]}}
+    OUT/loss.png, accuracy.png, time.png, memory.png
+    OUT/<method>/        each method's own run folder (config, metrics, checkpoint, summary)
+
+    --config NAME_OR_PATH, --<field> VALUE   as in `noprop_fast.train` (but not --method)
+    --methods LIST   comma-separated, from noprop,backprop [default noprop,backprop]
+    --out DIR        [default reports/compare-<dataset>-<time>]
+
+The memory figure is what `Trainer.summary` reports: on CUDA the allocator's peak, on CPU the bytes
+autograd saved for backward in the first step of an epoch (saved-tensor hooks, see memory.py).
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG, ImageConfig, add_config_arguments, resolve
+from .errors import UserError
+
+METHODS = ("noprop", "backprop")
+BASELINE = "backprop"  # the memory ratio is against this method's figure
+MEMORY_KINDS = {
+    "cuda_peak_allocated": "CUDA allocator peak",
+    "cpu_saved_for_backward": "CPU bytes saved for backward (saved-tensor hooks)",
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage and exits on a bad option; we want the CLI's one-line UserError."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m noprop_fast.compare",
+        description="Train NoProp-DT and the backprop baseline on the same data; write a report.")
+    parser.add_argument("--config", metavar="NAME_OR_PATH",
+                        help="packaged config name or YAML file [default digits]")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods to run [default {','.join(METHODS)}]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(parser)
+    for action in parser._actions:  # two config fields mean something else here
+        if action.dest == "method":
+            action.help = argparse.SUPPRESS  # rejected: --methods picks the runs
+        elif action.dest == "out":
+            action.help = "report folder; each method runs in OUT/<method> " \
+                          "[default reports/compare-<dataset>-<time>]"
+    return parser
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise UserError(f"--methods: {text!r} must name distinct methods from {','.join(METHODS)}")
+    return methods
+
+
+def _mib(n_bytes: int) -> float:
+    return n_bytes / 2**20
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_markdown(runs: dict[str, dict]) -> str:
+    """One row per method: accuracy, time, memory, what the memory is, ratio to the baseline."""
+    base = runs.get(BASELINE, {}).get("peak_memory_bytes")
+    lines = ["| method | test accuracy (%) | train s / epoch | peak memory (MiB) | memory is "
+             f"| memory / {BASELINE} |", "|---|---:|---:|---:|---|---:|"]
+    for method, s in runs.items():
+        acc = None if s["test_accuracy"] is None else 100 * s["test_accuracy"]
+        ratio = s["peak_memory_bytes"] / base if base else None
+        name = method if s.get("block_schedule") is None else f"{method} ({s['block_schedule']})"
+        lines.append(f"| {name} | {_fmt(acc, '.2f')} | {s['seconds_per_epoch']:.2f} "
+                     f"| {_mib(s['peak_memory_bytes']):.1f} "
+                     f"| {MEMORY_KINDS.get(s['memory_kind'], s['memory_kind'])} "
+                     f"| {_fmt(ratio, '.2f')} |")
+    return "\n".join(lines)
+
+
+def epochs_markdown(histories: dict[str, list[dict]]) -> str:
+    """Per epoch: train loss and test accuracy of every method ('-' where not evaluated)."""
+    methods = list(histories)
+    lines = ["| epoch | " + " | ".join(f"{m} loss | {m} acc (%)" for m in methods) + " |",
+             "|---:|" + "---:|---:|" * len(methods)]
+    by_epoch = {m: {r["epoch"]: r for r in h} for m, h in histories.items()}
+    for epoch in sorted({e for rows in by_epoch.values() for e in rows}):
+        cells = []
+        for m in methods:
+            r = by_epoch[m].get(epoch, {})
+            acc = r.get("test_accuracy")
+            cells += [_fmt(r.get("train_loss"), ".4f"), _fmt(None if acc is None else 100 * acc, ".2f")]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plots(runs: dict[str, dict], histories: dict[str, list[dict]], out_dir: Path) -> None:
+    """loss.png and accuracy.png per epoch, time.png and memory.png as one bar per method."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; must precede the pyplot import (no display on servers)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    first = next(iter(runs.values()))
+    methods = list(runs)
+
+    def per_epoch(key: str, scale: float, ylabel: str, title: str, name: str, log: bool = False):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for m in methods:
+            rows = [r for r in histories[m] if r.get(key) is not None]  # unevaluated epochs: gaps
+            ax.plot([r["epoch"] for r in rows], [scale * r[key] for r in rows], marker="o", label=m)
+        if log:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.legend()
+        save(fig, ax, title, name)
+
+    def bars(values: list[float], fmt: str, ylabel: str, title: str, name: str):
+        fig, ax = plt.subplots(figsize=(5.2, 4.2))
+        ax.bar_label(ax.bar(methods, values, color=[f"C{i}" for i in range(len(methods))]), fmt=fmt)
+        ax.set(ylabel=ylabel)
+        save(fig, ax, title, name)
+
+    def save(fig, ax, title: str, name: str):
+        ax.set_title(f"{title}: {first['dataset']}, {first['device']}")
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+
+    # log scale: NoProp's objective (denoising + CE + KL) and backprop's cross-entropy differ in scale
+    per_epoch("train_loss", 1, "train loss (each method's own objective)", "Train loss", "loss.png",
+              log=True)
+    per_epoch("test_accuracy", 100, f"test accuracy (%, {first['inference']} inference)",
+              "Test accuracy", "accuracy.png")
+    bars([runs[m]["seconds_per_epoch"] for m in methods], "%.2f s", "train seconds per epoch",
+         "Time per epoch", "time.png")
+    kind = MEMORY_KINDS.get(first["memory_kind"], first["memory_kind"])
+    bars([_mib(runs[m]["peak_memory_bytes"]) for m in methods], "%.1f MiB", f"MiB: {kind}",
+         "Memory", "memory.png")
+
+
+def write_report(cfg: ImageConfig, runs: dict, histories: dict, out_dir: Path,
+                 config_name: str, command: str) -> Path:
+    import torch  # for its version only; the module stays light for --help
+
+    first = next(iter(runs.values()))
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    text = "\n".join([
+        f"# NoProp vs backprop on {cfg.dataset}", "",
+        f"- dataset: {cfg.dataset} ({first['data_source']})",
+        f"- config: {config_name}; T={cfg.num_blocks}, {cfg.embedding} embedding, "
+        f"block schedule {cfg.block_schedule} (NoProp), {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"lr {cfg.lr}, seed {cfg.seed}",
+        f"- device: {first['device']}",
+        f"- torch: {torch.__version__}",
+        f"- command: `{command}`",
+        f"- date: {date}", "",
+        "## Results", "",
+        results_markdown(runs), "",
+        f"Test accuracy uses {cfg.inference} inference, after the last epoch. "
+        "With the sequential block schedule an epoch is T passes over the data.", "",
+        "## Per epoch", "",
+        "The losses are each method's own objective (NoProp: denoising + CE + KL; backprop: "
+        "cross-entropy) and are not comparable in value.", "",
+        epochs_markdown(histories), "",
+        "Plots: loss.png, accuracy.png, time.png, memory.png. Each method's run: "
+        + ", ".join(f"{m}/" for m in runs) + ".", ""])
+    path = out_dir / "report.md"
+    path.write_text(text)
+    return path
+
+
+def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool = False, *,
+            config_name: str = DEFAULT_CONFIG, command: str | None = None) -> dict:
+    """Train every method on one copy of the data; write report, summary and plots into out_dir.
+
+    Returns {"config", "runs": {method: Trainer summary}, "history": {method: [epoch records]},
+    "report": path of report.md}.
+    """
+    from .data import load_image_dataset  # imported here so that --help stays fast
+    from .trainer import Trainer
+
+    out_dir = Path(out_dir)
+    for m in methods:
+        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()):
+            # the trainer appends to metrics.jsonl: an old run there would mix into the new one
+            raise UserError(f"{out_dir / m}: already holds a run; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        command = shlex.join(sys.argv)
+    data = load_image_dataset(cfg.dataset, cfg.data_dir)
+    runs, histories = {}, {}
+    for m in methods:
+        run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
+        print(f"== {m} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, run {out_dir / m}",
+              flush=True)
+        trainer = Trainer(run_cfg, data, out_dir / m, show_progress=show_progress)
+        runs[m] = trainer.fit()
+        histories[m] = trainer.progress.history
+    result = {"config": dataclasses.replace(cfg, out=str(out_dir)).to_dict(), "runs": runs,
+              "history": histories}
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_plots(runs, histories, out_dir)
+    result["report"] = str(write_report(cfg, runs, histories, out_dir, config_name, command))
+    return result
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse, compare, print the results table; returns what `compare` returns."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "methods", "no_progress", "out")}
+    if "method" in overrides:
+        raise UserError("--method: compare runs every method in --methods; use --methods instead")
+    methods = parse_methods(args.methods)
+    cfg = resolve(args.config, overrides)
+    out_dir = Path(getattr(args, "out", None)
+                   or Path("reports") / f"compare-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    command = shlex.join(["python", "-m", "noprop_fast.compare", *argv])
+    result = compare(cfg, methods, out_dir, show_progress=not args.no_progress and sys.stderr.isatty(),
+                     config_name=args.config or DEFAULT_CONFIG, command=command)
+    print(results_markdown(result["runs"]))
+    print(f"accuracy with {cfg.inference} inference; report in {result['report']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; each finished run keeps its last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
