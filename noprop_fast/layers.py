@@ -111,6 +111,9 @@ class BlockBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_blocks, num_features))
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        if blocks.step not in (None, 1):
+            # a strided slice of the buffers is a copy: the running statistics would not update
+            raise ValueError(f"BlockBatchNorm takes a contiguous block slice, got {blocks}")
         nb, n, c = x.shape
         # Rows of a [T, C] buffer are contiguous, so these reshapes are views and batch_norm's
         # in-place running-statistics update lands in the buffers.

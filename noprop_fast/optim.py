@@ -13,8 +13,8 @@ The update (decoupled weight decay, as torch.optim.AdamW):
     p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     p <- p - lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)       (k = that block's steps)
 
-The step counts and the learning rate are held in device tensors and nothing reads their values on
-the host, so a step can be captured in a CUDA graph.
+The step counts are device tensors and nothing reads their values on the host; the learning rate
+is a constant float (the paper uses no schedule), so a step can be captured in a CUDA graph.
 """
 import torch
 

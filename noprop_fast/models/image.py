@@ -72,6 +72,7 @@ class DenoisingBlocks(nn.Module):
                  latent_image_shape: tuple[int, int, int] | None = None):
         super().__init__()
         T = self.num_blocks = num_blocks
+        self.image_shape, self.num_classes, self.dropout = image_shape, num_classes, dropout
         self.embed_dim, self.latent_image_shape = embed_dim, latent_image_shape
         self.image_tower = ConvTower(T, image_shape, dropout, shared_input=True)
         if latent_image_shape is not None:

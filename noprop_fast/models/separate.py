@@ -1,0 +1,147 @@
+"""The DT blocks written the usual way: T separately built modules, run one after another.
+
+Public NoProp implementations build the model as a list of T `nn.Module` blocks, each a plain
+PyTorch DT block (paper Figure 6) made of `nn.Conv2d`, `nn.Linear`, `nn.BatchNorm1d` and
+`nn.Dropout`, and loop over them. `models.image.DenoisingBlocks` computes the same thing for all T
+blocks at once with stacked parameters. This module is the plain form, kept for two uses:
+
+- the reference the batched model is tested against (tests/test_blocks.py): same weights, same
+  outputs and gradients, block by block;
+- the baseline a benchmark measures as "the separate-modules loop".
+
+One `DTBlock` has the same layers, in the same order and under the same names, as one block of
+`DenoisingBlocks`, so block t's copy of a stacked parameter or buffer of shape [T, ...] is the
+tensor of shape [...] under the same state-dict key. `separate_blocks_from` and
+`batched_from_separate` convert between the two forms by that rule. (`nn.BatchNorm1d` also counts
+`num_batches_tracked`; it only matters with momentum=None, which neither form uses, and the
+batched form does not keep it.)
+
+Shapes for one block: x [N, C, H, W], z [N, d], embed_weight [m, d] -> u_hat [N, d].
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .image import CONV_CHANNELS, FUSION_HIDDEN, HIDDEN, DenoisingBlocks
+
+BN_COUNTER = "num_batches_tracked"  # nn.BatchNorm1d's step counter, absent from the batched form
+
+
+class ConvBranch(nn.Module):
+    """One block's conv tower: [N, C, H, W] -> [N, 256].
+
+    flat_features = 128 * (H // 4) * (W // 4), the size after two 2x2 max pools (floor).
+    """
+
+    def __init__(self, in_channels: int, flat_features: int, dropout: float):
+        super().__init__()
+        c1, c2, c3 = CONV_CHANNELS
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.fc = nn.Linear(flat_features, HIDDEN)
+        self.bn = nn.BatchNorm1d(HIDDEN)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(F.max_pool2d(F.relu(self.conv1(x)), 2))
+        h = self.dropout(F.relu(self.conv2(h)))
+        h = self.dropout(F.max_pool2d(F.relu(self.conv3(h)), 2))
+        return self.bn(self.fc(h.flatten(1)))  # [N, 128, h, w] -> [N, 128 * h * w] -> [N, 256]
+
+
+def conv_flat_features(height: int, width: int) -> int:
+    return CONV_CHANNELS[2] * (height // 4) * (width // 4)
+
+
+class DTBlock(nn.Module):
+    """One NoProp-DT block. `forward(x, z, embed_weight)` -> u_hat = softmax(logits) @ W_embed.
+
+    latent_image_shape: set for prototype embeddings (d = C * H * W): z is then reshaped to an
+    image and goes through a conv tower of its own instead of the fully connected latent branch.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, embed_dim: int,
+                 dropout: float = 0.2, latent_image_shape: tuple[int, int, int] | None = None):
+        super().__init__()
+        c, h, w = image_shape
+        self.latent_image_shape = latent_image_shape
+        self.image_tower = ConvBranch(c, conv_flat_features(h, w), dropout)
+        if latent_image_shape is not None:
+            lc, lh, lw = latent_image_shape
+            if lc * lh * lw != embed_dim:
+                raise ValueError(f"latent image shape {latent_image_shape} does not hold "
+                                 f"d={embed_dim}")
+            self.latent_tower = ConvBranch(lc, conv_flat_features(lh, lw), dropout)
+        else:
+            self.latent_fc1, self.latent_bn1 = nn.Linear(embed_dim, HIDDEN), nn.BatchNorm1d(HIDDEN)
+            self.latent_fc2, self.latent_bn2 = nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN)
+            self.latent_fc3, self.latent_bn3 = nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN)
+        self.fuse_fc1, self.fuse_bn1 = nn.Linear(2 * HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN)
+        self.fuse_fc2 = nn.Linear(HIDDEN, FUSION_HIDDEN)
+        self.fuse_bn2 = nn.BatchNorm1d(FUSION_HIDDEN)
+        self.head = nn.Linear(FUSION_HIDDEN, num_classes)
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, 256]."""
+        return self.image_tower(x)
+
+    def latent_features(self, z: torch.Tensor) -> torch.Tensor:
+        """[N, d] -> [N, 256]: h1 = ReLU(BN(FC(z))), h = BN(FC(ReLU(BN(FC(h1))))) + h1."""
+        if self.latent_image_shape is not None:
+            return self.latent_tower(z.reshape(z.shape[0], *self.latent_image_shape))
+        h1 = F.relu(self.latent_bn1(self.latent_fc1(z)))
+        h = F.relu(self.latent_bn2(self.latent_fc2(h1)))
+        return self.latent_bn3(self.latent_fc3(h)) + h1
+
+    def logits(self, image_features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """[N, 256] and [N, d] -> [N, m]."""
+        h = torch.cat([image_features, self.latent_features(z)], dim=-1)  # [N, 512]
+        h = F.relu(self.fuse_bn1(self.fuse_fc1(h)))
+        h = F.relu(self.fuse_bn2(self.fuse_fc2(h)))
+        return self.head(h)
+
+    def denoise(self, image_features: torch.Tensor, z: torch.Tensor,
+                embed_weight: torch.Tensor) -> torch.Tensor:
+        """u_hat = softmax(logits) @ W_embed: [N, d]."""
+        return torch.softmax(self.logits(image_features, z), dim=-1) @ embed_weight
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
+        return self.denoise(self.image_features(x), z, embed_weight)
+
+
+def _dt_block_like(batched: DenoisingBlocks) -> DTBlock:
+    """A freshly initialised DTBlock with the layer sizes of one of `batched`'s blocks."""
+    return DTBlock(batched.image_shape, batched.num_classes, batched.embed_dim, batched.dropout,
+                   batched.latent_image_shape)
+
+
+def separate_blocks_from(batched: DenoisingBlocks) -> nn.ModuleList:
+    """T DTBlocks holding copies of block t's slice of every stacked parameter and buffer.
+
+    `load_state_dict` copies into the new block's own tensors, so the copies share no storage with
+    `batched`; they have its dtype, device and train/eval mode.
+    """
+    state = batched.state_dict()
+    reference = next(iter(state.values()))
+    blocks = nn.ModuleList()
+    for t in range(batched.num_blocks):
+        block = _dt_block_like(batched).to(device=reference.device, dtype=reference.dtype)
+        own_slices = {key: value[t] for key, value in state.items()}
+        result = block.load_state_dict(own_slices, strict=False)
+        missing = [key for key in result.missing_keys if not key.endswith(BN_COUNTER)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"DTBlock and DenoisingBlocks disagree: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
+        blocks.append(block.train(batched.training))
+    return blocks
+
+
+def batched_from_separate(blocks: list[DTBlock]) -> dict[str, torch.Tensor]:
+    """The reverse: a DenoisingBlocks state dict, block t's tensors stacked at index t.
+
+    Load it with `DenoisingBlocks(...).load_state_dict(batched_from_separate(blocks))`.
+    """
+    states = [block.state_dict() for block in blocks]
+    return {key: torch.stack([state[key] for state in states])
+            for key in states[0] if not key.endswith(BN_COUNTER)}
