@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, ImageConfig, add_config_arguments, resolve
+from .config import (DEFAULT_CONFIG, ImageConfig, OneLineArgumentParser, add_config_arguments,
+                     resolve)
 from .errors import UserError
 
 METHODS = ("noprop", "backprop")
@@ -35,15 +36,8 @@ MEMORY_KINDS = {
 }
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage and exits on a bad option; we want the CLI's one-line UserError."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="python -m noprop_fast.compare",
         description="Train NoProp-DT and the backprop baseline on the same data; write a report.")
     parser.add_argument("--config", metavar="NAME_OR_PATH",

@@ -156,6 +156,13 @@ def list_configs() -> list[tuple[str, str]]:
     return rows
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints its usage and exits on a bad option; the CLIs want a one-line ConfigError."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see --help)")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig) -> None:
     """One `--field-name` option per config field; unset options stay out of the namespace."""
     group = parser.add_argument_group("config fields (override the config file)")

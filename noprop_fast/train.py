@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 from . import runs
-from .config import TASK_CONFIGS, add_config_arguments, list_configs, read_yaml, from_mapping, resolve
+from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, from_mapping,
+                     list_configs, read_yaml, resolve)
 from .errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m noprop_fast.train",
         description="Train a network with NoProp (or its backprop baseline).")
     parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image",

@@ -73,6 +73,8 @@ def run_cli(*args, cwd):
     (["--dataset", "mnist", "--data-dir", "does-not-exist"], "does-not-exist"),
     (["--resume", "no-such-run"], "no-such-run"),
     (["--device", "cuda"], "cuda"),
+    (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
+    (["--task", "video"], "argument --task: invalid choice"),
 ])
 def test_cli_user_errors_end_in_one_line_and_nonzero_exit(tmp_path, args, message):
     import torch
