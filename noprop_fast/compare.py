@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .config import (DEFAULT_CONFIG, ImageConfig, OneLineArgumentParser, add_config_arguments,
                      resolve)
-from .errors import UserError
+from .errors import UserError, cli_main
 
 METHODS = ("noprop", "backprop")
 BASELINE = "backprop"  # the memory ratio is against this method's figure
@@ -238,15 +238,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; each finished run keeps its last checkpoint", file=sys.stderr)
-        return 130
-    return 0
+    return cli_main(run, argv, interrupted="each finished run keeps its last checkpoint")
 
 
 if __name__ == "__main__":

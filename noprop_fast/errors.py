@@ -16,3 +16,17 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A missing data folder or file, or a file whose header or size does not match its format."""
+
+
+def cli_main(run, argv, interrupted: str) -> int:
+    """Run a CLI's `run(argv)`: a UserError is one line on stderr and exit 2, Ctrl-C exit 130."""
+    import sys
+    try:
+        run(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {interrupted}", file=sys.stderr)
+        return 130
+    return 0

@@ -28,10 +28,6 @@ import torch.nn.functional as F
 ALL_BLOCKS = slice(None)
 
 
-def block_count(blocks: slice, num_blocks: int) -> int:
-    return len(range(*blocks.indices(num_blocks)))
-
-
 class BlockLinear(nn.Module):
     """T independent linear layers, run as one batched matmul. Input [B, N, in] -> [B, N, out]."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import runs
 from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, from_mapping,
                      list_configs, read_yaml, resolve)
-from .errors import UserError
+from .errors import UserError, cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,15 +85,7 @@ def run(argv: list[str] | None = None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
-        return 130
-    return 0
+    return cli_main(run, argv, interrupted="the last finished epoch's checkpoint is kept")
 
 
 if __name__ == "__main__":

@@ -204,9 +204,8 @@ class Trainer:
 
     def summary(self) -> dict:
         cfg, p = self.cfg, self.progress
+        # the last epoch of a run is always evaluated, so this is the final model's accuracy
         accs = [r["test_accuracy"] for r in p.history if r.get("test_accuracy") is not None]
-        if accs and p.history[-1].get("test_accuracy") is None:
-            accs.append(self.evaluate())
         peak = cuda_peak(self.device) if self.device.type == "cuda" else p.saved_bytes
         summary = {
             "task": cfg.task, "method": cfg.method, "dataset": cfg.dataset,

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, block_count
+from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear
 
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
@@ -188,10 +188,3 @@ class ImageModel(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.blocks.num_blocks
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters every block's step touches: W_embed (if learned) and the classifier."""
-        return [p for n, p in self.named_parameters() if not n.startswith("blocks.")]
-
-    def block_slice_size(self, blocks: slice) -> int:
-        return block_count(blocks, self.num_blocks)
