@@ -13,7 +13,8 @@ one `ImageData` given to both trainers) and writes a side-by-side report:
     --out DIR        [default reports/compare-<dataset>-<time>]
 
 The memory figure is what `Trainer.summary` reports: on CUDA the allocator's peak, on CPU the bytes
-autograd saved for backward in the first step of an epoch (saved-tensor hooks, see memory.py).
+autograd saved for backward in the first step of an epoch, activations only (parameters and
+buffers are resident under every method; saved-tensor hooks, see memory.py).
 """
 import argparse
 import dataclasses
@@ -32,7 +33,7 @@ METHODS = ("noprop", "backprop")
 BASELINE = "backprop"  # the memory ratio is against this method's figure
 MEMORY_KINDS = {
     "cuda_peak_allocated": "CUDA allocator peak",
-    "cpu_saved_for_backward": "CPU bytes saved for backward (saved-tensor hooks)",
+    "cpu_saved_for_backward": "CPU activation bytes saved for backward (saved-tensor hooks)",
 }
 
 

@@ -35,6 +35,9 @@ class ImageConfig:
     embedding: str = _opt("onehot", "class embedding W_embed", ("onehot", "learned", "prototype"))
     embed_dim: int = _opt(20, "d of learned embeddings (one-hot: d = classes; prototype: d = pixels)",
                           minimum=1)
+    classifier_init: str = _opt("embedding", "embedding: the classifier starts as a matched filter on "
+                                "W_embed (row y = u_y / ||u_y||^2); random: nn.Linear's default",
+                                ("embedding", "random"))
     num_blocks: int = _opt(10, "T, the number of blocks (denoising steps)", minimum=1)
     snr_max: float = _opt(100.0, "abar is clamped to snr_max / (1 + snr_max), so SNR(T) is finite",
                           minimum=1e-6)

@@ -3,7 +3,9 @@
 A CPU has no allocator peak worth quoting, but the memory NoProp saves is activation memory: what
 autograd keeps from the forward pass for the backward pass. `SavedTensorBytes` counts it with
 saved-tensor hooks, each storage once (a tensor saved by several ops, or views of one buffer, are
-one allocation). Parameters saved by the ops that use them are counted too.
+one allocation). The model's parameters and buffers are left out: ops save them too (often as a
+view, such as one block's slice of a stacked weight), but they are resident under every method and
+schedule, so counting them would hide the difference that is there to measure.
 """
 import torch
 
@@ -11,13 +13,21 @@ import torch
 class SavedTensorBytes:
     """Context manager: `.bytes` is the size of the distinct storages autograd saved inside it."""
 
-    def __init__(self):
+    def __init__(self, exclude=()):
+        """exclude: tensors (a model's parameters and buffers) whose storages are not counted."""
         self._storages: dict[tuple, int] = {}
+        self._excluded = {self._key(t) for t in exclude}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def _pack(self, tensor: torch.Tensor):
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> tuple:
         storage = tensor.untyped_storage()
-        self._storages[(storage.device.type, storage.data_ptr())] = storage.nbytes()
+        return storage.device.type, storage.data_ptr()
+
+    def _pack(self, tensor: torch.Tensor):
+        key = self._key(tensor)
+        if key not in self._excluded:
+            self._storages[key] = tensor.untyped_storage().nbytes()
         return tensor
 
     @staticmethod

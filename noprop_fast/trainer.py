@@ -52,7 +52,7 @@ def build_model(cfg: ImageConfig, data: ImageData, device: torch.device) -> Imag
         prototypes = prototype_embeddings(data.train_x, data.train_y, data.num_classes)
     embedding = ClassEmbedding(cfg.embedding, data.num_classes, cfg.embed_dim, prototypes)
     model = ImageModel(cfg.method, cfg.num_blocks, data.image_shape, data.num_classes, embedding,
-                       cfg.dropout)
+                       cfg.dropout, cfg.classifier_init)
     return model.to(device)
 
 
@@ -74,7 +74,7 @@ class Progress:
     """What a checkpoint carries besides the model and the optimiser."""
     epoch: int = 0                   # last finished epoch
     train_seconds: float = 0.0       # training time so far, evaluation excluded
-    saved_bytes: int = 0             # CPU: largest saved-for-backward bytes of a measured step
+    saved_bytes: int = 0             # CPU: largest activation bytes saved for backward in a step
     history: list = field(default_factory=list)
 
 
@@ -129,7 +129,8 @@ class Trainer:
                 if x.shape[0] < 2:
                     continue  # BatchNorm needs two examples; a last batch of one is skipped
                 if step == 0 and device.type == "cpu":
-                    with SavedTensorBytes() as saved:
+                    resident = [*self.model.parameters(), *self.model.buffers()]
+                    with SavedTensorBytes(exclude=resident) as saved:
                         loss, parts = train_step(self.model, self.optimizer, self.schedule, x, y,
                                                  blocks)
                     self.progress.saved_bytes = max(self.progress.saved_bytes, saved.bytes)

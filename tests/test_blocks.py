@@ -412,3 +412,19 @@ def test_batchnorm_refuses_a_strided_block_slice():
     bn = BlockBatchNorm(3, 4)
     with pytest.raises(ValueError, match="contiguous block slice"):
         bn(torch.randn(2, 5, 4), slice(0, 3, 2))
+
+
+@pytest.mark.parametrize("kind", ["onehot", "learned", "prototype"])
+def test_classifier_starts_as_a_matched_filter_on_the_embeddings(kind):
+    """classifier_init="embedding": z = u_y gives logit 1 for class y (one-hot: the identity)."""
+    torch.manual_seed(0)
+    shape, m = (1, 8, 8), 5
+    prototypes = torch.randn(m, 64) if kind == "prototype" else None
+    embedding = ClassEmbedding(kind, m, 20, prototypes)
+    model = ImageModel("noprop", 2, shape, m, embedding)
+    logits = model.classifier(embedding.weight)  # [m, m]: row y is the classifier on u_y
+    torch.testing.assert_close(logits.diagonal(), torch.ones(m))
+    if kind == "onehot":
+        assert torch.equal(model.classifier.weight, torch.eye(m))
+    random = ImageModel("noprop", 2, shape, m, embedding, classifier_init="random")
+    assert not torch.allclose(random.classifier(embedding.weight).diagonal(), torch.ones(m))

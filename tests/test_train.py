@@ -107,9 +107,22 @@ def test_sequential_schedule_saves_a_fraction_of_the_activations(tmp_path):
     seq = run(tmp_path, "seq", "--epochs", "1", "--num-blocks", "4", "--block-schedule", "sequential")
     bp = run(tmp_path, "bp", "--epochs", "1", "--num-blocks", "4", "--method", "backprop")
     assert seq["memory_kind"] == "cpu_saved_for_backward"
-    # one block's activations instead of four: well under half
-    assert seq["peak_memory_bytes"] < 0.4 * full["peak_memory_bytes"]
-    assert seq["peak_memory_bytes"] < 0.4 * bp["peak_memory_bytes"]
+    # one block's activations instead of four: about a quarter (plus the shared classifier's)
+    ratio_all = seq["peak_memory_bytes"] / full["peak_memory_bytes"]
+    ratio_bp = seq["peak_memory_bytes"] / bp["peak_memory_bytes"]
+    assert 0.2 < ratio_all < 0.3 and 0.2 < ratio_bp < 0.3, (ratio_all, ratio_bp)
+
+
+def test_saved_tensor_bytes_counts_each_activation_storage_once_and_skips_parameters():
+    from noprop_fast.memory import SavedTensorBytes
+    weight = torch.nn.Parameter(torch.randn(8, 4))
+    x = torch.randn(16, 8, requires_grad=True)
+    with SavedTensorBytes(exclude=[weight]) as saved:
+        h = x @ weight          # saves x (16 x 8) and weight (excluded)
+        y = (h * h).sum()       # saves h twice: one storage (16 x 4)
+        z = (h[:, :2] * weight[1, :2]).sum()  # a view of h (counted) and of the parameter (not)
+    assert saved.bytes == (16 * 8 + 16 * 4) * 4
+    (y + z).backward()
 
 
 @pytest.mark.slow
@@ -118,3 +131,20 @@ def test_default_job_reaches_95_percent_on_digits(tmp_path):
     summary = train.run(["--no-progress", "--out", str(tmp_path / "default")])
     assert summary["method"] == "noprop" and summary["inference"] == "stochastic"
     assert summary["test_accuracy"] >= 0.95, summary
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "cifar100"])
+def test_cli_trains_on_the_original_distribution_files(tmp_path, dataset):
+    """`--dataset D --data-dir DIR` with the files as MNIST and CIFAR ship them (tiny, synthetic)."""
+    from original_files import make_cifar, make_mnist
+    if dataset == "mnist":
+        make_mnist(tmp_path / "data" / "MNIST" / "raw", n_train=40, n_test=10, gz=True)
+    else:
+        sub = "cifar-100-python" if dataset == "cifar100" else "cifar-10-batches-py"
+        make_cifar(tmp_path / "data" / sub, cifar100=dataset == "cifar100", sizes=(8, 8, 8, 8, 8),
+                   n_test=10)
+    summary = train.run(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                         "--num-blocks", "2", "--batch-size", "16", "--no-progress",
+                         "--out", str(tmp_path / "run")])
+    assert summary["dataset"] == dataset and summary["epochs"] == 1
+    assert str(tmp_path / "data") in summary["data_source"]

@@ -173,7 +173,8 @@ class ImageModel(nn.Module):
     baseline only) the mixing weights a_t = tanh(w_t)."""
 
     def __init__(self, method: str, num_blocks: int, image_shape: tuple[int, int, int],
-                 num_classes: int, embedding: ClassEmbedding, dropout: float = 0.2):
+                 num_classes: int, embedding: ClassEmbedding, dropout: float = 0.2,
+                 classifier_init: str = "embedding"):
         super().__init__()
         self.method, self.num_classes = method, num_classes
         self.embedding = embedding
@@ -181,6 +182,14 @@ class ImageModel(nn.Module):
         self.blocks = DenoisingBlocks(num_blocks, image_shape, num_classes, embedding.dim, dropout,
                                       latent_image_shape=latent_shape)
         self.classifier = nn.Linear(embedding.dim, num_classes)
+        if classifier_init == "embedding":
+            # a matched filter: row y = u_y / ||u_y||^2, so z = u_y gives logit 1 for class y
+            with torch.no_grad():
+                w = embedding.weight.detach()
+                self.classifier.weight.copy_(w / w.square().sum(1, keepdim=True).clamp_min(1e-12))
+                self.classifier.bias.zero_()
+        elif classifier_init != "random":
+            raise ValueError(f"unknown classifier init {classifier_init!r}")
         if method == "backprop":
             # w_t with a_t = tanh(w_t) = 0.5 at the start: each step moves half way to u_hat_t
             self.mix_logits = nn.Parameter(torch.full((num_blocks,), math.atanh(0.5)))
