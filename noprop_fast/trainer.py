@@ -26,7 +26,7 @@ from .models.image import ClassEmbedding, ImageModel, prototype_embeddings
 from .optim import BlockAdamW, make_optimizer
 from .schedule import NoiseSchedule
 
-LOG_EVERY = 10  # steps between reads of the loss buffer (each read is one host sync)
+LOG_EVERY = 10  # CUDA: steps between reads of the loss buffer (each read is one host sync)
 
 
 class NonFiniteLoss(UserError):
@@ -123,6 +123,7 @@ class Trainer:
         bar = tqdm(total=losses.numel(), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                    disable=not self.show_progress, leave=False, file=sys.stderr)
         self.model.train()
+        log_every = 1 if device.type == "cpu" else LOG_EVERY  # a read costs nothing on CPU
         step, read, seen, start = 0, 0, 0, time.perf_counter()
         for blocks in passes:
             for x, y in batches(data.train_x, data.train_y, cfg.batch_size, generator=shuffle):
@@ -140,7 +141,7 @@ class Trainer:
                 if "block_losses" in parts:
                     block_sum[blocks] += parts["block_losses"]
                 step, seen = step + 1, seen + x.shape[0]
-                if step % LOG_EVERY == 0:
+                if step % log_every == 0:
                     read = self._check_losses(losses, read, step, epoch, bar, seen, start)
         self._check_losses(losses, read, step, epoch, bar, seen, start)
         seconds = time.perf_counter() - start
