@@ -1,4 +1,4 @@
-"""noprop_fast: train neural networks with NoProp (Li, Teh, Pascanu, 2025), fast and faithfully.
+"""noprop_fast: train neural networks with NoProp (arXiv 2503.24322), fast and faithfully.
 
 Entry points: `python -m noprop_fast.train` (training) and `python -m noprop_fast.compare`
 (NoProp-DT against its backprop baseline). The method's mathematics is in `schedule.py`.

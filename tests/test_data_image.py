@@ -324,7 +324,7 @@ def test_error_hub_unreachable(monkeypatch):
 
 
 def test_error_hub_offline_for_real(tmp_path):
-    # the real datasets/huggingface_hub offline path, in a fresh process (both read the env at
+    # the real offline path of `datasets`, in a fresh process (both read the env at
     # import); an empty HF_HOME so that a copy cached on this machine cannot be found
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     code = (

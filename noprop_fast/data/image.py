@@ -16,7 +16,7 @@ Where MNIST and CIFAR come from, in this order:
      with splits "train" and "test";
   2. `data_dir` or a sub-folder of it (depth <= 3) holding the original files: MNIST's four IDX
      files (gzipped or not), CIFAR's python batches (see `formats.py`);
-  3. no `data_dir`: the Hugging Face hub through `datasets.load_dataset`.
+  3. no `data_dir`: the dataset hub through `datasets.load_dataset`.
 Every problem a user can cause is a one-line `DataError` naming the file.
 """
 
@@ -57,7 +57,7 @@ class _Spec:
 
 
 def _idx_names(stem: str, kind: str) -> tuple[str, ...]:
-    # Plain before gzipped (torchvision keeps both, plain reads faster); the dotted variant
+    # Plain before gzipped (some tools keep both; plain reads faster); the dotted variant
     # (`train-images.idx3-ubyte`) is how some mirrors and Kaggle name them.
     return (f"{stem}-{kind}", f"{stem}-{kind}.gz", f"{stem}.{kind}", f"{stem}.{kind}.gz")
 
@@ -249,7 +249,7 @@ def _load_hub(spec: _Spec):
         loaded = datasets.load_dataset(spec.hub_id)
     except Exception as e:  # offline shows up as ConnectionError, OfflineModeIsEnabled, OSError, ...
         raise DataError(
-            f"could not reach the Hugging Face hub for {spec.hub_id} ({one_line_error(e)}); pass --data-dir DIR "
+            f"could not reach the dataset hub for {spec.hub_id} ({one_line_error(e)}); pass --data-dir DIR "
             f"with a datasets save or the original {spec.title} files"
         ) from None
     return _from_dataset_dict(loaded, spec, f"hub: {spec.hub_id}")
