@@ -23,6 +23,7 @@ setup(
         "scikit-learn",   # the bundled digits dataset: the offline default
         "datasets",       # MNIST / CIFAR from the hub or from a datasets save
         "matplotlib",     # the comparison report's plots
+        "triton; platform_system == 'Linux'",  # the fused kernels (interpreted or compiled ahead of time without a GPU)
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["noprop-train=noprop_fast.train:main",
