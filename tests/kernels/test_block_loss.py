@@ -1,0 +1,123 @@
+"""The fused block-local loss against its plain-PyTorch reference: losses and both gradients."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tolerances import DTYPES, assert_close
+
+from noprop_fast.kernels import block_loss as module
+from noprop_fast.kernels.block_loss import block_loss, block_loss_ref
+from noprop_fast.schedule import block_losses_ref
+
+
+def make_inputs(B, N, d, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    u_hat = torch.randn(B, N, d, generator=gen).to(device=device, dtype=dtype)
+    u = torch.randn(N, d, generator=gen).to(device=device, dtype=dtype)
+    w = (torch.rand(B, generator=gen) * 2 + 0.1).to(device)      # positive, like the SNR weights
+    g = torch.randn(B, generator=gen).to(device)                   # a different dL for every block
+    return u_hat, u, w, g
+
+
+def losses_and_grads(fn, u_hat, u, w, g):
+    u_hat = u_hat.detach().clone().requires_grad_(True)
+    u = u.detach().clone().requires_grad_(True)
+    losses = fn(u_hat, u, w)
+    (losses * g).sum().backward()
+    return losses, u_hat.grad, u.grad
+
+
+def check_against_ref(B, N, d, dtype, device, seed=0):
+    u_hat, u, w, g = make_inputs(B, N, d, dtype, device, seed)
+    losses, du_hat, du = losses_and_grads(block_loss, u_hat, u, w, g)
+    # the reference in fp32 from the same (rounded) inputs, gradients cast to the input dtype
+    ref_losses, ref_du_hat, ref_du = losses_and_grads(block_loss_ref, u_hat.float(), u.float(), w, g)
+    assert losses.dtype == torch.float32 and losses.shape == (B,)
+    assert du_hat.dtype == dtype and du.dtype == dtype
+    assert_close(losses, ref_losses, torch.float32)  # same rounded inputs, fp32 sums in both
+    assert_close(du_hat, ref_du_hat.to(dtype), dtype)
+    assert_close(du, ref_du.to(dtype), dtype, scale=B)
+
+
+@settings(deadline=None, max_examples=12,  # `device` is a constant string: safe to share
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.sampled_from([1, 2, 3, 10]), N=st.sampled_from([1, 2, 7, 13]),
+       d=st.sampled_from([1, 3, 10, 20, 65]), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2 ** 16))
+def test_matches_reference(B, N, d, dtype, seed, device):
+    check_against_ref(B, N, d, dtype, device, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_tiles(dtype, device):
+    """N * d = 845 > SMALL_BLOCK: several programs per block in the forward and the backward."""
+    assert 13 * 65 > module.SMALL_BLOCK
+    check_against_ref(3, 13, 65, dtype, device)
+
+
+def test_chunks_of_several_tiles(device):
+    """More tiles than MAX_CHUNKS: each forward program loops over two tiles of its block."""
+    n, d = 3, 50_000
+    assert module.triton.cdiv(n * d, module.SMALL_BLOCK) > module.MAX_CHUNKS
+    assert n * d <= module.LARGE_FROM
+    check_against_ref(1, n, d, torch.float32, device)
+
+
+def test_large_tiles(device):
+    """N * d > LARGE_FROM: the 1024-element tile the launchers pick for large blocks."""
+    n, d = 2, 131_073
+    assert n * d > module.LARGE_FROM
+    check_against_ref(2, n, d, torch.float16, device)
+
+
+def test_unit_weights_give_block_losses_ref(device):
+    u_hat, u, _, _ = make_inputs(4, 7, 20, torch.float32, device, seed=3)
+    ones = torch.ones(4, device=device)
+    assert_close(block_loss(u_hat, u, ones), block_losses_ref(u_hat, u), torch.float32)
+
+
+def test_expanded_grad_and_strided_inputs(device):
+    """losses.sum() hands backward a stride-0 dL; non-contiguous u_hat, u and w are accepted."""
+    u_hat, u, w, _ = make_inputs(6, 5, 9, torch.float32, device, seed=4)
+    u_hat_t = u_hat.transpose(1, 2).contiguous().transpose(1, 2)   # same values, other strides
+    u_t = u.t().contiguous().t()
+    w_strided = torch.stack([w, w], dim=1)[:, 0]                    # stride 2
+    ones = torch.ones(6, device=device)
+    losses, du_hat, du = losses_and_grads(block_loss, u_hat_t, u_t, w_strided, ones)
+    ref = losses_and_grads(block_loss_ref, u_hat, u, w, ones)
+    for actual, expected in zip((losses, du_hat, du), ref):
+        assert_close(actual, expected, torch.float32)
+
+
+def test_gradient_for_u_hat_only(device):
+    """A fixed embedding (one-hot) gives u without requires_grad: only d u_hat comes back."""
+    u_hat, u, w, g = make_inputs(2, 3, 4, torch.float32, device, seed=5)
+    u_hat.requires_grad_(True)
+    (block_loss(u_hat, u, w) * g).sum().backward()
+    expected = (g * w * 2 / 3).view(-1, 1, 1) * (u_hat.detach() - u)
+    assert_close(u_hat.grad, expected, torch.float32)
+    assert u.grad is None
+
+
+@pytest.mark.parametrize("u_hat_shape, u_shape, w_shape, dtypes, message", [
+    ((2, 3, 4), (3, 5), (2,), (torch.float32,) * 3, "shapes do not match"),
+    ((2, 3, 4), (3, 4), (3,), (torch.float32,) * 3, "shapes do not match"),
+    ((3, 4), (3, 4), (1,), (torch.float32,) * 3, r"expects u_hat \[B, N, d\]"),
+    ((2, 0, 4), (0, 4), (2,), (torch.float32,) * 3, "B, N, d >= 1"),
+    ((2, 3, 4), (3, 4), (2,), (torch.float32, torch.float16, torch.float32), "one dtype"),
+    ((2, 3, 4), (3, 4), (2,), (torch.float64, torch.float64, torch.float32), "one dtype"),
+    ((2, 3, 4), (3, 4), (2,), (torch.float16, torch.float16, torch.float16), "fp32 weights"),
+])
+def test_bad_inputs_raise(u_hat_shape, u_shape, w_shape, dtypes, message, device):
+    u_hat = torch.zeros(u_hat_shape, dtype=dtypes[0], device=device)
+    u = torch.zeros(u_shape, dtype=dtypes[1], device=device)
+    w = torch.ones(w_shape, dtype=dtypes[2], device=device)
+    with pytest.raises(ValueError, match=message):
+        block_loss(u_hat, u, w)
+
+
+def test_inputs_on_two_devices_raise(device):
+    with pytest.raises(ValueError, match="one device"):
+        block_loss(torch.zeros(2, 3, 4, device=device), torch.zeros(3, 4, device="meta"),
+                   torch.ones(2, device=device))
