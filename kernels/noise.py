@@ -1,0 +1,317 @@
+"""Fused noise injection: the noisy block inputs of NoProp-DT, drawn inside the kernel.
+
+For labels y [N] (int64), class embeddings W [m, d], and per-block scales a = sqrt(abar_{t-1}) [B],
+s = sqrt(1 - abar_{t-1}) [B] (fp32, slices of `NoiseSchedule.input_scale` / `.noise_scale`):
+
+    u = W[y]                                                  [N, d]
+    z[b, n, j] = a[b] u[n, j] + s[b] eps[b, n, j]             [B, N, d], W's dtype, fp32 arithmetic
+    eps[b, n, j] = randn(seed, offset + (b N + n) d + j)      (int64 index, counter-based Philox)
+
+randn is tl.randn of triton 3.9.0 (Philox-4x32-10, Box-Muller on its first two words) except that
+cos is evaluated inline (`_cos_of_angle`) instead of by libdevice's cosf, whose never-taken
+large-argument path leaves 32 bytes of stack in the cubin (the AOT check counts stack as spills);
+the Philox integers are identical and the values agree with tl.randn to about an ulp.
+
+The noise is never stored: it is drawn from (seed, offset) in the forward, and the backward does not
+need it, because dz/dW does not depend on eps:
+
+    dW[k, :] = sum_{n : y[n] = k} sum_b a[b] dz[b, n, :]      (rows of absent labels are zero)
+
+No gradient for a, s (schedule constants), y (labels), seed, offset.
+
+dW accumulation: one program per tile of (label rows n, columns j) sums over b in registers, then
+`tl.atomic_add`s the tile into an fp32 buffer at rows y[n]. Atomics keep the backward O(N d) with
+no sort of the labels and no host sync; the price is that repeated labels are summed in an
+unspecified order, so dW is reproducible only to fp32 rounding (a few ulps; at most N terms per row),
+which is then cast once to W's dtype. A deterministic variant would sort y and reduce segments.
+
+Constraints: W [m, d] fp32/fp16/bf16; y [N] int64 with values in [0, m) (not checked: reading the
+values would sync with the host); a, s [B] fp32; seed, offset int64 tensors with one element, on the
+device. Inputs are made contiguous (a no-op when they are).
+
+CUDA graphs: safe. Seed and offset are read from device memory inside the kernel and nothing reads
+a tensor's value on the host, so a captured graph draws new noise when the offset tensor is advanced
+in place between replays (advance it by at least B N d per call to draw fresh, disjoint counters).
+
+`philox_randn_ref` reimplements tl.randn of triton 3.9.0 in plain PyTorch (int64 arithmetic masked
+to 32 bits), so the CPU path and the tests reproduce the kernel's noise: the integers bitwise, the
+normals to 1e-6 (fp32 log/cos implementations differ in the last ulp).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+from triton.language.random import uint_to_uniform_float
+
+from noprop_fast.kernels.aot import KernelSpec
+from noprop_fast.schedule import noisy_latents_ref
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUNDS = 10                            # triton.language.random.N_ROUNDS_DEFAULT
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_INT32_TO_UNIFORM = 4.6566127342e-10           # largest scale with (2^31 - 1) * scale < 1 in fp32
+_TWO_PI = 6.283185307179586
+
+
+def noise_injection_ref(y, W, a, s, eps):
+    """z = a[b] W[y] + s[b] eps[b], computed in fp32 and returned in W's dtype.
+
+    y [N] int64, W [m, d], a, s [B], eps [B, N, d]. Differentiable in W (through autograd).
+    """
+    return noisy_latents_ref(W[y].float(), a.float(), s.float(), eps.float()).to(W.dtype)
+
+
+def _umul32(c: int, x: torch.Tensor):
+    """(high, low) 32-bit halves of c * x for a 32-bit constant c and int64 x in [0, 2^32).
+
+    x is split into 16-bit halves so that no product exceeds 2^48 (int64 never overflows).
+    """
+    lo_part, hi_part = c * (x & 0xFFFF), c * (x >> 16)
+    high = (hi_part + (lo_part >> 16)) >> 16
+    low = (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
+    return high, low
+
+
+def philox_4x32_ref(c0, c1, c2, c3, k0: int, k1: int, rounds: int = _PHILOX_ROUNDS):
+    """Philox-4x32 (Salmon et al. 2011) on int64 tensors holding uint32 values, as triton's philox_impl."""
+    for _ in range(rounds):
+        hi_b, lo_b = _umul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _umul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_randint_ref(seed: int, offsets: torch.Tensor):
+    """The first two words of tl.randint4x(seed, offsets) for int64 offsets, as int64 in [0, 2^32).
+
+    Counter (c0, c1, c2, c3) = (offset low 32 bits, offset >> 32 low 32 bits, 0, 0);
+    key (k0, k1) = (seed low 32 bits, seed high 32 bits).
+    """
+    offsets = offsets.to(torch.int64)
+    zero = torch.zeros_like(offsets)
+    c0, c1, _, _ = philox_4x32_ref(offsets & _MASK32, (offsets >> 32) & _MASK32, zero, zero,
+                                   int(seed) & _MASK32, (int(seed) >> 32) & _MASK32)
+    return c0, c1
+
+
+def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """triton's uint_to_uniform_float for 32 bits: bitcast to int32, fold negatives (~x), scale."""
+    x = torch.where(x >= 2**31, x - 2**32, x)  # the int32 bitcast
+    x = torch.where(x < 0, ~x, x)               # in [0, 2^31)
+    return x.to(torch.float32) * torch.tensor(_INT32_TO_UNIFORM, dtype=torch.float32)
+
+
+def philox_randn_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Exactly tl.randn(seed, offsets) of triton 3.9.0 for int64 offsets (fp32, offsets' shape).
+
+    Box-Muller on the first two Philox words: r cos(theta), r = sqrt(-2 log max(1e-7, u1)),
+    theta = 2 pi u2 (fp32). The integers agree bitwise with the kernels'; the fp32 log and cos
+    (torch's here, libdevice's in tl.randn, `_cos_of_angle` in this file's kernel) differ in the
+    last ulps.
+    """
+    i1, i2 = philox_randint_ref(seed, offsets)
+    u1 = torch.clamp_min(_uint_to_uniform(i1), 1.0e-7)
+    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * _uint_to_uniform(i2)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+@triton.jit
+def _cos_of_angle(theta):
+    """cos(theta) for theta in [0, 2 pi], to about an ulp, in registers only.
+
+    theta = k pi/2 + r with k = round(theta 2/pi) in 0..4 and pi/2 split in three parts (16, 16
+    and 24 bits: k times each part is exact), then Taylor polynomials of cos r, sin r on
+    |r| <= pi/4 (truncation below 3e-8) and the quadrant k mod 4. libdevice's cosf is not used: its
+    Payne-Hanek path for |x| > 105615 keeps a 28-byte local array, which ptxas leaves as stack.
+    """
+    k = (theta * 0.6366197723675814 + 0.5).to(tl.int32)
+    kf = k.to(tl.float32)
+    r = theta - kf * 1.570770263671875  # pi/2 = 1.570770263671875 + 2.6063062250614166e-05
+    r = r - kf * 2.6063062250614166e-05  # + 6.077094383272197e-11 (to fp64 accuracy)
+    r = r - kf * 6.077094383272197e-11
+    r2 = r * r
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1 / 24 + r2 * (-1 / 720 + r2 * (1 / 40320))))
+    sin_r = r + r * r2 * (-1 / 6 + r2 * (1 / 120 + r2 * (-1 / 5040 + r2 * (1 / 362880))))
+    quadrant = k % 4  # cos(k pi/2 + r) = cos r, -sin r, -cos r, sin r
+    value = tl.where(quadrant % 2 == 0, cos_r, sin_r)
+    return tl.where((quadrant == 1) | (quadrant == 2), -value, value)
+
+
+@triton.jit
+def _randn(seed, offsets):
+    """tl.randn(seed, offsets) of triton 3.9.0 with cos evaluated by `_cos_of_angle`.
+
+    The same Philox words, uniforms, Box-Muller formula and fp32 angle; only cos differs from
+    libdevice's, within an ulp or so (as torch.cos, used by `philox_randn_ref`, does).
+    """
+    i1, i2, _, _ = tl.randint4x(seed, offsets)
+    u1 = tl.maximum(1.0e-7, uint_to_uniform_float(i1))
+    theta = 6.283185307179586 * uint_to_uniform_float(i2)
+    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_of_angle(theta)
+
+
+@triton.jit
+def _noise_fwd_kernel(
+    y_ptr,        # [N] int64 labels
+    w_ptr,        # [m, D] class embeddings, contiguous
+    a_ptr,        # [B] fp32 input scales sqrt(abar_{t-1})
+    s_ptr,        # [B] fp32 noise scales sqrt(1 - abar_{t-1})
+    seed_ptr,     # [1] int64 Philox seed (device)
+    offset_ptr,   # [1] int64 Philox counter offset (device)
+    z_ptr,        # [B, N, D] output, contiguous, W's dtype
+    num_rows,     # B * N: rows of z seen as [B N, D]
+    N,            # labels per block
+    D,            # embedding dimension
+    BLOCK_R: tl.constexpr,  # rows of z per program
+    BLOCK_D: tl.constexpr,  # columns per program (power of two)
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat b N + n
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    block, n = rows // N, rows % N
+    label = tl.load(y_ptr + n, mask=row_ok, other=0)
+    scale = tl.load(a_ptr + block, mask=row_ok, other=0.0)
+    sigma = tl.load(s_ptr + block, mask=row_ok, other=0.0)
+    u = tl.load(w_ptr + label[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    index = rows[:, None] * D + cols[None, :]  # [BLOCK_R, BLOCK_D] int64: (b N + n) D + j
+    eps = _randn(tl.load(seed_ptr), tl.load(offset_ptr) + index)
+    z = scale[:, None] * u + sigma[:, None] * eps
+    tl.store(z_ptr + index, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _noise_bwd_kernel(
+    dz_ptr,       # [B, N, D] upstream gradient, contiguous
+    y_ptr,        # [N] int64 labels
+    a_ptr,        # [B] fp32 input scales
+    dw_ptr,       # [m, D] fp32 gradient buffer, zero-filled, accumulated atomically
+    B,            # blocks
+    N,            # labels per block
+    D,            # embedding dimension
+    plane,        # N * D: elements of one block of dz
+    BLOCK_R: tl.constexpr,  # labels per program
+    BLOCK_D: tl.constexpr,  # columns per program (power of two)
+):
+    n = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_ok = n < N
+    mask = n_ok[:, None] & (cols < D)[None, :]
+    dz_tile = dz_ptr + n[:, None] * D + cols[None, :]  # block b = 0; each next block is N D further
+    grad = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for b in range(B):  # grad[n, j] = sum_b a[b] dz[b, n, j]
+        scale = tl.load(a_ptr + b)
+        grad += scale * tl.load(dz_tile, mask=mask, other=0.0).to(tl.float32)
+        dz_tile += plane  # advancing the pointer: no int32 product b N D that could overflow
+    label = tl.load(y_ptr + n, mask=n_ok, other=0)
+    tl.atomic_add(dw_ptr + label[:, None] * D + cols[None, :], grad, mask=mask)
+
+
+_ELEMENTS_PER_PROGRAM = 1024
+_BLOCK_D_CHOICES = (16, 32, 64, 128, 256)   # the tile width is next_pow2(D) clamped to this range
+_NUM_WARPS = 4
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D): a tile of 1024 elements whose width covers d up to 256."""
+    block_d = min(max(triton.next_power_of_2(d), _BLOCK_D_CHOICES[0]), _BLOCK_D_CHOICES[-1])
+    return _ELEMENTS_PER_PROGRAM // block_d, block_d
+
+
+def _check_inputs(y, W, a, s, seed, offset):
+    if W.dim() != 2:
+        raise ValueError(f"noise_injection: W must be [m, d], got shape {tuple(W.shape)}")
+    if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"noise_injection: W must be float32, float16 or bfloat16, got {W.dtype}")
+    if y.dim() != 1 or y.dtype != torch.int64:
+        raise ValueError(f"noise_injection: y must be a 1-D int64 tensor of labels, "
+                         f"got {y.dtype} of shape {tuple(y.shape)}")
+    for name, t in (("a", a), ("s", s)):
+        if t.dim() != 1 or t.dtype != torch.float32:
+            raise ValueError(f"noise_injection: {name} must be a 1-D float32 tensor [B], "
+                             f"got {t.dtype} of shape {tuple(t.shape)}")
+    if a.shape != s.shape:
+        raise ValueError(f"noise_injection: a and s must have the same shape [B], "
+                         f"got {tuple(a.shape)} and {tuple(s.shape)}")
+    for name, t in (("seed", seed), ("offset", offset)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
+            raise ValueError(f"noise_injection: {name} must be an int64 tensor with one element "
+                             f"on the device (read inside the kernel), got {t!r:.80}")
+    for name, t in (("y", y), ("a", a), ("s", s), ("seed", seed), ("offset", offset)):
+        if t.device != W.device:
+            raise ValueError(f"noise_injection: {name} is on {t.device} but W is on {W.device}")
+
+
+def _noise_forward(y, W, a, s, seed, offset):
+    _check_inputs(y, W, a, s, seed, offset)
+    d, B, N = W.shape[1], a.shape[0], y.shape[0]
+    z = torch.empty((B, N, d), device=W.device, dtype=W.dtype)
+    if z.numel() == 0:
+        return z
+    block_r, block_d = _blocks(d)
+    grid = (triton.cdiv(B * N, block_r), triton.cdiv(d, block_d))
+    _noise_fwd_kernel[grid](y.contiguous(), W.contiguous(), a.contiguous(), s.contiguous(),
+                            seed, offset, z, B * N, N, d,
+                            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+    return z
+
+
+def _noise_backward(dz, y, a, w_shape, w_dtype):
+    (m, d), B, N = w_shape, a.shape[0], y.shape[0]
+    dw = torch.zeros((m, d), device=dz.device, dtype=torch.float32)
+    if dz.numel() > 0:
+        block_r, block_d = _blocks(d)
+        grid = (triton.cdiv(N, block_r), triton.cdiv(d, block_d))
+        _noise_bwd_kernel[grid](dz.contiguous(), y, a, dw, B, N, d, N * d,
+                                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+    return dw.to(w_dtype)
+
+
+class _NoiseInjection(torch.autograd.Function):
+    """Saves y and a (and W's shape and dtype); the noise is neither stored nor regenerated."""
+
+    @staticmethod
+    def forward(ctx, y, W, a, s, seed, offset):
+        z = _noise_forward(y, W, a, s, seed, offset)
+        ctx.save_for_backward(y.contiguous(), a.contiguous())
+        ctx.w_shape, ctx.w_dtype = tuple(W.shape), W.dtype
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        y, a = ctx.saved_tensors
+        dW = _noise_backward(dz, y, a, ctx.w_shape, ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return None, dW, None, None, None, None
+
+
+def noise_injection(y, W, a, s, seed, offset):
+    """z [B, N, d] = a[b] W[y] + s[b] eps[b], eps = randn(seed, offset + (b N + n) d + j).
+
+    y [N] int64, W [m, d], a, s [B] fp32, seed and offset int64 [1] on W's device. Differentiable
+    in W only. See the module docstring for the maths and the CUDA-graph contract.
+    """
+    return _NoiseInjection.apply(y, W, a, s, seed, offset)
+
+
+def _aot_specs() -> list[KernelSpec]:
+    specs = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for block_d in _BLOCK_D_CHOICES:
+            blocks = {"BLOCK_R": _ELEMENTS_PER_PROGRAM // block_d, "BLOCK_D": block_d}
+            tile = f"{blocks['BLOCK_R']}x{block_d},w{_NUM_WARPS}"
+            specs.append(KernelSpec(
+                f"noise_fwd[{dtype},{tile}]", _noise_fwd_kernel,
+                {"y_ptr": "*i64", "w_ptr": f"*{dtype}", "a_ptr": "*fp32", "s_ptr": "*fp32",
+                 "seed_ptr": "*i64", "offset_ptr": "*i64", "z_ptr": f"*{dtype}",
+                 "num_rows": "i32", "N": "i32", "D": "i32"}, blocks, num_warps=_NUM_WARPS))
+            specs.append(KernelSpec(
+                f"noise_bwd[{dtype},{tile}]", _noise_bwd_kernel,
+                {"dz_ptr": f"*{dtype}", "y_ptr": "*i64", "a_ptr": "*fp32", "dw_ptr": "*fp32",
+                 "B": "i32", "N": "i32", "D": "i32", "plane": "i32"}, blocks, num_warps=_NUM_WARPS))
+    return specs
+
+
+AOT_SPECS = _aot_specs()  # every (kernel, dtype, tile) that the launchers may pick
