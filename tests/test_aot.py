@@ -14,12 +14,17 @@ from noprop_fast.kernels.aot import SHARED_LIMIT, KernelSpec, all_specs, compile
 SPECS = all_specs()
 
 
+# the general case on both targets; the aligned fast path on the H100's sm_90
+TARGETS = [(90, False), (80, False), (90, True)]
+
+
 @pytest.mark.aot
-@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("arch, aligned", TARGETS, ids=["sm90", "sm80", "sm90-aligned"])
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-def test_kernel_compiles_without_spills(spec, arch):
-    compiled = compile_spec(spec, arch)
-    assert not compiled.spills, f"{spec.name} on sm_{arch}: stack {compiled.stack}, local {compiled.local}"
+def test_kernel_compiles_without_spills(spec, arch, aligned):
+    compiled = compile_spec(spec, arch, aligned)
+    assert not compiled.spills, (f"{spec.name} on sm_{arch} (aligned={aligned}): "
+                                 f"stack {compiled.stack}, local {compiled.local}")
     assert compiled.shared <= SHARED_LIMIT[arch], f"{spec.name}: {compiled.shared} bytes of shared memory"
     if spec.expects_wgmma and arch == 90:
         assert compiled.uses_wgmma, f"{spec.name}: no HGMMA in the sm_90 SASS"
@@ -42,6 +47,7 @@ def test_the_checker_sees_spills_and_wgmma():
     signature = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"}
     small = KernelSpec("dot64", _dot, signature, {"BLOCK": 64}, num_warps=4)
     assert compile_spec(small, 90).uses_wgmma and not compile_spec(small, 80).uses_wgmma
+    assert compile_spec(small, 90, aligned=True).uses_wgmma
     # a 128x128 fp32 accumulator held by one warp: 512 values per thread, over the 255 registers
     huge = KernelSpec("dot128_one_warp", _dot, signature, {"BLOCK": 128}, num_warps=1, num_stages=1)
     assert compile_spec(huge, 80).spills
