@@ -60,6 +60,15 @@ def softmax_head_ref(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor | None,
 # shared by a load before a loop and a store after it would stay live in registers through the loop.
 
 @triton.jit
+def _load_keys(k_ptr, c_ptr, b, offs_m, mask_m, offs_d, mask_d, stride_kb, stride_km, stride_cb):
+    """Block b's chunk of keys K[b, offs_m, :] and biases c[b, offs_m] (fp32); masked entries 0."""
+    k = tl.load(k_ptr + b * stride_kb + offs_m[:, None] * stride_km + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    c = tl.load(c_ptr + b * stride_cb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    return k, c
+
+
+@triton.jit
 def _fwd(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, lse_ptr,
          stride_hb, stride_hn,   # h [B, N, D]
          stride_kb, stride_km,   # k [B, m, D]
@@ -84,9 +93,8 @@ def _fwd(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, lse_ptr,
     for start in range(0, M, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        k = tl.load(k_ptr + pid_b * stride_kb + offs_m[:, None] * stride_km + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        c = tl.load(c_ptr + pid_b * stride_cb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        k, c = _load_keys(k_ptr, c_ptr, pid_b, offs_m, mask_m, offs_d, mask_d,
+                          stride_kb, stride_km, stride_cb)
         s = tl.dot(h, tl.trans(k), input_precision="ieee") + c[None, :]  # [BLOCK_N, BLOCK_M]
         s = tl.where(mask_m[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))  # finite: every chunk holds a real class
@@ -134,9 +142,8 @@ def _bwd_dh(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dh_pt
     for start in range(0, M, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        k = tl.load(k_ptr + pid_b * stride_kb + offs_m[:, None] * stride_km + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        c = tl.load(c_ptr + pid_b * stride_cb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        k, c = _load_keys(k_ptr, c_ptr, pid_b, offs_m, mask_m, offs_d, mask_d,
+                          stride_kb, stride_km, stride_cb)
         s = tl.dot(h, tl.trans(k), input_precision="ieee") + c[None, :]  # [BLOCK_N, BLOCK_M]
         p = tl.exp(tl.where(mask_m[None, :], s, float("-inf")) - lse[:, None])
         v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_dv[None, :],
@@ -166,9 +173,8 @@ def _bwd_dk(h_ptr, k_ptr, c_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dc_p
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     mask_m, mask_d, mask_dv = offs_m < M, offs_d < D, offs_dv < DV
     mask_kd = mask_m[:, None] & mask_d[None, :]
-    k = tl.load(k_ptr + pid_b * stride_kb + offs_m[:, None] * stride_km + offs_d[None, :],
-                mask=mask_kd, other=0.0)
-    c = tl.load(c_ptr + pid_b * stride_cb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    k, c = _load_keys(k_ptr, c_ptr, pid_b, offs_m, mask_m, offs_d, mask_d,
+                      stride_kb, stride_km, stride_cb)
     v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_dv[None, :],
                 mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -212,9 +218,8 @@ def _bwd_dv(h_ptr, k_ptr, c_ptr, do_ptr, lse_ptr, dv_ptr,
     dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # summed over every block and row
     for b32 in range(0, B):
         b = tl.cast(b32, tl.int64)  # int64 before it multiplies a stride
-        k = tl.load(k_ptr + b * stride_kb + offs_m[:, None] * stride_km + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        c = tl.load(c_ptr + b * stride_cb + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        k, c = _load_keys(k_ptr, c_ptr, b, offs_m, mask_m, offs_d, mask_d,
+                          stride_kb, stride_km, stride_cb)
         for start in range(0, N, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
