@@ -69,6 +69,21 @@ def _load_keys(k_ptr, c_ptr, b, offs_m, mask_m, offs_d, mask_d, stride_kb, strid
 
 
 @triton.jit
+def _row_tile_probs(h_ptr, do_ptr, lse_ptr, b, offs_n, mask_n, offs_d, mask_d, offs_dv, mask_dv,
+                    stride_hb, stride_hn, stride_gb, stride_gn, stride_lb, k, c, mask_m):
+    """Rows offs_n of block b: H and dO tiles, and P^T [BLOCK_M, BLOCK_N] recomputed from the keys
+    and the saved log-sum-exp (padded classes and rows get probability 0)."""
+    h = tl.load(h_ptr + b * stride_hb + offs_n[:, None] * stride_hn + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    do = tl.load(do_ptr + b * stride_gb + offs_n[:, None] * stride_gn + offs_dv[None, :],
+                 mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+    lse = tl.load(lse_ptr + b * stride_lb + offs_n, mask=mask_n, other=float("inf"))
+    st = tl.dot(k, tl.trans(h), input_precision="ieee") + c[:, None]  # S^T [BLOCK_M, BLOCK_N]
+    pt = tl.exp(tl.where(mask_m[:, None], st, float("-inf")) - lse[None, :])
+    return h, do, pt
+
+
+@triton.jit
 def _fwd(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, lse_ptr,
          stride_hb, stride_hn,   # h [B, N, D]
          stride_kb, stride_km,   # k [B, m, D]
@@ -182,14 +197,10 @@ def _bwd_dk(h_ptr, k_ptr, c_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dc_p
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        h = tl.load(h_ptr + pid_b * stride_hb + offs_n[:, None] * stride_hn + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        do = tl.load(do_ptr + pid_b * stride_gb + offs_n[:, None] * stride_gn + offs_dv[None, :],
-                     mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-        lse = tl.load(lse_ptr + pid_b * stride_lb + offs_n, mask=mask_n, other=float("inf"))
+        h, do, pt = _row_tile_probs(h_ptr, do_ptr, lse_ptr, pid_b, offs_n, mask_n, offs_d, mask_d,
+                                    offs_dv, mask_dv, stride_hb, stride_hn, stride_gb, stride_gn,
+                                    stride_lb, k, c, mask_m)
         delta = tl.load(delta_ptr + pid_b * stride_lb + offs_n, mask=mask_n, other=0.0)
-        st = tl.dot(k, tl.trans(h), input_precision="ieee") + c[:, None]  # S^T [BLOCK_M, BLOCK_N]
-        pt = tl.exp(tl.where(mask_m[:, None], st, float("-inf")) - lse[None, :])  # padded: 0
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee")  # dP^T
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(h.dtype), h, input_precision="ieee")
@@ -223,13 +234,9 @@ def _bwd_dv(h_ptr, k_ptr, c_ptr, do_ptr, lse_ptr, dv_ptr,
         for start in range(0, N, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            h = tl.load(h_ptr + b * stride_hb + offs_n[:, None] * stride_hn + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            do = tl.load(do_ptr + b * stride_gb + offs_n[:, None] * stride_gn + offs_dv[None, :],
-                         mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-            lse = tl.load(lse_ptr + b * stride_lb + offs_n, mask=mask_n, other=float("inf"))
-            st = tl.dot(k, tl.trans(h), input_precision="ieee") + c[:, None]  # S^T [BLOCK_M, BLOCK_N]
-            pt = tl.exp(tl.where(mask_m[:, None], st, float("-inf")) - lse[None, :])  # padded: 0
+            _, do, pt = _row_tile_probs(h_ptr, do_ptr, lse_ptr, b, offs_n, mask_n, offs_d, mask_d,
+                                        offs_dv, mask_dv, stride_hb, stride_hn, stride_gb,
+                                        stride_gn, stride_lb, k, c, mask_m)
             dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
     tl.store(dv_ptr + offs_m[:, None] * stride_vm + offs_dv[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
