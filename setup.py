@@ -11,9 +11,10 @@ setup(
     description="Fast, faithful NoProp training: batched multi-block models, fused kernels, CLI",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=["noprop_fast", "noprop_fast.data", "noprop_fast.models", "noprop_fast.kernels"],
-    package_dir={"noprop_fast.kernels": "kernels"},
-    package_data={"noprop_fast": ["configs/*.yaml"]},
+    packages=["noprop_fast", "noprop_fast.data", "noprop_fast.models", "noprop_fast.kernels",
+              "noprop_fast.csrc"],
+    package_dir={"noprop_fast.kernels": "kernels", "noprop_fast.csrc": "csrc"},
+    package_data={"noprop_fast": ["configs/*.yaml"], "noprop_fast.csrc": ["*.cpp", "*.h"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -24,6 +25,7 @@ setup(
         "datasets",       # MNIST / CIFAR from the hub or from a datasets save
         "matplotlib",     # the comparison report's plots
         "triton; platform_system == 'Linux'",  # the fused kernels (interpreted or compiled ahead of time without a GPU)
+        "ninja",          # torch.utils.cpp_extension.load builds the CPU fused ops (csrc/) with it
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["noprop-train=noprop_fast.train:main",

@@ -230,3 +230,22 @@ def test_bad_inputs_raise_a_clear_error(case, device):
     args, message = _bad_inputs(device)[case]
     with pytest.raises(ValueError, match="noise_injection: " + message):
         noise_injection(*args)
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (123456789012, 2**40 - 5), (-5, 3 * 2**32 + 7)])
+def test_kernel_noise_equals_cpu_op_noise(seed, offset, device):
+    """The Triton kernel and the C++ CPU op (noprop_fast.cpu_ops) draw the same noise for one seed
+    and offset: with a = 0, s = 1 each returns its eps."""
+    from noprop_fast import cpu_ops
+
+    ok, reason = cpu_ops.available()
+    if not ok:
+        pytest.skip(reason)
+    B, N, d = 3, 7, 65
+    y, W, _, _ = _inputs(B, N, d, 4, torch.float32, device)
+    zeros, ones = torch.zeros(B), torch.ones(B)
+    z_kernel = noise_injection(y, W, zeros.to(device), ones.to(device), _device_int(seed, device),
+                               _device_int(offset, device))
+    z_cpu = cpu_ops.noise_injection(y.cpu(), W.cpu(), zeros, ones, _device_int(seed, "cpu"),
+                                    _device_int(offset, "cpu"))
+    torch.testing.assert_close(z_kernel.cpu(), z_cpu, rtol=1e-6, atol=1e-6)

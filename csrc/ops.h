@@ -1,0 +1,47 @@
+// The CPU fused ops that bindings.cpp exposes to noprop_fast.cpu_ops. Inputs arrive contiguous
+// and checked (shapes, dtypes, device) from Python; each op checks only what would corrupt memory.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace noprop {
+
+// noise.cpp: Philox normals and the noise injection z = a[b] W[y] + s[b] eps
+at::Tensor philox_randn(int64_t seed, int64_t offset, int64_t numel);
+at::Tensor noise_forward(const at::Tensor& y, const at::Tensor& W, const at::Tensor& a,
+                         const at::Tensor& s, const at::Tensor& seed, const at::Tensor& offset);
+at::Tensor noise_backward(const at::Tensor& dz, const at::Tensor& y, const at::Tensor& a,
+                          int64_t num_classes);  // fp32 dW; the caller casts it to W's dtype
+
+// block_loss.cpp: losses[b] = w[b] mean_n ||u_hat[b, n] - u[n]||^2 and its two gradients
+at::Tensor block_loss_forward(const at::Tensor& u_hat, const at::Tensor& u, const at::Tensor& w);
+std::vector<at::Tensor> block_loss_backward(const at::Tensor& grad, const at::Tensor& u_hat,
+                                            const at::Tensor& u, const at::Tensor& w,
+                                            bool need_du_hat, bool need_du);
+
+// block_linear.cpp: Y[b] = act(X[b] W[b]^T + bias[b]) and (dX, dW, dbias)
+at::Tensor block_linear_forward(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, bool relu);
+std::vector<at::Tensor> block_linear_backward(const at::Tensor& dy, const at::Tensor& x,
+                                              const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& y, bool need_dx,
+                                              bool need_dw, bool need_dbias);
+
+// softmax_head.cpp: o = softmax(h k^T + c) v tile by tile -> (o fp32, lse, P or undefined: P
+// [B, N, m] only when one tile holds it), and its gradients
+std::vector<at::Tensor> softmax_head_forward(const at::Tensor& h, const at::Tensor& k,
+                                             const std::optional<at::Tensor>& c,
+                                             const at::Tensor& v, int64_t tile_elements);
+std::vector<at::Tensor> softmax_head_backward(const at::Tensor& grad_o, const at::Tensor& h,
+                                              const at::Tensor& k,
+                                              const std::optional<at::Tensor>& c,
+                                              const at::Tensor& v, const at::Tensor& o,
+                                              const at::Tensor& lse,
+                                              const std::optional<at::Tensor>& saved_probs,
+                                              bool need_dh, bool need_dk, bool need_dc,
+                                              bool need_dv, int64_t tile_elements);
+
+}  // namespace noprop

@@ -1,0 +1,370 @@
+"""The fused ops on the CPU: C++ (ATen + OpenMP) twins of the Triton kernels in kernels/.
+
+Same maths, shapes and gradients as the Triton files, whose docstrings and `*_ref` functions are
+the specification (kernels/noise.py, block_loss.py, block_linear.py, softmax_head.py):
+
+    noise_injection(y, W, a, s, seed, offset)   z = a[b] W[y] + s[b] eps, eps = randn(seed, offset + i)
+    block_loss(u_hat, u, w)                     losses[b] = w[b] mean_n ||u_hat[b, n] - u[n]||^2
+    block_linear(x, weight, bias, activation)   Y[b] = act(X[b] W[b]^T + bias[b])
+    softmax_head(h, k, c, v)                    o = softmax(h k^T + c) v, logits in tiles
+
+What differs from the GPU side: every op is deterministic (no atomics; fixed reduction orders, so
+also bitwise the same for any thread count, except where ATen's BLAS sums); softmax_head takes
+any D and d; products run in fp32 through ATen's BLAS (fp16 / bf16 operands are widened first).
+The noise is the Triton kernel's: the Philox integers bitwise, the normals to about an ulp. The
+C++ files' headers give each op's loop structure (csrc/noise.cpp, block_loss.cpp, ...).
+
+softmax_head's memory: logits in tiles of SOFTMAX_TILE_ELEMENTS, an online softmax over class
+chunks as in the Triton kernel; when one tile holds all B N m logits (the engine's usual sizes),
+the forward's probabilities are saved (at most that tile) and the backward does not recompute them.
+
+Build: the sources of `noprop_fast.csrc` (csrc/ in the repository) are compiled on first use by
+`torch.utils.cpp_extension.load` (the system C++ compiler, $CXX or c++, and ninja; -O3 -fopenmp and
+no -march, so the cached library is portable; the hot loops carry AVX2 / AVX-512 clones chosen at
+load time) into cpp_extension's cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions. The
+extension's name carries a hash of the sources, their folder, the flags and torch's version: an
+edited source or another torch builds anew (about a minute on 2 cores), an unchanged one loads in
+a fraction of a second. When the build cannot happen (no compiler, no ninja, a compile error),
+`load()` raises FusedOpsUnavailable with a one-line reason and `available()` returns it.
+
+Inputs must be CPU tensors (ValueError otherwise); the autograd Functions make them contiguous.
+"""
+import functools
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+SOURCES = ("noise.cpp", "block_loss.cpp", "block_linear.cpp", "softmax_head.cpp", "bindings.cpp")
+HEADERS = ("common.h", "ops.h", "philox.h", "vec_math.h")
+# -fno-math-errno and -fno-trapping-math: sqrt and the selects of csrc's exp / log / Box-Muller
+# vectorise (no program here reads errno or traps on fp exceptions)
+CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
+LDFLAGS = ("-fopenmp",)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = ("none", "relu")
+# logits per softmax_head tile (fp32: 4 MB); read at each call, so tests can shrink it
+SOFTMAX_TILE_ELEMENTS = 1 << 20
+
+
+class FusedOpsUnavailable(RuntimeError):
+    """The C++ fused ops could not be built or loaded; the message is one line."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Build and load
+
+def _source_dir() -> Path:
+    import noprop_fast.csrc
+    return Path(noprop_fast.csrc.__file__).parent
+
+
+def _extension_name(source_dir: Path) -> str:
+    """noprop_fast_cpu_<hash of the sources' folder and contents, the flags and torch's version>.
+
+    The folder is in the hash too: an editable checkout and an installed copy then keep a build
+    each, rather than rebuilding one directory (ninja sees new source paths) at every switch.
+    """
+    digest = hashlib.sha256(str(source_dir.resolve()).encode())
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode() + b"\0" + (source_dir / name).read_bytes())
+    digest.update(" ".join(CFLAGS + LDFLAGS + (torch.__version__,)).encode())
+    return f"noprop_fast_cpu_{digest.hexdigest()[:12]}"
+
+
+def _one_line(err: BaseException) -> str:
+    """The compiler's first error line if there is one, else the exception's first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = next((line for line in lines if "error:" in line), lines[0] if lines else repr(err))
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def _is_built(cpp_extension, name: str) -> bool:
+    """Whether the cache holds the library already (only to say that a build is coming)."""
+    try:  # a private helper of cpp_extension: a torch without it just gets no message
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:
+        return True
+    return (build_dir / f"{name}.so").exists()
+
+
+STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old was left by a killed one
+
+
+def _clear_stale_lock(cpp_extension, name: str) -> None:
+    """cpp_extension serialises builds with a lock file and waits for it without a limit, so a
+    build interrupted by Ctrl-C would make every later run hang; an old lock is removed."""
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except Exception:  # no lock (the usual case), or a torch without the private helper
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"noprop_fast: removing {lock}, left by an interrupted build {age / 60:.0f} min ago",
+              file=sys.stderr)
+        lock.unlink(missing_ok=True)
+
+
+def _compile_and_load():
+    from torch.utils import cpp_extension  # imports setuptools: only when a build is wanted
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise FusedOpsUnavailable(f"the C++ fused ops could not be built: no C++ compiler found "
+                                  f"({compiler!r}; install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        raise FusedOpsUnavailable("the C++ fused ops could not be built: ninja is not installed "
+                                  "(pip install ninja)")
+    try:
+        source_dir = _source_dir()
+        name = _extension_name(source_dir)
+        _clear_stale_lock(cpp_extension, name)
+        if not _is_built(cpp_extension, name):
+            print("noprop_fast: building the C++ fused ops (once, about a minute)...", file=sys.stderr)
+        # lists of their own: cpp_extension appends to the flag lists it is given
+        return cpp_extension.load(name=name, sources=[str(source_dir / s) for s in SOURCES],
+                                  extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                                  verbose=False)
+    except Exception as err:  # a compile or link error, an unreadable source, a failed import
+        raise FusedOpsUnavailable(f"the C++ fused ops could not be built: {_one_line(err)}") from err
+
+
+@functools.cache
+def _build():
+    """(extension module, "") or (None, one-line reason): one attempt per process."""
+    try:
+        return _compile_and_load(), ""
+    except FusedOpsUnavailable as err:
+        return None, str(err)
+
+
+def load():
+    """The extension module, built on the first call; raises FusedOpsUnavailable (one line)."""
+    module, reason = _build()
+    if module is None:
+        raise FusedOpsUnavailable(reason)
+    return module
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the C++ ops load, else (False, the one-line reason)."""
+    module, reason = _build()
+    return module is not None, reason
+
+
+def philox_randn(seed: int, offset: int, numel: int) -> torch.Tensor:
+    """randn(seed, offset + i) for i < numel, fp32: the noise that noise_injection draws."""
+    return load().philox_randn(int(seed), int(offset), int(numel))
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks (the Triton launchers' messages; noprop_fast.kernels needs triton, this must not)
+
+def _check_cpu(op: str, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{op}: the CPU fused op needs CPU tensors, got {name} on {t.device}")
+
+
+def _check_noise(y, W, a, s, seed, offset):
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise ValueError(f"noise_injection: W must be [m, d], got shape {tuple(W.shape)}")
+    if W.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"noise_injection: W must be float32, float16 or bfloat16, got {W.dtype}")
+    if y.dim() != 1 or y.dtype != torch.int64:
+        raise ValueError(f"noise_injection: y must be a 1-D int64 tensor of labels, "
+                         f"got {y.dtype} of shape {tuple(y.shape)}")
+    for name, t in (("a", a), ("s", s)):
+        if t.dim() != 1 or t.dtype != torch.float32:
+            raise ValueError(f"noise_injection: {name} must be a 1-D float32 tensor [B], "
+                             f"got {t.dtype} of shape {tuple(t.shape)}")
+    if a.shape != s.shape:
+        raise ValueError(f"noise_injection: a and s must have the same shape [B], "
+                         f"got {tuple(a.shape)} and {tuple(s.shape)}")
+    for name, t in (("seed", seed), ("offset", offset)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
+            raise ValueError(f"noise_injection: {name} must be an int64 tensor with one element, "
+                             f"got {t!r:.80}")
+    _check_cpu("noise_injection", y=y, W=W, a=a, s=s, seed=seed, offset=offset)
+
+
+def _check_block_loss(u_hat, u, w):
+    if u_hat.dim() != 3 or u.dim() != 2 or w.dim() != 1:
+        raise ValueError(f"block_loss expects u_hat [B, N, d], u [N, d], w [B]; got "
+                         f"{tuple(u_hat.shape)}, {tuple(u.shape)}, {tuple(w.shape)}")
+    if u_hat.shape[1:] != u.shape or w.shape[0] != u_hat.shape[0]:
+        raise ValueError(f"block_loss shapes do not match: u_hat {tuple(u_hat.shape)} needs "
+                         f"u [N, d] = {tuple(u_hat.shape[1:])} and w [B] = [{u_hat.shape[0]}]; got "
+                         f"u {tuple(u.shape)}, w {tuple(w.shape)}")
+    if u_hat.numel() == 0:
+        raise ValueError(f"block_loss needs B, N, d >= 1; got u_hat {tuple(u_hat.shape)}")
+    if u_hat.dtype not in FLOAT_DTYPES or u.dtype != u_hat.dtype:
+        raise ValueError(f"block_loss needs u_hat and u of one dtype in fp32/fp16/bf16; got "
+                         f"{u_hat.dtype} and {u.dtype}")
+    if w.dtype != torch.float32:
+        raise ValueError(f"block_loss needs fp32 weights w; got {w.dtype}")
+    _check_cpu("block_loss", u_hat=u_hat, u=u, w=w)
+
+
+def _check_block_linear(x, weight, bias, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"block_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 3:
+        raise ValueError(f"block_linear expects x [B, N, K] and weight [B, M_out, K], got "
+                         f"{list(x.shape)} and {list(weight.shape)}")
+    blocks, _, in_features = x.shape
+    if weight.shape[0] != blocks or weight.shape[2] != in_features:
+        raise ValueError(f"block_linear: weight {list(weight.shape)} does not match x "
+                         f"{list(x.shape)} (expected [{blocks}, M_out, {in_features}])")
+    if bias is not None and tuple(bias.shape) != (blocks, weight.shape[1]):
+        raise ValueError(f"block_linear: bias must be [{blocks}, {weight.shape[1]}], "
+                         f"got {list(bias.shape)}")
+    if x.numel() == 0 or weight.numel() == 0:
+        raise ValueError(f"block_linear: empty input, x {list(x.shape)}, weight {list(weight.shape)}")
+    tensors = [x, weight] + ([bias] if bias is not None else [])
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"block_linear supports fp32, fp16 and bf16, got {x.dtype}")
+    if any(t.dtype != x.dtype for t in tensors):
+        raise ValueError(f"block_linear: x, weight and bias must share a dtype, got "
+                         f"{[t.dtype for t in tensors]}")
+    _check_cpu("block_linear", x=x, weight=weight, bias=bias)
+
+
+def _check_softmax_head(h, k, c, v):
+    if h.dim() != 3 or k.dim() != 3 or v.dim() != 2 or (c is not None and c.dim() != 2):
+        raise ValueError(f"softmax_head: expected h [B, N, D], k [B, m, D], c [B, m] or None, "
+                         f"v [m, d]; got {tuple(h.shape)}, {tuple(k.shape)}, "
+                         f"{None if c is None else tuple(c.shape)}, {tuple(v.shape)}")
+    (B, N, D), (m, d) = h.shape, v.shape
+    if k.shape != (B, m, D) or (c is not None and c.shape != (B, m)):
+        raise ValueError(f"softmax_head: with h {tuple(h.shape)} and v {tuple(v.shape)}, k must be "
+                         f"{(B, m, D)} and c {(B, m)}; got {tuple(k.shape)}, "
+                         f"{None if c is None else tuple(c.shape)}")
+    if min(B, N, D, m, d) == 0:
+        raise ValueError(f"softmax_head: empty input: B={B}, N={N}, D={D}, m={m}, d={d}")
+    tensors = [h, k, v] + ([] if c is None else [c])
+    if h.dtype not in FLOAT_DTYPES or any(t.dtype != h.dtype for t in tensors):
+        raise ValueError(f"softmax_head: h, k, c, v must share one dtype among fp32, fp16, bf16; "
+                         f"got {[t.dtype for t in tensors]}")
+    _check_cpu("softmax_head", h=h, k=k, c=c, v=v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd Functions: the C++ forward and backward of each op
+
+class _NoiseInjection(torch.autograd.Function):
+    """Saves y and a (and W's shape and dtype); the noise is neither stored nor regenerated."""
+
+    @staticmethod
+    def forward(ctx, y, W, a, s, seed, offset):
+        y, a = y.contiguous(), a.contiguous()
+        z = load().noise_forward(y, W.contiguous(), a, s.contiguous(), seed, offset)
+        ctx.save_for_backward(y, a)
+        ctx.w_shape, ctx.w_dtype = tuple(W.shape), W.dtype
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None, None, None
+        y, a = ctx.saved_tensors
+        dW = load().noise_backward(dz.contiguous(), y, a, ctx.w_shape[0]).to(ctx.w_dtype)
+        return None, dW, None, None, None, None
+
+
+class _BlockLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u_hat, u, w):
+        u_hat, u, w = u_hat.contiguous(), u.contiguous(), w.contiguous()
+        ctx.save_for_backward(u_hat, u, w)
+        return load().block_loss_forward(u_hat, u, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        u_hat, u, w = ctx.saved_tensors
+        du_hat, du = load().block_loss_backward(grad, u_hat, u, w, *ctx.needs_input_grad[:2])
+        return du_hat, du, None
+
+
+class _BlockLinear(torch.autograd.Function):
+    """Saves X, W and, with ReLU, Y (for the mask); nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        relu = activation == "relu"
+        x, weight = x.contiguous(), weight.contiguous()
+        y = load().block_linear_forward(x, weight, None if bias is None else bias.contiguous(), relu)
+        ctx.save_for_backward(x, weight, y if relu else None)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, y = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, dbias = load().block_linear_backward(dy, x, weight, y, need_x, need_w,
+                                                     need_b and ctx.has_bias)
+        return dx, dw, dbias, None
+
+
+class _SoftmaxHead(torch.autograd.Function):
+    """Saves h, k, c, v, o (fp32) and the log-sum-exp [B, N]; the backward recomputes the logits
+    tile by tile, except when a single tile holds all B N m of them: then the forward's
+    probabilities (at most SOFTMAX_TILE_ELEMENTS) are saved and the recomputation skipped."""
+
+    @staticmethod
+    def forward(ctx, h, k, c, v):
+        h, k, v = h.contiguous(), k.contiguous(), v.contiguous()
+        c = None if c is None else c.contiguous()
+        ctx.tile_elements = SOFTMAX_TILE_ELEMENTS
+        o, lse, probs = load().softmax_head_forward(h, k, c, v, ctx.tile_elements)
+        ctx.save_for_backward(h, k, c, v, o, lse, probs)
+        return o.to(h.dtype)  # the same tensor for fp32
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        h, k, c, v, o, lse, probs = ctx.saved_tensors
+        return tuple(load().softmax_head_backward(do, h, k, c, v, o, lse, probs,
+                                                  *ctx.needs_input_grad, ctx.tile_elements))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions
+
+def noise_injection(y, W, a, s, seed, offset):
+    """z [B, N, d] = a[b] W[y] + s[b] eps[b], eps[b, n, j] = randn(seed, offset + (b N + n) d + j).
+
+    y [N] int64, W [m, d] fp32/fp16/bf16, a, s [B] fp32, seed and offset int64 tensors with one
+    element, all on the CPU; z in W's dtype. Differentiable in W only; dW is deterministic.
+    """
+    _check_noise(y, W, a, s, seed, offset)
+    return _NoiseInjection.apply(y, W, a, s, seed, offset)
+
+
+def block_loss(u_hat, u, w):
+    """losses [B] fp32 = w[b] mean_n ||u_hat[b, n] - u[n]||^2; u_hat [B, N, d], u [N, d], w [B] fp32."""
+    _check_block_loss(u_hat, u, w)
+    return _BlockLoss.apply(u_hat, u, w)
+
+
+def block_linear(x, weight, bias=None, activation="none"):
+    """act(x[b] @ weight[b]^T + bias[b]): x [B, N, K], weight [B, M_out, K], bias [B, M_out] or
+    None, activation "none" or "relu" -> [B, N, M_out] in x's dtype; differentiable in all three."""
+    _check_block_linear(x, weight, bias, activation)
+    return _BlockLinear.apply(x, weight, bias, activation)
+
+
+def softmax_head(h, k, c, v):
+    """softmax(h k^T + c) v without the [B, N, m] logits: h [B, N, D], k [B, m, D], c [B, m] or
+    None, v [m, d] -> [B, N, d] in h's dtype; differentiable in all four; any D and d."""
+    _check_softmax_head(h, k, c, v)
+    return _SoftmaxHead.apply(h, k, c, v)
