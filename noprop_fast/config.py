@@ -54,6 +54,11 @@ class ImageConfig:
                           ("stochastic", "noise-free"))
     eval_every: int = _opt(1, "evaluate test accuracy every this many epochs (and at the end)",
                            minimum=1)
+    fused: bool = _opt(False, "fused ops: Triton kernels on CUDA, C++ ops on CPU (built on first "
+                       "use); convs and BatchNorm stay in PyTorch")
+    precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay fp32; "
+                          "fp16 adds loss scaling); bf16 is what a GPU run should use; fp16 convs are slow on most CPUs",
+                          ("fp32", "bf16", "fp16"))
     seed: int = _opt(0, "seeds weights, noise, shuffling and evaluation")
     device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
     out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time>")
@@ -174,6 +179,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig) -> No
         if f.name == "task":
             continue  # chosen with --task
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:  # a switch: `--fused` turns it on
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action="store_const",
+                               const=True, help=f"{meta.get('help', '')} [default off]")
+            continue
         extra = f" ({'|'.join(meta['choices'])})" if meta.get("choices") else ""
         metavar = typing.get_args(hints[f.name])[0].__name__.upper() if typing.get_args(hints[f.name]) \
             else hints[f.name].__name__.upper()

@@ -15,6 +15,11 @@ blocks' parameters: the sequential schedule trains one block with one block's ac
 memory, and inference runs block t alone at step t. Activations of block-batched features are laid
 out [B, N, C] (B = blocks in the slice); conv maps are [N, B * C, H, W], block-major in channels.
 
+Compute dtype: weights stay fp32 (and so does the optimiser's state); every forward casts the
+blocks' weights to its input's dtype, so a model fed bf16 activations computes in bf16 (the
+`--precision` option; BatchNorm keeps fp32 statistics and affine parameters). `BlockLinear.fused`,
+when set (`--fused`), is the op set whose `block_linear` replaces the batched matmul.
+
 The leading block dimension is what the optimiser (`optim.BlockAdamW`) reads to keep a step count
 per block, so every parameter of a block layer carries it. No computation here mixes blocks, so no
 gradient can flow from one block's loss into another block's parameters (a test checks).
@@ -40,12 +45,15 @@ class BlockLinear(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
+        self.fused = None  # a fused.FusedOps, or None for the plain batched matmul
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        weight, bias = self.weight[blocks], self.bias[blocks]
+        weight, bias = self.weight[blocks].to(x.dtype), self.bias[blocks].to(x.dtype)
         if x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
             raise ValueError(f"BlockLinear expects [{weight.shape[0]}, N, {self.in_features}], "
                              f"got {list(x.shape)}")
+        if self.fused is not None:
+            return self.fused.block_linear(x, weight, bias, "none")
         # [B, N, in] @ [B, in, out] + [B, 1, out]
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
@@ -75,7 +83,7 @@ class BlockConv2d(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        weight, bias = self.weight[blocks], self.bias[blocks]
+        weight, bias = self.weight[blocks].to(x.dtype), self.bias[blocks].to(x.dtype)
         nb = weight.shape[0]
         expected = self.in_channels if self.shared_input else nb * self.in_channels
         if x.shape[1] != expected:

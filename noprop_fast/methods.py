@@ -17,6 +17,14 @@ a_t = tanh(w_t), cross-entropy of the classifier on z_T, trained end to end.
 
 Inference (Eq. 3): `predict` takes images only: the labels are never read.
 
+Fused path (`model.fused` set, see `noprop_fast.fused`): the noisy latents and the clean z_T come
+from the fused noise op, drawing from a `PhiloxNoise` stream, and the weighted block losses from
+the fused loss op; the blocks use the fused FC and head. Given a `PhiloxNoise`, the reference path
+draws the very same noise in plain PyTorch, so both paths can be compared step by step.
+
+Precision: the blocks compute in `model.compute_dtype`; the losses, the classifier and the KL are
+fp32 on both paths.
+
 Nothing here reads a tensor's value on the host: the losses come back as device tensors.
 """
 import torch
@@ -24,25 +32,52 @@ import torch.nn.functional as F
 
 from .layers import ALL_BLOCKS
 from .models.image import ImageModel
-from .schedule import (NoiseSchedule, block_losses_ref, clean_latent_sample, denoise_step,
-                       noisy_latents_ref, prior_kl)
+from .schedule import NoiseSchedule, block_losses_ref, denoise_step, noisy_latents_ref, prior_kl
+
+
+def noisy_latents(model: ImageModel, y: torch.Tensor, input_scale: torch.Tensor,
+                  noise_scale: torch.Tensor, noise=None) -> torch.Tensor:
+    """z[b] = input_scale[b] W_embed[y] + noise_scale[b] eps[b]: [B, N, d] in the compute dtype,
+    differentiable in W_embed. eps: the fused op's Philox stream `noise` (a fused.PhiloxNoise;
+    required on the fused path), or torch.randn where none is given."""
+    w = model.embedding.weight.to(model.compute_dtype)
+    shape = (input_scale.shape[0], y.shape[0], w.shape[1])
+    if model.fused is not None:
+        if noise is None:
+            raise ValueError("the fused path draws its noise from a PhiloxNoise stream; pass one")
+        offset = noise.advance(shape[0] * shape[1] * shape[2])
+        return model.fused.noise_injection(y, w, input_scale, noise_scale, noise.seed, offset)
+    accumulate = torch.promote_types(w.dtype, torch.float32)
+    eps = torch.randn(shape, device=y.device, dtype=accumulate) if noise is None else \
+        noise.normals(shape, y.device).to(accumulate)
+    return noisy_latents_ref(w[y].to(accumulate), input_scale.to(accumulate),
+                             noise_scale.to(accumulate), eps).to(w.dtype)
 
 
 def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-                blocks: slice = ALL_BLOCKS) -> tuple[torch.Tensor, dict]:
+                blocks: slice = ALL_BLOCKS, noise=None) -> tuple[torch.Tensor, dict]:
     """NoProp-DT loss for the blocks in `blocks`. Returns (loss, parts) with parts detached:
-    `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`."""
-    T = model.num_blocks
-    u = model.embedding(y)                                    # [N, d]
+    `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`."""
+    T, fused = model.num_blocks, model.fused
+    u = model.embedding(y)                                    # [N, d] fp32
     features = model.blocks.image_features(x, blocks)         # [B, N, 256]
-    nb, n, d = features.shape[0], u.shape[0], u.shape[1]
-    noise = torch.randn(nb, n, d, device=u.device, dtype=u.dtype)
-    z = noisy_latents_ref(u, schedule.input_scale[blocks], schedule.noise_scale[blocks], noise)
+    nb = features.shape[0]
+    z = noisy_latents(model, y, schedule.input_scale[blocks], schedule.noise_scale[blocks], noise)
     u_hat = model.blocks.denoise(features, z, model.embedding.weight, blocks)  # [B, N, d]
-    per_block = block_losses_ref(u_hat, u)                    # [B]
-    denoise = (T / nb) * (schedule.snr_weights[blocks] * per_block).sum()
-    z_clean = clean_latent_sample(u, schedule, torch.randn_like(u))
-    ce = F.cross_entropy(model.classifier(z_clean), y)
+    weights = schedule.snr_weights[blocks]
+    target = u.to(model.compute_dtype)
+    if fused is not None:
+        weighted = fused.block_loss(u_hat, target, weights)   # [B] fp32, w_t already applied
+        per_block = weighted.detach() / weights
+    else:
+        accumulate = torch.promote_types(u_hat.dtype, torch.float32)
+        per_block = block_losses_ref(u_hat.to(accumulate), target.to(accumulate))  # [B]
+        weighted = weights * per_block
+    denoise = (T / nb) * weighted.sum()
+    # z_T ~ q(z_T | y): the same op with abar_T, for one "block"
+    abar_T = schedule.alpha_bar[-1:]
+    z_clean = noisy_latents(model, y, abar_T.sqrt(), (1 - abar_T).sqrt(), noise)[0]
+    ce = F.cross_entropy(model.classifier(z_clean.to(u.dtype)), y)
     kl = prior_kl(u, schedule)
     parts = {"block_losses": per_block.detach(), "ce": ce.detach(), "kl": kl.detach()}
     return denoise + ce + kl, parts
@@ -57,7 +92,7 @@ def backprop_chain(model: ImageModel, x: torch.Tensor, generator=None) -> torch.
     for t in range(model.num_blocks):
         one = slice(t, t + 1)
         u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0]
-        z = (1 - mix[t]) * z + mix[t] * u_hat
+        z = (1 - mix[t]) * z + mix[t] * u_hat.to(z.dtype)     # the chain's state stays in W's dtype
     return model.classifier(z)
 
 
@@ -82,7 +117,7 @@ def predict(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, stochas
     z = torch.randn(x.shape[0], w.shape[1], device=x.device, dtype=w.dtype, generator=generator)
     for t in range(1, model.num_blocks + 1):
         one = slice(t - 1, t)
-        u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0]
+        u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0].to(z.dtype)
         noise = torch.randn(z.shape, device=z.device, dtype=z.dtype,
                             generator=generator) if stochastic else None
         z = denoise_step(z, u_hat, schedule, t, noise)

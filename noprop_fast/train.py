@@ -73,7 +73,9 @@ def run(argv: list[str] | None = None) -> dict | None:
         trainer.restore(runs.load_checkpoint(run_dir))
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}")
     print(f"{cfg.method} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, "
-          f"{cfg.embedding} embedding, device {runs.device_name(trainer.device)}, run {run_dir}",
+          f"{cfg.embedding} embedding, device {runs.device_name(trainer.device)}, "
+          f"{'reference' if trainer.ops is None else trainer.ops.name} ops, {cfg.precision}, "
+          f"run {run_dir}",
           flush=True)
     summary = trainer.fit()
     print(results_table(trainer.progress.history))

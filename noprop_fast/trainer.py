@@ -4,6 +4,11 @@ Reproducibility: the weights are drawn from `seed`; every epoch reseeds the glob
 (noise, dropout) and the shuffling generator from (seed, epoch). A run resumed from the checkpoint
 of epoch k therefore replays epochs k+1.. exactly as the uninterrupted run does (a test checks).
 
+Fused path and precision: `--fused` picks the fused ops for the device (`fused.resolve_ops`; a
+one-line notice and the reference ops where they cannot be loaded), and their noise comes from a
+Philox stream reseeded every epoch like the global generator. `--precision` sets the blocks'
+compute dtype; fp16 adds dynamic loss scaling (a step whose gradients overflow is skipped).
+
 Host syncs: the per-step losses go into a device buffer that is read every `LOG_EVERY` steps (to
 update the progress bar and to stop on a non-finite loss, naming its step), and once per epoch.
 """
@@ -19,6 +24,7 @@ from . import runs
 from .config import ImageConfig, save_config
 from .data import ImageData, batches
 from .errors import UserError
+from .fused import PhiloxNoise, compute_dtype, resolve_ops
 from .layers import ALL_BLOCKS
 from .memory import SavedTensorBytes, cuda_peak, memory_kind, reset_peak
 from .methods import backprop_loss, evaluate, noprop_loss
@@ -57,15 +63,24 @@ def build_model(cfg: ImageConfig, data: ImageData, device: torch.device) -> Imag
 
 
 def train_step(model: ImageModel, optimizer: BlockAdamW, schedule: NoiseSchedule,
-               x: torch.Tensor, y: torch.Tensor, blocks: slice = ALL_BLOCKS):
-    """One optimiser step on the blocks in `blocks`. Returns (loss, parts) as device tensors."""
+               x: torch.Tensor, y: torch.Tensor, blocks: slice = ALL_BLOCKS, noise=None,
+               scaler=None):
+    """One optimiser step on the blocks in `blocks`. Returns (loss, parts) as device tensors.
+
+    noise: the fused path's PhiloxNoise (see methods.noisy_latents). scaler: a GradScaler (fp16).
+    """
     if model.method == "noprop":
-        loss, parts = noprop_loss(model, schedule, x, y, blocks)
+        loss, parts = noprop_loss(model, schedule, x, y, blocks, noise)
     else:
         loss, parts = backprop_loss(model, x, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step(blocks)
+    if scaler is None:
+        loss.backward()
+        optimizer.step(blocks)
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer, blocks)  # skipped (one host sync) if a gradient overflowed
+        scaler.update()
     return loss.detach(), parts
 
 
@@ -83,7 +98,12 @@ class Trainer:
         self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), show_progress
         self.device = resolve_device(cfg.device)
         self.data = data.to(self.device)
-        self.model = build_model(cfg, self.data, self.device)
+        self.ops = resolve_ops(cfg.fused, self.device,
+                               warn=lambda line: print(line, file=sys.stderr, flush=True))
+        self.model = build_model(cfg, self.data, self.device).configure(
+            self.ops, compute_dtype(cfg.precision))
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.noise = None
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, self.device)
         self.progress = Progress()
@@ -92,12 +112,15 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "progress": self.progress.__dict__, "config": self.cfg.to_dict()}
 
     def restore(self, state: dict) -> None:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as err:
             msg = " ".join(str(err).split())[:200]
             raise UserError(f"{self.run_dir}: checkpoint does not fit this config ({msg})") from None
@@ -115,6 +138,8 @@ class Trainer:
         cfg, data, device = self.cfg, self.data, self.device
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         shuffle = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch))
+        if self.ops is not None:
+            self.noise = PhiloxNoise(epoch_seed(cfg.seed, epoch), device)
         n = data.train_x.shape[0]
         per_pass = -(-n // cfg.batch_size)
         passes = self.passes()
@@ -132,11 +157,10 @@ class Trainer:
                 if step == 0 and device.type == "cpu":
                     resident = [*self.model.parameters(), *self.model.buffers()]
                     with SavedTensorBytes(exclude=resident) as saved:
-                        loss, parts = train_step(self.model, self.optimizer, self.schedule, x, y,
-                                                 blocks)
+                        loss, parts = self.step(x, y, blocks)
                     self.progress.saved_bytes = max(self.progress.saved_bytes, saved.bytes)
                 else:
-                    loss, parts = train_step(self.model, self.optimizer, self.schedule, x, y, blocks)
+                    loss, parts = self.step(x, y, blocks)
                 losses[step] = loss
                 if "block_losses" in parts:
                     block_sum[blocks] += parts["block_losses"]
@@ -151,6 +175,10 @@ class Trainer:
         if cfg.method == "noprop":
             record["block_losses"] = (block_sum / per_pass).tolist()
         return record
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, blocks: slice):
+        return train_step(self.model, self.optimizer, self.schedule, x, y, blocks, self.noise,
+                          self.scaler)
 
     def _check_losses(self, losses, read, step, epoch, bar, seen, start) -> int:
         """Read losses[read:step] (one host sync); stop on the first non-finite one."""
@@ -214,6 +242,7 @@ class Trainer:
             "embedding": cfg.embedding, "num_blocks": cfg.num_blocks,
             "block_schedule": cfg.block_schedule if cfg.method == "noprop" else None,
             "inference": cfg.inference, "epochs": p.epoch,
+            "ops": "reference" if self.ops is None else self.ops.name, "precision": cfg.precision,
             "test_accuracy": accs[-1] if accs else None,
             "train_seconds": p.train_seconds,
             "seconds_per_epoch": p.train_seconds / max(p.epoch, 1),

@@ -14,6 +14,11 @@ matmul per layer for all blocks). The image branch does not depend on z, so it i
 batch for every block (`image_features`), also at inference where the latent part then runs one
 block at a time (`denoise` with a one-block slice).
 
+Fused path and precision (`ImageModel.configure`): `fused` swaps the block FCs and the
+softmax-embedding output for fused ops (`noprop_fast.fused`); `compute_dtype` is the dtype the blocks
+compute in (images and latents are cast on entry, weights in each layer; the softmax over classes
+and the mixture with W_embed accumulate in fp32 on both paths).
+
 `ImageModel` adds what the blocks share: the class embedding W_embed, the linear classifier on z_T,
 and, for the backprop baseline, the learnable mixing weights a_t = tanh(w_t) of Eqs. 17-19.
 """
@@ -86,10 +91,15 @@ class DenoisingBlocks(nn.Module):
         self.fuse_fc1, self.fuse_bn1 = BlockLinear(T, 2 * HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
         self.fuse_fc2, self.fuse_bn2 = BlockLinear(T, HIDDEN, FUSION_HIDDEN), BlockBatchNorm(T, FUSION_HIDDEN)
         self.head = BlockLinear(T, FUSION_HIDDEN, num_classes)
+        self.fused = None                   # a fused.FusedOps, or None: the plain PyTorch path
+        self.compute_dtype = None  # the blocks' activations; None: the parameters' own dtype
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.compute_dtype is None else t.to(self.compute_dtype)
 
     def image_features(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         """[N, C, H, W] -> [B, N, 256]; independent of z, so computed once per batch."""
-        return self.image_tower(x, blocks)
+        return self.image_tower(self._cast(x), blocks)
 
     def latent_features(self, z: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         """[B, N, d] -> [B, N, 256]."""
@@ -102,18 +112,31 @@ class DenoisingBlocks(nn.Module):
         h = F.relu(self.latent_bn2(self.latent_fc2(h1, blocks), blocks))
         return self.latent_bn3(self.latent_fc3(h, blocks), blocks) + h1
 
-    def logits(self, image_features: torch.Tensor, z: torch.Tensor,
-               blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        """Image features [B, N, 256] and latents [B, N, d] -> class logits [B, N, m]."""
+    def head_input(self, image_features: torch.Tensor, z: torch.Tensor,
+                   blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """Image features [B, N, 256] and latents [B, N, d] -> the last FC's input [B, N, 128]."""
+        z = self._cast(z)
         h = torch.cat([image_features, self.latent_features(z, blocks)], dim=-1)  # [B, N, 512]
         h = F.relu(self.fuse_bn1(self.fuse_fc1(h, blocks), blocks))
-        h = F.relu(self.fuse_bn2(self.fuse_fc2(h, blocks), blocks))
-        return self.head(h, blocks)
+        return F.relu(self.fuse_bn2(self.fuse_fc2(h, blocks), blocks))
+
+    def logits(self, image_features: torch.Tensor, z: torch.Tensor,
+               blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """Class logits [B, N, m]."""
+        return self.head(self.head_input(image_features, z, blocks), blocks)
 
     def denoise(self, image_features: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
                 blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        """u_hat = softmax(logits) @ W_embed: [B, N, d], a convex combination of class embeddings."""
-        return torch.softmax(self.logits(image_features, z, blocks), dim=-1) @ embed_weight
+        """u_hat = softmax(logits) @ W_embed: [B, N, d] in the compute dtype, a convex combination
+        of class embeddings. Fused: one op, the [B, N, m] logits never stored."""
+        h = self.head_input(image_features, z, blocks)
+        if self.fused is not None:
+            dtype = h.dtype
+            return self.fused.softmax_head(h, self.head.weight[blocks].to(dtype),
+                                           self.head.bias[blocks].to(dtype), embed_weight.to(dtype))
+        accumulate = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16 / fp16
+        logits = self.head(h, blocks).to(accumulate)
+        return (torch.softmax(logits, dim=-1) @ embed_weight.to(accumulate)).to(h.dtype)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
                 blocks: slice = ALL_BLOCKS) -> torch.Tensor:
@@ -197,3 +220,20 @@ class ImageModel(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.blocks.num_blocks
+
+    @property
+    def fused(self):
+        return self.blocks.fused
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.blocks.compute_dtype or self.embedding.weight.dtype
+
+    def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "ImageModel":
+        """Choose the ops (None: plain PyTorch; a fused.FusedOps) and the blocks' compute dtype.
+        Neither changes a parameter: a checkpoint loads into either path and precision."""
+        self.blocks.fused, self.blocks.compute_dtype = fused, compute_dtype
+        for layer in self.blocks.modules():
+            if isinstance(layer, BlockLinear):
+                layer.fused = fused
+        return self
