@@ -33,6 +33,12 @@ import torch.nn.functional as F
 ALL_BLOCKS = slice(None)
 
 
+def block_slice(tensor: torch.Tensor, blocks: slice) -> torch.Tensor:
+    """tensor[blocks]; all blocks give the tensor itself, not a view: a view's backward would fill
+    a zeroed copy of the whole parameter and copy the gradient into it, once per layer and step."""
+    return tensor if blocks == ALL_BLOCKS else tensor[blocks]
+
+
 class BlockLinear(nn.Module):
     """T independent linear layers, run as one batched matmul. Input [B, N, in] -> [B, N, out]."""
 
@@ -48,7 +54,8 @@ class BlockLinear(nn.Module):
         self.fused = None  # a fused.FusedOps, or None for the plain batched matmul
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        weight, bias = self.weight[blocks].to(x.dtype), self.bias[blocks].to(x.dtype)
+        weight = block_slice(self.weight, blocks).to(x.dtype)
+        bias = block_slice(self.bias, blocks).to(x.dtype)
         if x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
             raise ValueError(f"BlockLinear expects [{weight.shape[0]}, N, {self.in_features}], "
                              f"got {list(x.shape)}")
@@ -83,7 +90,8 @@ class BlockConv2d(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        weight, bias = self.weight[blocks].to(x.dtype), self.bias[blocks].to(x.dtype)
+        weight = block_slice(self.weight, blocks).to(x.dtype)
+        bias = block_slice(self.bias, blocks).to(x.dtype)
         nb = weight.shape[0]
         expected = self.in_channels if self.shared_input else nb * self.in_channels
         if x.shape[1] != expected:
@@ -127,8 +135,10 @@ class BlockBatchNorm(nn.Module):
             raise ValueError(f"BlockBatchNorm expects [{running_mean.numel() // c}, N, {c}], "
                              f"got {list(x.shape)}")
         flat = x.transpose(0, 1).reshape(n, nb * c)  # [N, B * C]: channel (b, c) at b * C + c
-        out = F.batch_norm(flat, running_mean, running_var, self.weight[blocks].reshape(-1),
-                           self.bias[blocks].reshape(-1), self.training, self.momentum, self.eps)
+        weight = block_slice(self.weight, blocks).reshape(-1)
+        bias = block_slice(self.bias, blocks).reshape(-1)
+        out = F.batch_norm(flat, running_mean, running_var, weight, bias, self.training,
+                           self.momentum, self.eps)
         return out.view(n, nb, c).transpose(0, 1)
 
     def extra_repr(self) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear
+from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, block_slice
 
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
@@ -132,8 +132,9 @@ class DenoisingBlocks(nn.Module):
         h = self.head_input(image_features, z, blocks)
         if self.fused is not None:
             dtype = h.dtype
-            return self.fused.softmax_head(h, self.head.weight[blocks].to(dtype),
-                                           self.head.bias[blocks].to(dtype), embed_weight.to(dtype))
+            return self.fused.softmax_head(h, block_slice(self.head.weight, blocks).to(dtype),
+                                           block_slice(self.head.bias, blocks).to(dtype),
+                                           embed_weight.to(dtype))
         accumulate = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16 / fp16
         logits = self.head(h, blocks).to(accumulate)
         return (torch.softmax(logits, dim=-1) @ embed_weight.to(accumulate)).to(h.dtype)
