@@ -74,18 +74,25 @@ def head_inputs(shape: HeadShape, device, dtype=torch.float32) -> dict:
             "v": draw(m, d), "grad_o": draw(B, N, d, grad=False)}
 
 
-def head_op(variant: str, device: torch.device):
-    """(op, "") with op `softmax_head_ref` or the device's fused head (Triton on CUDA, C++ on CPU),
-    or (None, "unavailable: <one line>") where the fused ops cannot be loaded."""
-    if variant == "ref":
-        from noprop_fast.kernels.softmax_head import softmax_head_ref
-        return softmax_head_ref, ""
+def load_fused_ops(device: torch.device):
+    """(FusedOps, "") for the device (Triton on CUDA, C++ on CPU), or (None, "unavailable: <one
+    line>") where they cannot be loaded. benchmark.py loads them through this too."""
     from noprop_fast.cpu_ops import FusedOpsUnavailable
     from noprop_fast.fused import fused_ops
     try:
-        return fused_ops(device).softmax_head, ""
+        return fused_ops(device), ""
     except (FusedOpsUnavailable, ImportError) as err:
         return None, f"unavailable: {' '.join(str(err).split())}"
+
+
+def head_op(variant: str, device: torch.device):
+    """(op, "") with op `softmax_head_ref` or the device's fused head, or (None, "unavailable:
+    <one line>") where the fused ops cannot be loaded."""
+    if variant == "ref":
+        from noprop_fast.kernels.softmax_head import softmax_head_ref
+        return softmax_head_ref, ""
+    ops, status = load_fused_ops(device)
+    return (None if ops is None else ops.softmax_head), status
 
 
 def forward_backward(op, inputs: dict) -> None:

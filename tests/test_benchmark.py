@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import noprop_fast.cpu_ops as cpu_ops
 
@@ -63,6 +64,8 @@ def test_quick_run_writes_every_figure(quick_run):
     rows = results["ops"]
     assert {r["op"] for r in rows} == {"noise_injection", "block_loss", "block_linear", "softmax_head"}
     assert {r["pass"] for r in rows} == {"forward", "forward+backward"}
+    assert {r["op"] for r in rows if r["gradients"] != "torch.autograd.grad"} == {
+        "block_linear", "softmax_head"}  # those two: into .grad, as the model's step
     for r in rows:
         assert positive(r["reference_ms"]) and positive(r["work"]), r
         if fused_available:
@@ -88,3 +91,28 @@ def test_bad_section_is_one_line_and_nonzero(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --sections") and "\n" not in err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_linear_and_head_take_parameter_slices_and_fill_grad():
+    """block_linear and softmax_head are measured as the model calls them: the weight and bias (k
+    and c) are leaf nn.Parameters the op receives sliced, and forward + backward leaves one call's
+    gradient in every leaf's .grad (set to None before each call, so a second call does not add)."""
+    load_script()  # puts profiling/ on sys.path
+    import bench_common
+    import bench_ops
+    cases = [c for c in bench_ops.op_cases(bench_common.QUICK, torch.device("cpu"), torch.float32,
+                                           None) if c.op in ("block_linear", "softmax_head")]
+    assert {c.op for c in cases} == {"block_linear", "softmax_head"}
+    for case in cases:
+        assert case.gradients == bench_ops.INTO_GRAD
+        params = [t for t in case.inputs.values() if isinstance(t, torch.nn.Parameter)]
+        leaves = [t for t in case.inputs.values() if t.requires_grad]
+        assert len(params) == 2 and len(leaves) == len(case.inputs), case.shape
+        assert all(t.is_leaf and t.grad is None for t in leaves), case.shape
+        step = bench_ops.pass_fn(case.reference, case.inputs, True, case.gradients)
+        step()
+        first = [t.grad.clone() for t in leaves]
+        assert all(g.shape == t.shape and g.abs().sum() > 0 for g, t in zip(first, leaves))
+        step()
+        for g, t in zip(first, leaves):
+            torch.testing.assert_close(t.grad, g, rtol=0, atol=0)
