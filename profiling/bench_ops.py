@@ -5,8 +5,9 @@ blocked_autorange median; GPU: triton's do_bench median, and GB/s or TFLOP/s fro
 `op_cases`. The table of shapes and what the work counts: profiling/README.md.
 
 block_linear and softmax_head are called the way the model calls them (BlockLinear.forward,
-DenoisingBlocks.denoise): the weight and bias (the head's k and c) are `p[ALL_BLOCKS].to(dtype)`,
-slices of leaf fp32 nn.Parameters [T, out, in] / [T, out], taken inside the timed call; x (h and v)
+DenoisingBlocks.denoise): the weight and bias (the head's k and c) are
+`block_slice(p, ALL_BLOCKS).to(dtype)` of leaf fp32 nn.Parameters [T, out, in] / [T, out] (all
+blocks: the parameter itself, no view), taken inside the timed call; x (h and v)
 are leaves requiring grad. Their backward is `.backward()` into `.grad`, every leaf's `.grad` set to
 None before each call as the optimiser's zero_grad(set_to_none=True) does on every step.
 noise_injection and block_loss take their inputs as leaves and are differentiated with
@@ -22,7 +23,7 @@ import head_memory
 from bench_common import H100_PEAK_BYTES, H100_PEAK_FLOPS, Sizes, mnist_model, one_line
 from head_memory import HeadShape
 from noprop_fast.fused import PRECISIONS, PhiloxNoise
-from noprop_fast.layers import ALL_BLOCKS, BlockLinear
+from noprop_fast.layers import ALL_BLOCKS, BlockLinear, block_slice
 
 # how a case's forward + backward takes its gradients (results.json's "gradients")
 AUTOGRAD_GRAD = "torch.autograd.grad"
@@ -43,10 +44,10 @@ class OpCase:
 
 
 def model_slice(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
-    """What the model hands an op: the parameter's blocks slice (a view that autograd records, its
-    gradient flowing back into param.grad) cast to the compute dtype (a no-op at fp32), as
-    BlockLinear.forward and DenoisingBlocks.denoise do."""
-    return param[ALL_BLOCKS].to(dtype)
+    """What the model hands an op when every block trains: the parameter itself (`block_slice`),
+    cast to the compute dtype (a no-op at fp32), as BlockLinear.forward and DenoisingBlocks.denoise
+    do; its gradient lands in param.grad."""
+    return block_slice(param, ALL_BLOCKS).to(dtype)
 
 
 def linear_call(op):
