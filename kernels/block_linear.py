@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("none", "relu")
+from noprop_fast.op_checks import ACTIVATIONS, check_block_linear
 
 
 def block_linear_ref(x, weight, bias=None, activation="none"):
@@ -172,26 +172,7 @@ def _batched_matmul(a, a_strides, b, b_strides, c, M, N, K, bias=None, relu=Fals
 
 
 def _check_inputs(x, weight, bias, activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"block_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x.dim() != 3 or weight.dim() != 3:
-        raise ValueError(f"block_linear expects x [B, N, K] and weight [B, M_out, K], got "
-                         f"{list(x.shape)} and {list(weight.shape)}")
-    blocks, _, in_features = x.shape
-    if weight.shape[0] != blocks or weight.shape[2] != in_features:
-        raise ValueError(f"block_linear: weight {list(weight.shape)} does not match x "
-                         f"{list(x.shape)} (expected [{blocks}, M_out, {in_features}])")
-    if bias is not None and tuple(bias.shape) != (blocks, weight.shape[1]):
-        raise ValueError(f"block_linear: bias must be [{blocks}, {weight.shape[1]}], "
-                         f"got {list(bias.shape)}")
-    if x.numel() == 0 or weight.numel() == 0:
-        raise ValueError(f"block_linear: empty input, x {list(x.shape)}, weight {list(weight.shape)}")
-    tensors = [x, weight] + ([bias] if bias is not None else [])
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"block_linear supports fp32, fp16 and bf16, got {x.dtype}")
-    if any(t.dtype != x.dtype for t in tensors):
-        raise ValueError(f"block_linear: x, weight and bias must share a dtype, got "
-                         f"{[t.dtype for t in tensors]}")
+    tensors = check_block_linear(x, weight, bias, activation)
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"block_linear: x, weight and bias must share a device, got "
                          f"{[str(t.device) for t in tensors]}")

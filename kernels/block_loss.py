@@ -35,10 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from noprop_fast.op_checks import check_block_loss
+
 from .aot import KernelSpec
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_BLOCK, LARGE_BLOCK = 256, 1024  # elements of M per tile; large once M > LARGE_FROM
 LARGE_FROM = 2 ** 18                  # beyond this a 1024 tile still gives >= 256 tiles per block
 MAX_CHUNKS = 512                      # forward programs per block; also the final sum's tile
@@ -132,22 +133,9 @@ def _pick_block(m: int) -> int:
 
 
 def _check_inputs(u_hat: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> None:
-    if u_hat.dim() != 3 or u.dim() != 2 or w.dim() != 1:
-        raise ValueError(f"block_loss expects u_hat [B, N, d], u [N, d], w [B]; got "
-                         f"{tuple(u_hat.shape)}, {tuple(u.shape)}, {tuple(w.shape)}")
-    if u_hat.shape[1:] != u.shape or w.shape[0] != u_hat.shape[0]:
-        raise ValueError(f"block_loss shapes do not match: u_hat {tuple(u_hat.shape)} needs "
-                         f"u [N, d] = {tuple(u_hat.shape[1:])} and w [B] = [{u_hat.shape[0]}]; got "
-                         f"u {tuple(u.shape)}, w {tuple(w.shape)}")
-    if u_hat.numel() == 0:
-        raise ValueError(f"block_loss needs B, N, d >= 1; got u_hat {tuple(u_hat.shape)}")
+    check_block_loss(u_hat, u, w)
     if u_hat.numel() // u_hat.shape[0] >= 2 ** 31:
         raise ValueError(f"block_loss needs N * d < 2^31; got {u_hat.shape[1]} * {u_hat.shape[2]}")
-    if u_hat.dtype not in SUPPORTED_DTYPES or u.dtype != u_hat.dtype:
-        raise ValueError(f"block_loss needs u_hat and u of one dtype in fp32/fp16/bf16; got "
-                         f"{u_hat.dtype} and {u.dtype}")
-    if w.dtype != torch.float32:
-        raise ValueError(f"block_loss needs fp32 weights w; got {w.dtype}")
     if not (u_hat.device == u.device == w.device):
         raise ValueError(f"block_loss inputs must be on one device; got u_hat on {u_hat.device}, "
                          f"u on {u.device}, w on {w.device}")

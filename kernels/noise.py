@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 from triton.language.random import uint_to_uniform_float
 
 from noprop_fast.kernels.aot import KernelSpec
+from noprop_fast.op_checks import check_noise_injection
 from noprop_fast.schedule import noisy_latents_ref
 
 _MASK32 = 0xFFFFFFFF
@@ -221,24 +222,7 @@ def _blocks(d: int) -> tuple[int, int]:
 
 
 def _check_inputs(y, W, a, s, seed, offset):
-    if W.dim() != 2:
-        raise ValueError(f"noise_injection: W must be [m, d], got shape {tuple(W.shape)}")
-    if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"noise_injection: W must be float32, float16 or bfloat16, got {W.dtype}")
-    if y.dim() != 1 or y.dtype != torch.int64:
-        raise ValueError(f"noise_injection: y must be a 1-D int64 tensor of labels, "
-                         f"got {y.dtype} of shape {tuple(y.shape)}")
-    for name, t in (("a", a), ("s", s)):
-        if t.dim() != 1 or t.dtype != torch.float32:
-            raise ValueError(f"noise_injection: {name} must be a 1-D float32 tensor [B], "
-                             f"got {t.dtype} of shape {tuple(t.shape)}")
-    if a.shape != s.shape:
-        raise ValueError(f"noise_injection: a and s must have the same shape [B], "
-                         f"got {tuple(a.shape)} and {tuple(s.shape)}")
-    for name, t in (("seed", seed), ("offset", offset)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
-            raise ValueError(f"noise_injection: {name} must be an int64 tensor with one element "
-                             f"on the device (read inside the kernel), got {t!r:.80}")
+    check_noise_injection(y, W, a, s, seed, offset)
     for name, t in (("y", y), ("a", a), ("s", s), ("seed", seed), ("offset", offset)):
         if t.device != W.device:
             raise ValueError(f"noise_injection: {name} is on {t.device} but W is on {W.device}")

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from noprop_fast.op_checks import check_softmax_head
+
 from .aot import KernelSpec
 
 MAX_D, MAX_DV = 128, 256  # D and d are each held whole in one tile
@@ -272,25 +274,11 @@ def _config(kernel: str, dtype: torch.dtype, d: int) -> dict:
 
 
 def _check(h, k, c, v):
-    if h.dim() != 3 or k.dim() != 3 or v.dim() != 2 or (c is not None and c.dim() != 2):
-        raise ValueError(f"softmax_head: expected h [B, N, D], k [B, m, D], c [B, m] or None, "
-                         f"v [m, d]; got {tuple(h.shape)}, {tuple(k.shape)}, "
-                         f"{None if c is None else tuple(c.shape)}, {tuple(v.shape)}")
-    (B, N, D), (m, d) = h.shape, v.shape
-    if k.shape != (B, m, D) or (c is not None and c.shape != (B, m)):
-        raise ValueError(f"softmax_head: with h {tuple(h.shape)} and v {tuple(v.shape)}, k must be "
-                         f"{(B, m, D)} and c {(B, m)}; got {tuple(k.shape)}, "
-                         f"{None if c is None else tuple(c.shape)}")
-    if min(B, N, D, m, d) == 0:
-        raise ValueError(f"softmax_head: empty input: B={B}, N={N}, D={D}, m={m}, d={d}")
+    tensors = check_softmax_head(h, k, c, v)
+    D, d = h.shape[2], v.shape[1]
     if D > MAX_D or d > MAX_DV:
         raise ValueError(f"softmax_head: needs D <= {MAX_D} and d <= {MAX_DV} (each is held whole "
                          f"in one tile), got D={D}, d={d}; use softmax_head_ref beyond that")
-    tensors = [h, k, v] + ([] if c is None else [c])
-    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or \
-            any(t.dtype != h.dtype for t in tensors):
-        raise ValueError(f"softmax_head: h, k, c, v must share one dtype among fp32, fp16, bf16; "
-                         f"got {[t.dtype for t in tensors]}")
     if any(t.device != h.device for t in tensors):
         raise ValueError(f"softmax_head: h, k, c, v must be on one device; got "
                          f"{[t.device for t in tensors]}")

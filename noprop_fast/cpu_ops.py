@@ -40,14 +40,14 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import op_checks
+
 SOURCES = ("noise.cpp", "block_loss.cpp", "block_linear.cpp", "softmax_head.cpp", "bindings.cpp")
 HEADERS = ("common.h", "ops.h", "philox.h", "vec_math.h")
 # -fno-math-errno and -fno-trapping-math: sqrt and the selects of csrc's exp / log / Box-Muller
 # vectorise (no program here reads errno or traps on fp exceptions)
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 LDFLAGS = ("-fopenmp",)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATIONS = ("none", "relu")
 # logits per softmax_head tile (fp32: 4 MB); read at each call, so tests can shrink it
 SOFTMAX_TILE_ELEMENTS = 1 << 20
 
@@ -163,7 +163,7 @@ def philox_randn(seed: int, offset: int, numel: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Input checks (the Triton launchers' messages; noprop_fast.kernels needs triton, this must not)
+# Input checks: shapes and dtypes in op_checks (shared with the Triton launchers), then the device
 
 def _check_cpu(op: str, **tensors):
     for name, t in tensors.items():
@@ -172,85 +172,22 @@ def _check_cpu(op: str, **tensors):
 
 
 def _check_noise(y, W, a, s, seed, offset):
-    if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise ValueError(f"noise_injection: W must be [m, d], got shape {tuple(W.shape)}")
-    if W.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"noise_injection: W must be float32, float16 or bfloat16, got {W.dtype}")
-    if y.dim() != 1 or y.dtype != torch.int64:
-        raise ValueError(f"noise_injection: y must be a 1-D int64 tensor of labels, "
-                         f"got {y.dtype} of shape {tuple(y.shape)}")
-    for name, t in (("a", a), ("s", s)):
-        if t.dim() != 1 or t.dtype != torch.float32:
-            raise ValueError(f"noise_injection: {name} must be a 1-D float32 tensor [B], "
-                             f"got {t.dtype} of shape {tuple(t.shape)}")
-    if a.shape != s.shape:
-        raise ValueError(f"noise_injection: a and s must have the same shape [B], "
-                         f"got {tuple(a.shape)} and {tuple(s.shape)}")
-    for name, t in (("seed", seed), ("offset", offset)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
-            raise ValueError(f"noise_injection: {name} must be an int64 tensor with one element, "
-                             f"got {t!r:.80}")
+    op_checks.check_noise_injection(y, W, a, s, seed, offset)
     _check_cpu("noise_injection", y=y, W=W, a=a, s=s, seed=seed, offset=offset)
 
 
 def _check_block_loss(u_hat, u, w):
-    if u_hat.dim() != 3 or u.dim() != 2 or w.dim() != 1:
-        raise ValueError(f"block_loss expects u_hat [B, N, d], u [N, d], w [B]; got "
-                         f"{tuple(u_hat.shape)}, {tuple(u.shape)}, {tuple(w.shape)}")
-    if u_hat.shape[1:] != u.shape or w.shape[0] != u_hat.shape[0]:
-        raise ValueError(f"block_loss shapes do not match: u_hat {tuple(u_hat.shape)} needs "
-                         f"u [N, d] = {tuple(u_hat.shape[1:])} and w [B] = [{u_hat.shape[0]}]; got "
-                         f"u {tuple(u.shape)}, w {tuple(w.shape)}")
-    if u_hat.numel() == 0:
-        raise ValueError(f"block_loss needs B, N, d >= 1; got u_hat {tuple(u_hat.shape)}")
-    if u_hat.dtype not in FLOAT_DTYPES or u.dtype != u_hat.dtype:
-        raise ValueError(f"block_loss needs u_hat and u of one dtype in fp32/fp16/bf16; got "
-                         f"{u_hat.dtype} and {u.dtype}")
-    if w.dtype != torch.float32:
-        raise ValueError(f"block_loss needs fp32 weights w; got {w.dtype}")
+    op_checks.check_block_loss(u_hat, u, w)
     _check_cpu("block_loss", u_hat=u_hat, u=u, w=w)
 
 
 def _check_block_linear(x, weight, bias, activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"block_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x.dim() != 3 or weight.dim() != 3:
-        raise ValueError(f"block_linear expects x [B, N, K] and weight [B, M_out, K], got "
-                         f"{list(x.shape)} and {list(weight.shape)}")
-    blocks, _, in_features = x.shape
-    if weight.shape[0] != blocks or weight.shape[2] != in_features:
-        raise ValueError(f"block_linear: weight {list(weight.shape)} does not match x "
-                         f"{list(x.shape)} (expected [{blocks}, M_out, {in_features}])")
-    if bias is not None and tuple(bias.shape) != (blocks, weight.shape[1]):
-        raise ValueError(f"block_linear: bias must be [{blocks}, {weight.shape[1]}], "
-                         f"got {list(bias.shape)}")
-    if x.numel() == 0 or weight.numel() == 0:
-        raise ValueError(f"block_linear: empty input, x {list(x.shape)}, weight {list(weight.shape)}")
-    tensors = [x, weight] + ([bias] if bias is not None else [])
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"block_linear supports fp32, fp16 and bf16, got {x.dtype}")
-    if any(t.dtype != x.dtype for t in tensors):
-        raise ValueError(f"block_linear: x, weight and bias must share a dtype, got "
-                         f"{[t.dtype for t in tensors]}")
+    op_checks.check_block_linear(x, weight, bias, activation)
     _check_cpu("block_linear", x=x, weight=weight, bias=bias)
 
 
 def _check_softmax_head(h, k, c, v):
-    if h.dim() != 3 or k.dim() != 3 or v.dim() != 2 or (c is not None and c.dim() != 2):
-        raise ValueError(f"softmax_head: expected h [B, N, D], k [B, m, D], c [B, m] or None, "
-                         f"v [m, d]; got {tuple(h.shape)}, {tuple(k.shape)}, "
-                         f"{None if c is None else tuple(c.shape)}, {tuple(v.shape)}")
-    (B, N, D), (m, d) = h.shape, v.shape
-    if k.shape != (B, m, D) or (c is not None and c.shape != (B, m)):
-        raise ValueError(f"softmax_head: with h {tuple(h.shape)} and v {tuple(v.shape)}, k must be "
-                         f"{(B, m, D)} and c {(B, m)}; got {tuple(k.shape)}, "
-                         f"{None if c is None else tuple(c.shape)}")
-    if min(B, N, D, m, d) == 0:
-        raise ValueError(f"softmax_head: empty input: B={B}, N={N}, D={D}, m={m}, d={d}")
-    tensors = [h, k, v] + ([] if c is None else [c])
-    if h.dtype not in FLOAT_DTYPES or any(t.dtype != h.dtype for t in tensors):
-        raise ValueError(f"softmax_head: h, k, c, v must share one dtype among fp32, fp16, bf16; "
-                         f"got {[t.dtype for t in tensors]}")
+    op_checks.check_softmax_head(h, k, c, v)
     _check_cpu("softmax_head", h=h, k=k, c=c, v=v)
 
 
