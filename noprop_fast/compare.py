@@ -1,16 +1,20 @@
-"""Command line: `python -m noprop_fast.compare [--config NAME] [--field value ...] [--out DIR]`.
+"""Command line: `python -m noprop_fast.compare [--task {image,lm}] [--config NAME] [--field value ...]
+[--methods LIST] [--out DIR]`.
 
 Trains NoProp-DT and the backprop baseline of the same architecture on the same data (loaded once,
-one `ImageData` given to both trainers) and writes a side-by-side report:
+one `ImageData` given to both trainers) and writes a side-by-side report. `--task lm` compares
+NoProp-LM with a backprop GPT on token shards instead (compare_lm.py; its own report and plot).
+The image report:
 
     OUT/report.md        config, device, torch version, command; one row per method; per-epoch table
     OUT/summary.json     {"config": ..., "runs": {method: summary}, "history": {method: [epochs]}}
     OUT/loss.png, accuracy.png, time.png, memory.png
     OUT/<method>/        each method's own run folder (config, metrics, checkpoint, summary)
 
+    --task image|lm  chosen first: it decides which config fields exist [default image]
     --config NAME_OR_PATH, --<field> VALUE   as in `noprop_fast.train` (but not --method)
     --methods LIST   comma-separated, from noprop,backprop [default noprop,backprop]
-    --out DIR        [default reports/compare-<dataset>-<time>]
+    --out DIR        [default reports/compare-<dataset>-<time>; lm: reports/compare-lm-<time>]
 
 The memory figure is what `Trainer.summary` reports: on CUDA the allocator's peak, on CPU the bytes
 autograd saved for backward in the first step of an epoch, activations only (parameters and
@@ -25,35 +29,49 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (DEFAULT_CONFIG, ImageConfig, OneLineArgumentParser, add_config_arguments,
+from .config import (TASK_CONFIGS, ImageConfig, OneLineArgumentParser, add_config_arguments,
                      resolve)
 from .errors import UserError, cli_main
 
 METHODS = ("noprop", "backprop")
 BASELINE = "backprop"  # the memory ratio is against this method's figure
+# LMConfig's sampling fields: a comparison prints no samples, so --help leaves them out
+LM_SAMPLING = ("sample", "sample_tokens", "num_samples", "temperature", "top_k")
 MEMORY_KINDS = {
     "cuda_peak_allocated": "CUDA allocator peak",
     "cpu_saved_for_backward": "CPU activation bytes saved for backward (saved-tensor hooks)",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(task: str = "image") -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m noprop_fast.compare",
-        description="Train NoProp-DT and the backprop baseline on the same data; write a report.")
+        description="Train NoProp and its backprop baseline on the same data; write a report. The "
+                    "config fields listed are those of --task " + task + ".")
+    parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image",
+                        help="image: NoProp-DT vs backprop on digits, MNIST, CIFAR; lm: NoProp-LM vs "
+                             "a backprop GPT on token shards [default image]")
     parser.add_argument("--config", metavar="NAME_OR_PATH",
-                        help="packaged config name or YAML file [default digits]")
+                        help=f"packaged config name or YAML file [default {TASK_CONFIGS[task].DEFAULT}]")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated methods to run [default {','.join(METHODS)}]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_arguments(parser)
+    add_config_arguments(parser, TASK_CONFIGS[task])
     for action in parser._actions:  # two config fields mean something else here
-        if action.dest == "method":
-            action.help = argparse.SUPPRESS  # rejected: --methods picks the runs
+        if action.dest == "method" or action.dest in LM_SAMPLING:
+            action.help = argparse.SUPPRESS  # method: rejected, --methods picks the runs
         elif action.dest == "out":
             action.help = "report folder; each method runs in OUT/<method> " \
-                          "[default reports/compare-<dataset>-<time>]"
+                          f"[default reports/compare-{'<dataset>' if task == 'image' else 'lm'}-<time>]"
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """--task first (it decides which config fields exist), then everything against that task."""
+    pre = OneLineArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image")
+    known, _ = pre.parse_known_args(argv)
+    return build_parser(known.task).parse_args(argv)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -62,6 +80,13 @@ def parse_methods(text: str) -> list[str]:
     if not methods or unknown or len(set(methods)) != len(methods):
         raise UserError(f"--methods: {text!r} must name distinct methods from {','.join(METHODS)}")
     return methods
+
+
+def refuse_existing_runs(out_dir: Path, methods: list[str]) -> None:
+    for m in methods:
+        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()):
+            # the trainer appends to metrics.jsonl: an old run there would mix into the new one
+            raise UserError(f"{out_dir / m}: already holds a run; choose another --out")
 
 
 def _mib(n_bytes: int) -> float:
@@ -184,7 +209,7 @@ def write_report(cfg: ImageConfig, runs: dict, histories: dict, out_dir: Path,
 
 
 def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool = False, *,
-            config_name: str = DEFAULT_CONFIG, command: str | None = None) -> dict:
+            config_name: str = ImageConfig.DEFAULT, command: str | None = None) -> dict:
     """Train every method on one copy of the data; write report, summary and plots into out_dir.
 
     Returns {"config", "runs": {method: Trainer summary}, "history": {method: [epoch records]},
@@ -194,10 +219,7 @@ def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool =
     from .trainer import Trainer
 
     out_dir = Path(out_dir)
-    for m in methods:
-        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()):
-            # the trainer appends to metrics.jsonl: an old run there would mix into the new one
-            raise UserError(f"{out_dir / m}: already holds a run; choose another --out")
+    refuse_existing_runs(out_dir, methods)
     out_dir.mkdir(parents=True, exist_ok=True)
     if command is None:
         command = shlex.join(sys.argv)
@@ -219,20 +241,31 @@ def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool =
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse, compare, print the results table; returns what `compare` returns."""
+    """Parse, compare, print the results table; returns what `compare` (or `compare_lm`) returns."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("config", "methods", "no_progress", "out")}
+                 if k not in ("task", "config", "methods", "no_progress", "out")}
     if "method" in overrides:
         raise UserError("--method: compare runs every method in --methods; use --methods instead")
     methods = parse_methods(args.methods)
-    cfg = resolve(args.config, overrides)
+    cls = TASK_CONFIGS[args.task]
+    cfg = resolve(args.config, overrides, cls=cls)
+    name = cfg.dataset if args.task == "image" else "lm"
     out_dir = Path(getattr(args, "out", None)
-                   or Path("reports") / f"compare-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+                   or Path("reports") / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     command = shlex.join(["python", "-m", "noprop_fast.compare", *argv])
-    result = compare(cfg, methods, out_dir, show_progress=not args.no_progress and sys.stderr.isatty(),
-                     config_name=args.config or DEFAULT_CONFIG, command=command)
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    config_name = args.config or cls.DEFAULT
+    if args.task == "lm":
+        from . import compare_lm
+        result = compare_lm.compare_lm(cfg, methods, out_dir, show_progress,
+                                       config_name=config_name, command=command)
+        print(compare_lm.results_markdown(result["runs"]))
+        print(f"val loss in nats/token on the same val tokens; report in {result['report']}")
+        return result
+    result = compare(cfg, methods, out_dir, show_progress=show_progress, config_name=config_name,
+                     command=command)
     print(results_markdown(result["runs"]))
     print(f"accuracy with {cfg.inference} inference; report in {result['report']}")
     return result

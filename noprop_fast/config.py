@@ -63,27 +63,97 @@ class ImageConfig:
     device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
     out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time>")
 
+    DEFAULT = "digits"  # the config --task image uses when none is named
+
     def validate(self) -> "ImageConfig":
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if meta.get("choices") and value not in meta["choices"]:
-                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}")
-            if meta.get("minimum") is not None and value < meta["minimum"]:
-                raise ConfigError(f"{f.name}: {value!r} is below its minimum {meta['minimum']}")
+        validate_fields(self)
         if self.dropout >= 1:
             raise ConfigError(f"dropout: {self.dropout} must be below 1")
-        try:
-            cosine_alpha_bar(self.num_blocks, self.snr_max)
-            NoiseSchedule.cosine(self.num_blocks, self.snr_max, self.eta)
-        except ValueError as err:
-            raise ConfigError(f"snr_max / num_blocks: {err}") from None
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-TASK_CONFIGS = {"image": ImageConfig}
+def validate_fields(cfg) -> None:
+    """Choices and minimums of every field, and a schedule that exists for (num_blocks, snr_max)."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}")
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise ConfigError(f"{f.name}: {value!r} is below its minimum {meta['minimum']}")
+    try:
+        cosine_alpha_bar(cfg.num_blocks, cfg.snr_max)
+        NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta)
+    except ValueError as err:
+        raise ConfigError(f"snr_max / num_blocks: {err}") from None
+
+
+@dataclass
+class LMConfig:
+    """The language task. The defaults are the CPU config (`stdlib`): the embedded corpus, bytes."""
+    task: str = _opt("lm", "which task this config is for", ("lm",))
+    method: str = _opt("noprop", "noprop: NoProp-LM; backprop: a GPT of the same width and total "
+                       "depth", ("noprop", "backprop"))
+    data_dir: str | None = _opt(None, "folder of token shards (*_train_*.bin, *_val_*.bin, e.g. "
+                                "fineweb10B); none: the embedded corpus, built on first use")
+    num_blocks: int = _opt(6, "T, the number of blocks (denoising steps); the GPT has T x "
+                           "layers_per_block layers", minimum=1)
+    layers_per_block: int = _opt(1, "causal transformer layers in each block", minimum=1)
+    width: int = _opt(128, "D, every block's (and the GPT's) model width", minimum=8)
+    heads: int = _opt(4, "attention heads (width / heads is the head size)", minimum=1)
+    embed_dim: int = _opt(64, "d of the token embedding W_embed (the denoising targets)", minimum=1)
+    embed_init: str = _opt("learned", "learned: W_embed trained jointly; mlm: pre-trained with a "
+                           "masked-LM phase, then frozen; onehot: the fixed identity (d = V, small "
+                           "vocabularies only)", ("learned", "mlm", "onehot"))
+    mlm_steps: int = _opt(300, "steps of the masked-LM phase (embed_init mlm)", minimum=1)
+    seq_len: int = _opt(128, "L, tokens of context per window", minimum=2)
+    batch_size: int = _opt(32, "windows per step (batch_size x seq_len tokens)", minimum=1)
+    max_steps: int = _opt(800, "optimiser steps in the run", minimum=1)
+    lr: float = _opt(1e-3, "AdamW learning rate (constant, as in the paper)", minimum=0.0)
+    weight_decay: float = _opt(1e-3, "AdamW decoupled weight decay", minimum=0.0)
+    snr_max: float = _opt(100.0, "abar is clamped to snr_max / (1 + snr_max), so SNR(T) is finite",
+                          minimum=1e-6)
+    eta: float = _opt(0.1, "scale of the SNR-weighted denoising loss", minimum=1e-12)
+    eval_every: int = _opt(200, "steps between validation losses (and checkpoints)", minimum=1)
+    eval_tokens: int = _opt(65536, "validation tokens per evaluation (from the start of the val "
+                            "split; the final evaluation uses the same ones)", minimum=1)
+    inference: str = _opt("stochastic", "Eq. 3 with its noise, or the noise-free variant (eps_t = 0)",
+                          ("stochastic", "noise-free"))
+    eval_chains: int = _opt(8, "K, chains per position in the validation loss: -log of the mean "
+                            "over K chains of p(y | z_T) (K = 1: one chain's cross-entropy, also "
+                            "reported)", minimum=1)
+    sample: str | None = _opt("The ", "prompt whose continuations are printed at the end (--sample "
+                              "with --resume samples from a finished run)")
+    sample_tokens: int = _opt(200, "tokens per sample; 0: no samples", minimum=0)
+    num_samples: int = _opt(2, "continuations printed", minimum=1)
+    temperature: float = _opt(0.8, "sampling temperature", minimum=1e-6)
+    top_k: int = _opt(40, "sample from the k most likely tokens; 0: all", minimum=0)
+    fused: bool = _opt(False, "fused ops: Triton kernels on CUDA, C++ ops on CPU; chunked "
+                       "vocabulary cross-entropy")
+    precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay fp32)",
+                          ("fp32", "bf16", "fp16"))
+    seed: int = _opt(0, "seeds weights, noise, batches and evaluation")
+    device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
+    out: str | None = _opt(None, "run folder; default runs/lm-<method>-<time>")
+
+    DEFAULT = "stdlib"  # the config --task lm uses when none is named
+
+    def validate(self) -> "LMConfig":
+        validate_fields(self)
+        if self.width % self.heads:
+            raise ConfigError(f"width: {self.width} is not a multiple of heads ({self.heads})")
+        if (self.width // self.heads) not in (16, 32, 64, 128):
+            raise ConfigError(f"heads: the head size width / heads = {self.width // self.heads} "
+                              "must be one of 16, 32, 64, 128")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}
 
 
 def _coerce(name: str, value, annotation):
@@ -193,7 +263,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig) -> No
 def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):
     """The final config: base (a resumed run's) or the named config file, then the overrides."""
     if base is None:
-        base = load_config(config or DEFAULT_CONFIG, cls)
+        base = load_config(config or cls.DEFAULT, cls)
     return from_mapping(overrides, "the command line", base=base, cls=cls).validate()
 
 

@@ -7,6 +7,11 @@ fused path swaps four of its computations for fused ops with the same maths:
     block_linear     Y[b] = X[b] W[b]^T + bias[b] for every block layer's FC
     softmax_head     u_hat = softmax(h K^T + c) W_embed, the logits never materialised
     block_loss       every block's weighted squared error in one pass
+    causal_attention the language model's attention, flash style (Triton only; on CPU the C++
+                     set leaves it to PyTorch's own fused scaled_dot_product_attention)
+
+and the classifier's cross-entropy is computed in row chunks (`chunked_ce.py`), never forming a
+vocabulary's logits for a whole batch.
 
 On CUDA they are the Triton kernels of `noprop_fast.kernels`; on CPU the C++ ops of
 `noprop_fast.cpu_ops` (built on first use). Convolutions and BatchNorm stay in PyTorch on both.
@@ -37,19 +42,21 @@ class FusedOps:
     block_linear: Callable    # (x, weight, bias, activation) -> [B, N, out]
     softmax_head: Callable    # (h, k, c, v) -> [B, N, d] in h's dtype
     block_loss: Callable      # (u_hat, u, w) -> [B] fp32, weighted
+    causal_attention: Callable | None = None  # (q, k, v) [Z, H, L, Dh] -> o; None: torch's SDPA
 
 
 def _triton_ops() -> FusedOps:
     from .kernels.block_linear import block_linear
     from .kernels.block_loss import block_loss
     from .kernels.noise import noise_injection
+    from .kernels.attention import causal_attention
     from .kernels.softmax_head import MAX_D, MAX_DV, softmax_head, softmax_head_ref
 
     def head(h, k, c, v):
         if h.shape[-1] > MAX_D or v.shape[-1] > MAX_DV:
             return softmax_head_ref(h, k, c, v.to(h.dtype))  # beyond the kernel's one-tile limits
         return softmax_head(h, k, c, v)
-    return FusedOps("triton", noise_injection, block_linear, head, block_loss)
+    return FusedOps("triton", noise_injection, block_linear, head, block_loss, causal_attention)
 
 
 def _cpp_ops() -> FusedOps:

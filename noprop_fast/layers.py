@@ -9,6 +9,8 @@ tensor whose first dimension is the block, and runs them as one computation:
                                                 block reads its own input, groups = 1 when all
                                                 blocks read the same image (the first conv)
     BlockBatchNorm   weight [T, C]              statistics per (block, channel)
+    BlockLayerNorm   weight [T, C]              LayerNorm over C with each block's affine
+    BlockEmbedding   weight [T, V, C]           a lookup table per block (token, position)
 
 Every forward takes `blocks`, a slice of the block range (default: all), and uses only those
 blocks' parameters: the sequential schedule trains one block with one block's activations in
@@ -145,10 +147,69 @@ class BlockBatchNorm(nn.Module):
         return f"blocks={self.num_blocks}, features={self.num_features}"
 
 
+class BlockLayerNorm(nn.Module):
+    """LayerNorm over the last dimension with an affine (weight, bias) per block. Input [B, ..., C]."""
+
+    def __init__(self, num_blocks: int, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_blocks, self.num_features, self.eps = num_blocks, num_features, eps
+        self.weight = nn.Parameter(torch.ones(num_blocks, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_blocks, num_features))
+
+    def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        weight = block_slice(self.weight, blocks).to(x.dtype)
+        bias = block_slice(self.bias, blocks).to(x.dtype)
+        if x.shape[0] != weight.shape[0] or x.shape[-1] != self.num_features:
+            raise ValueError(f"BlockLayerNorm expects [{weight.shape[0]}, ..., {self.num_features}], "
+                             f"got {list(x.shape)}")
+        shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (self.num_features,)
+        return F.layer_norm(x, (self.num_features,), eps=self.eps) * weight.view(shape) + \
+            bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.num_blocks}, features={self.num_features}"
+
+
+class BlockEmbedding(nn.Module):
+    """A lookup table per block: ids [...] -> [B, ..., C], row ids[...] of each block's table."""
+
+    def __init__(self, num_blocks: int, num_embeddings: int, dim: int, std: float = 0.02):
+        super().__init__()
+        self.num_blocks, self.num_embeddings, self.dim = num_blocks, num_embeddings, dim
+        self.weight = nn.Parameter(torch.randn(num_blocks, num_embeddings, dim) * std)
+
+    def forward(self, ids: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        return block_slice(self.weight, blocks)[:, ids]
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.num_blocks}, num={self.num_embeddings}, dim={self.dim}"
+
+
+BLOCK_LAYERS = (BlockLinear, BlockConv2d, BlockBatchNorm, BlockLayerNorm, BlockEmbedding)
+
+
 def block_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters of `module` that belong to block layers (leading dimension = block)."""
     params = []
     for sub in module.modules():
-        if isinstance(sub, (BlockLinear, BlockConv2d, BlockBatchNorm)):
+        if isinstance(sub, BLOCK_LAYERS):
             params.extend(sub.parameters(recurse=False))
     return params
+
+
+def softmax_embedding(h: torch.Tensor, head: BlockLinear, embed_weight: torch.Tensor,
+                      blocks: slice = ALL_BLOCKS, fused=None) -> torch.Tensor:
+    """A DT block's output u_hat = softmax(head(h)) @ W_embed: [B, N, D] -> [B, N, d] in h's dtype.
+
+    It is attention with one query per row: keys = `head`'s weight rows, values = W_embed's rows.
+    Fused (`fused` a fused.FusedOps): one op that never stores the [B, N, m] logits. Reference: the
+    logits, softmax and mixture in fp32 (for bf16 / fp16 inputs too).
+    """
+    if fused is not None:
+        dtype = h.dtype
+        return fused.softmax_head(h, block_slice(head.weight, blocks).to(dtype),
+                                  block_slice(head.bias, blocks).to(dtype), embed_weight.to(dtype))
+    accumulate = torch.promote_types(h.dtype, torch.float32)
+    logits = head(h, blocks).to(accumulate)                   # [B, N, m]
+    return (torch.softmax(logits, dim=-1) @ embed_weight.to(accumulate)).to(h.dtype)
+

@@ -30,6 +30,7 @@ Nothing here reads a tensor's value on the host: the losses come back as device 
 import torch
 import torch.nn.functional as F
 
+from .chunked_ce import linear_cross_entropy
 from .layers import ALL_BLOCKS
 from .models.image import ImageModel
 from .schedule import NoiseSchedule, block_losses_ref, denoise_step, noisy_latents_ref, prior_kl
@@ -60,7 +61,7 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
     `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`."""
     T, fused = model.num_blocks, model.fused
     u = model.embedding(y)                                    # [N, d] fp32
-    features = model.blocks.image_features(x, blocks)         # [B, N, 256]
+    features = model.blocks.features(x, blocks)               # [B, N, F], independent of z
     nb = features.shape[0]
     z = noisy_latents(model, y, schedule.input_scale[blocks], schedule.noise_scale[blocks], noise)
     u_hat = model.blocks.denoise(features, z, model.embedding.weight, blocks)  # [B, N, d]
@@ -77,15 +78,23 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
     # z_T ~ q(z_T | y): the same op with abar_T, for one "block"
     abar_T = schedule.alpha_bar[-1:]
     z_clean = noisy_latents(model, y, abar_T.sqrt(), (1 - abar_T).sqrt(), noise)[0]
-    ce = F.cross_entropy(model.classifier(z_clean.to(u.dtype)), y)
+    ce = classifier_cross_entropy(model, z_clean.to(u.dtype), y)
     kl = prior_kl(u, schedule)
     parts = {"block_losses": per_block.detach(), "ce": ce.detach(), "kl": kl.detach()}
     return denoise + ce + kl, parts
 
 
+def classifier_cross_entropy(model, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE of the linear classifier on z [N, d] against y [N]. Fused: in row chunks, so a
+    vocabulary's [N, m] logits never exist at once (chunked_ce.py); reference: F.cross_entropy."""
+    if model.fused is not None:
+        return linear_cross_entropy(z, model.classifier.weight, model.classifier.bias, y)
+    return F.cross_entropy(model.classifier(z), y)
+
+
 def backprop_chain(model: ImageModel, x: torch.Tensor, generator=None) -> torch.Tensor:
     """Eqs. 17-19: run the T blocks as one residual chain; returns the classifier logits [N, m]."""
-    features = model.blocks.image_features(x)                 # [T, N, 256], all blocks at once
+    features = model.blocks.features(x)                       # [T, N, 256], all blocks at once
     w = model.embedding.weight
     z = torch.randn(x.shape[0], w.shape[1], device=x.device, dtype=w.dtype, generator=generator)
     mix = torch.tanh(model.mix_logits)                        # [T]
@@ -102,26 +111,43 @@ def backprop_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 @torch.no_grad()
-def predict(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class logits [N, m] for images x [N, C, H, W]; labels are not an argument.
+def noprop_chain(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. 3 from z_0 ~ N(0, I): z_t = a_t u_hat_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps_t for
+    t = 1..T, block t alone at step t. Returns z_T [N, d] (N rows of features: images, or the
+    positions of token windows). `stochastic=False`: eps_t = 0 (z_0 is still drawn)."""
+    return chain_from_features(model, schedule, model.blocks.features(x), stochastic, generator)
 
-    NoProp: z_0 ~ N(0, I), then Eq. 3 for t = 1..T with block t alone, then the classifier on z_T.
-    `stochastic=False` is the noise-free variant (eps_t = 0; z_0 is still drawn).
-    Backprop baseline: its own chain (Eqs. 17-19).
-    """
-    if model.method == "backprop":
-        return backprop_chain(model, x, generator)
-    features = model.blocks.image_features(x)                 # [T, N, 256]
+
+@torch.no_grad()
+def chain_from_features(model, schedule: NoiseSchedule, features: torch.Tensor,
+                        stochastic: bool = True, generator: torch.Generator | None = None):
+    """`noprop_chain` given every block's z-independent features [T, N, F] (a language model
+    samples from the last position's row alone)."""
     w = model.embedding.weight
-    z = torch.randn(x.shape[0], w.shape[1], device=x.device, dtype=w.dtype, generator=generator)
+    z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype,
+                    generator=generator)
     for t in range(1, model.num_blocks + 1):
         one = slice(t - 1, t)
         u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0].to(z.dtype)
         noise = torch.randn(z.shape, device=z.device, dtype=z.dtype,
                             generator=generator) if stochastic else None
         z = denoise_step(z, u_hat, schedule, t, noise)
-    return model.classifier(z)
+    return z
+
+
+@torch.no_grad()
+def predict(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class logits [N, m] for images x [N, C, H, W]; labels are not an argument.
+
+    NoProp: the Eq. 3 chain (`noprop_chain`), then the classifier on z_T.
+    `stochastic=False` is the noise-free variant (eps_t = 0; z_0 is still drawn).
+    Backprop baseline: its own chain (Eqs. 17-19).
+    """
+    if model.method == "backprop":
+        return backprop_chain(model, x, generator)
+    return model.classifier(noprop_chain(model, schedule, x, stochastic, generator))
 
 
 @torch.no_grad()

@@ -83,7 +83,7 @@ class BlockAdamW(torch.optim.Optimizer):
 
 def make_optimizer(model, cfg) -> BlockAdamW:
     """AdamW as in the paper (lr 1e-3, weight decay 1e-3) over the model's block and shared parameters."""
-    block = block_parameters(model)
-    ids = {id(p) for p in block}
-    shared = [p for p in model.parameters() if id(p) not in ids]
+    block = [p for p in block_parameters(model) if p.requires_grad]
+    ids = {id(p) for p in block_parameters(model)}
+    shared = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]  # not frozen
     return BlockAdamW(block, shared, model.num_blocks, lr=cfg.lr, weight_decay=cfg.weight_decay)

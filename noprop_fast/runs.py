@@ -22,7 +22,7 @@ CHECKPOINT = "checkpoint.pt"
 
 def default_run_dir(cfg) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.dataset}-{cfg.method}-{stamp}"
+    return Path("runs") / f"{getattr(cfg, 'dataset', cfg.task)}-{cfg.method}-{stamp}"
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> Path:

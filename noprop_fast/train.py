@@ -1,7 +1,10 @@
-"""Command line: `python -m noprop_fast.train --task image [--config NAME] [--field value ...]`.
+"""Command line: `python -m noprop_fast.train --task {image,lm} [--config NAME] [--field value ...]`.
 
 With no arguments it trains NoProp-DT on scikit-learn's digits (the `digits` config), which needs
-no download and finishes in a few minutes on a laptop CPU.
+no download and finishes in a few minutes on a laptop CPU. `--task lm` trains NoProp-LM on the
+embedded corpus (the `stdlib` config: English text from the Python standard library's docs, built
+into shards on first use), also offline and in minutes on a CPU; `--data-dir` points it at shards
+such as FineWeb's.
 
     --config NAME_OR_PATH   a packaged config (see --list-configs) or a YAML file
     --resume DIR            continue the run in DIR from its last checkpoint
@@ -20,19 +23,29 @@ from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, 
 from .errors import UserError, cli_main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(task: str = "image") -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m noprop_fast.train",
-        description="Train a network with NoProp (or its backprop baseline).")
+        description="Train a network with NoProp (or its backprop baseline). The config fields "
+                    "listed are those of --task " + task + ".")
     parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image",
-                        help="image: classification on digits, MNIST, CIFAR-10/100 [default image]")
+                        help="image: classification on digits, MNIST, CIFAR-10/100; lm: a language "
+                             "model on token shards [default image]")
     parser.add_argument("--config", metavar="NAME_OR_PATH",
-                        help="packaged config name or YAML file [default digits]")
+                        help="packaged config name or YAML file [default digits; lm: stdlib]")
     parser.add_argument("--list-configs", action="store_true", help="list packaged configs and exit")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_arguments(parser)
+    add_config_arguments(parser, TASK_CONFIGS[task])
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """--task first (it decides which config fields exist), then everything against that task."""
+    pre = OneLineArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image")
+    known, _ = pre.parse_known_args(argv)
+    return build_parser(known.task).parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -55,20 +68,23 @@ def config_from_args(args: argparse.Namespace):
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Parse, train, print the closing table; returns the summary (None for --list-configs)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.list_configs:
         for name, description in list_configs():
             print(f"{name:<28} {description}")
         return None
     cfg = config_from_args(args)
+    run_dir = Path(cfg.out) if cfg.out else runs.default_run_dir(cfg)
+    cfg.out = str(run_dir)
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    if cfg.task == "lm":
+        return run_lm(cfg, run_dir, args.resume, show_progress)
     # imported here so that --help and --list-configs stay fast
     from .data import load_image_dataset
     from .trainer import Trainer, results_table
 
-    run_dir = Path(cfg.out) if cfg.out else runs.default_run_dir(cfg)
-    cfg.out = str(run_dir)
     data = load_image_dataset(cfg.dataset, cfg.data_dir)
-    trainer = Trainer(cfg, data, run_dir, show_progress=not args.no_progress and sys.stderr.isatty())
+    trainer = Trainer(cfg, data, run_dir, show_progress=show_progress)
     if args.resume:
         trainer.restore(runs.load_checkpoint(run_dir))
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}")
@@ -83,6 +99,45 @@ def run(argv: list[str] | None = None) -> dict | None:
     print(f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({cfg.inference} inference), "
           f"train {summary['train_seconds']:.1f}s, memory {summary['peak_memory_bytes'] / 2**20:.1f} MiB "
           f"({summary['memory_kind']}); summary in {run_dir / 'summary.json'}")
+    return summary
+
+
+def load_token_data(data_dir: str | None, show_progress: bool = True):
+    """The shards of `data_dir`, or the embedded corpus (built and cached on first use)."""
+    from .data.shards import TokenData
+    if data_dir is None:
+        from .data.corpus import embedded_corpus_dir
+        data_dir = embedded_corpus_dir(progress=show_progress)
+    return TokenData.load(data_dir)
+
+
+def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool) -> dict:
+    from .data.tokenizer import get_tokenizer
+    from .lm_trainer import LMTrainer, parameter_count
+
+    data = load_token_data(cfg.data_dir, show_progress)
+    trainer = LMTrainer(cfg, data, run_dir, show_progress=show_progress, pretrain=not resume)
+    if resume:
+        trainer.restore(runs.load_checkpoint(run_dir))
+        print(f"resuming {run_dir} after step {trainer.progress.step}")
+    shape = (f"T={cfg.num_blocks} blocks of {cfg.layers_per_block} layer(s)" if cfg.method == "noprop"
+             else f"{cfg.num_blocks * cfg.layers_per_block} layers")
+    print(f"{cfg.method} LM on {data.source}, {shape}, "
+          f"width {cfg.width}, {parameter_count(trainer.model) / 1e6:.2f}M parameters, device "
+          f"{runs.device_name(trainer.device)}, {'reference' if trainer.ops is None else trainer.ops.name} "
+          f"ops, {cfg.precision}, run {run_dir}", flush=True)
+    summary = trainer.fit()
+    chains = (f"{cfg.eval_chains} chains, {cfg.inference} inference; one chain "
+              f"{summary['val_loss_one_chain']:.4f}" if cfg.method == "noprop" else "")
+    print(f"val loss {summary['val_loss']:.4f} nats/token (perplexity {summary['val_perplexity']:.2f}"
+          f"{', ' + chains if chains else ''}) on {summary['val_tokens']:,} val tokens, whose unigram "
+          f"entropy is {summary['unigram_entropy']:.4f} nats/token; {summary['tokens_seen']:,} "
+          f"tokens seen in {summary['train_seconds']:.1f}s; summary in {run_dir / 'summary.json'}",
+          flush=True)
+    if cfg.sample_tokens > 0:
+        tokenizer = get_tokenizer(data.tokenizer)
+        for i, text in enumerate(trainer.samples(tokenizer), 1):
+            print(f"--- sample {i} (temperature {cfg.temperature}, top-k {cfg.top_k}) ---\n{text}")
     return summary
 
 

@@ -73,6 +73,13 @@ def train_step(model: ImageModel, optimizer: BlockAdamW, schedule: NoiseSchedule
         loss, parts = noprop_loss(model, schedule, x, y, blocks, noise)
     else:
         loss, parts = backprop_loss(model, x, y)
+    return apply_gradients(loss, optimizer, blocks, scaler), parts
+
+
+def apply_gradients(loss: torch.Tensor, optimizer: BlockAdamW, blocks: slice = ALL_BLOCKS,
+                    scaler=None) -> torch.Tensor:
+    """Backward and one optimiser step on `blocks` (fp16: through the loss scaler). Returns the
+    detached loss. Both tasks' steps end here."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -81,7 +88,7 @@ def train_step(model: ImageModel, optimizer: BlockAdamW, schedule: NoiseSchedule
         scaler.scale(loss).backward()
         scaler.step(optimizer, blocks)  # skipped (one host sync) if a gradient overflowed
         scaler.update()
-    return loss.detach(), parts
+    return loss.detach()
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, block_slice
+from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, softmax_embedding
 
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
@@ -129,15 +129,11 @@ class DenoisingBlocks(nn.Module):
                 blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         """u_hat = softmax(logits) @ W_embed: [B, N, d] in the compute dtype, a convex combination
         of class embeddings. Fused: one op, the [B, N, m] logits never stored."""
-        h = self.head_input(image_features, z, blocks)
-        if self.fused is not None:
-            dtype = h.dtype
-            return self.fused.softmax_head(h, block_slice(self.head.weight, blocks).to(dtype),
-                                           block_slice(self.head.bias, blocks).to(dtype),
-                                           embed_weight.to(dtype))
-        accumulate = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16 / fp16
-        logits = self.head(h, blocks).to(accumulate)
-        return (torch.softmax(logits, dim=-1) @ embed_weight.to(accumulate)).to(h.dtype)
+        return softmax_embedding(self.head_input(image_features, z, blocks), self.head, embed_weight,
+                                 blocks, self.fused)
+
+    # the methods (methods.py) ask every task's blocks for their z-independent features
+    features = image_features
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
                 blocks: slice = ALL_BLOCKS) -> torch.Tensor:

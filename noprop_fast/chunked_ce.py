@@ -1,0 +1,115 @@
+"""Cross-entropy of a linear classifier over a large vocabulary, without the full logits tensor.
+
+    loss = mean_i [ logsumexp_v (z_i . W_v + b_v) - (z_i . W_{y_i} + b_{y_i}) ]
+
+z [M, d] (M = batch x positions), W [V, d], b [V] or None, y [M]. For a GPT-2 vocabulary
+(V = 50257) and M = 8 x 1024 the logits alone are 1.6 GB in fp32; here they exist one chunk of rows
+at a time ([rows, V], at most about 64 MB). With G = softmax(logits) - onehot(y), the gradient is
+
+    dz = G W / M,   dW = G^T z / M,   db = colsum(G) / M
+
+and it is computed in the forward, chunk by chunk, while the chunk's logits are at hand (a second
+pass in the backward would recompute every chunk's matmul): the backward only scales the stored
+gradients by the incoming scalar. Under `torch.no_grad()` (evaluation) nothing is stored. The
+arithmetic is fp32 whatever the inputs' dtype; the gradients are cast back to the inputs' dtypes.
+
+`linear_cross_entropy_ref` is the plain `F.cross_entropy(F.linear(z, W, b), y)`; the tests hold the
+chunked op to it, value and gradients, and the fused paths of both tasks use the chunked op.
+"""
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB in fp32
+
+
+def linear_cross_entropy_ref(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(z.float(), weight.float(), None if bias is None else bias.float()),
+                           target)
+
+
+def _rows_per_chunk(vocab: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(vocab, 1))
+
+
+def _check(z, weight, bias, target):
+    if z.dim() != 2 or weight.dim() != 2 or z.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: z [M, d] and weight [V, d] expected, got "
+                         f"{list(z.shape)} and {list(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"linear_cross_entropy: bias [V={weight.shape[0]}] expected, got {list(bias.shape)}")
+    if target.shape != (z.shape[0],):
+        raise ValueError(f"linear_cross_entropy: target [M={z.shape[0]}] expected, got {list(target.shape)}")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, weight, bias, target, chunk_elements):
+        m = z.shape[0]
+        need_grad = any(ctx.needs_input_grad[:3])
+        w32 = weight.float()
+        b32 = None if bias is None else bias.float()
+        total = torch.zeros((), dtype=torch.float32, device=z.device)
+        dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if need_grad else None
+        dw = torch.zeros(w32.shape, dtype=torch.float32, device=z.device) if need_grad else None
+        db = torch.zeros(w32.shape[0], dtype=torch.float32, device=z.device) \
+            if need_grad and bias is not None else None
+        rows = _rows_per_chunk(weight.shape[0], chunk_elements)
+        for start in range(0, m, rows):
+            zc, yc = z[start:start + rows].float(), target[start:start + rows]
+            logits = F.linear(zc, w32, b32)                           # [rows, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc.unsqueeze(1)).squeeze(1)).sum()
+            if need_grad:
+                g = torch.softmax(logits, dim=-1)                     # G = softmax - onehot
+                g.scatter_add_(1, yc.unsqueeze(1), torch.full_like(yc, -1, dtype=g.dtype).unsqueeze(1))
+                g /= m
+                dz[start:start + rows] = g @ w32
+                dw.addmm_(g.t(), zc)
+                if db is not None:
+                    db += g.sum(0)
+        ctx.dtypes = (z.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(*(t for t in (dz, dw, db) if t is not None))
+        ctx.has = (dz is not None, dw is not None, db is not None)
+        return total / m
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        dz, dw, db = (next(saved) if has else None for has in ctx.has)
+        z_dtype, w_dtype, b_dtype = ctx.dtypes
+        out = [None if t is None else (t * grad).to(dtype)
+               for t, dtype in ((dz, z_dtype), (dw, w_dtype), (db, b_dtype))]
+        return out[0], out[1], out[2], None, None
+
+
+def linear_cross_entropy(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         target: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Mean cross-entropy of `F.linear(z, weight, bias)` against `target`, in row chunks of at most
+    `chunk_elements` logits. Returns an fp32 scalar, differentiable in z, weight and bias."""
+    _check(z, weight, bias, target)
+    if z.shape[0] == 0:
+        raise ValueError("linear_cross_entropy: no rows")
+    return _LinearCrossEntropy.apply(z, weight, bias, target, chunk_elements)
+
+
+@torch.no_grad()
+def cross_entropy_rows(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       target: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Every row's cross-entropy [M] (fp32), in chunks of rows; for evaluation (no gradient)."""
+    _check(z, weight, bias, target)
+    w32 = weight.float()
+    b32 = None if bias is None else bias.float()
+    rows = _rows_per_chunk(weight.shape[0], chunk_elements)
+    out = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    for start in range(0, z.shape[0], rows):
+        logits = F.linear(z[start:start + rows].float(), w32, b32)          # [rows, V]
+        picked = logits.gather(1, target[start:start + rows].unsqueeze(1)).squeeze(1)
+        out[start:start + rows] = torch.logsumexp(logits, dim=-1) - picked
+    return out
+
+
+def cross_entropy_sum(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      target: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Sum (not mean) of the per-row cross-entropies, in chunks; for evaluation over many batches."""
+    return cross_entropy_rows(z, weight, bias, target, chunk_elements).sum()

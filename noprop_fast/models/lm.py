@@ -1,0 +1,245 @@
+"""The language models: NoProp-LM (T denoising blocks, each a small causal transformer) and the
+backprop GPT of the same width and total depth.
+
+NoProp-LM (NOPROP.md section 7). Position i of a window predicts token x_{i+1}; its target is the
+embedding u_i = W_embed[x_{i+1}]. Block t is the DT block of the image task with its image branch
+replaced by a causal transformer over the clean context:
+
+    context branch  h = tok_t[x] + pos_t  ->  `layers_per_block` pre-LN causal transformer layers
+                    -> LayerNorm                                  [N, L, D]: position i sees x_1..x_i
+    latent branch   g = GELU(FC_D(z_{t-1,i}))                     the noisy target at position i
+    fusion          q = FC_Dq(LN(GELU(FC_D(concat(h_i, g)))))
+    output          u_hat_{t,i} = softmax(q K_t^T + c_t) W_embed  (the softmax-embedding head)
+
+Decision (NOPROP.md leaves it open): the noisy latent enters after the attention, at its own
+position only. Position i then sees x_1..x_i and z_{t-1,i}; it never sees other positions' latents.
+In training those would be noisy copies of the true next tokens x_{j+1}, j < i (already in the
+context), and at inference the chain's own states, so reading them buys nothing and would make
+training and inference differ. It also makes the context branch independent of z: inference
+computes it once per window for every block, and the T chain steps are small per-position MLPs.
+
+All T blocks are one batched computation: every layer holds the T blocks' weights stacked
+([T, ...], `layers.py`) and attention runs for blocks x batch x heads in one call.
+
+GPT baseline (`--method backprop`): token and position embeddings, T x `layers_per_block` causal
+transformer layers of the same width (held in one stacked `CausalLayer`, run one after another),
+LayerNorm, and logits through the tied token embedding; cross-entropy, trained end to end.
+
+Both models: position i's outputs depend on x_1..x_i only (the leak test checks this for training
+features, the chain and the GPT). Attention is `causal_attention` of the fused ops when set (the
+Triton kernel on CUDA), else PyTorch's scaled_dot_product_attention with is_causal=True.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import (ALL_BLOCKS, BlockEmbedding, BlockLayerNorm, BlockLinear, softmax_embedding)
+from .image import ClassEmbedding
+
+MAX_QUERY = 128  # the head's query width Dq: the fused softmax head holds D <= 128 in one tile
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[Z, H, L, Dh] x3 -> [Z, H, L, Dh]: PyTorch's fused attention with the causal mask."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class CausalLayer(nn.Module):
+    """One pre-LN transformer layer (causal self-attention, GELU MLP) for T stacked blocks.
+
+    Input and output [B, N, L, D] (B blocks of the slice). The GPT uses one CausalLayer with
+    T = its depth and runs the layers one after another, each a one-block slice.
+    """
+
+    def __init__(self, num_blocks: int, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        self.width, self.heads = width, heads
+        self.ln1 = BlockLayerNorm(num_blocks, width)
+        self.qkv = BlockLinear(num_blocks, width, 3 * width)
+        self.proj = BlockLinear(num_blocks, width, width)
+        self.ln2 = BlockLayerNorm(num_blocks, width)
+        self.fc = BlockLinear(num_blocks, width, mlp_ratio * width)
+        self.out = BlockLinear(num_blocks, mlp_ratio * width, width)
+        self.attention = sdpa_causal  # set by `configure_attention`
+
+    def forward(self, h: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        nb, n, length, width = h.shape
+        heads = self.heads
+        flat = h.reshape(nb, n * length, width)
+        qkv = self.qkv(self.ln1(flat, blocks), blocks)                       # [B, N*L, 3D]
+        # [B, N*L, 3D] -> 3 x [B*N, H, L, Dh]
+        q, k, v = qkv.view(nb * n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        o = self.attention(q, k, v)                                          # [B*N, H, L, Dh]
+        o = o.transpose(1, 2).reshape(nb, n * length, width)
+        flat = flat + self.proj(o, blocks)
+        flat = flat + self.out(F.gelu(self.fc(self.ln2(flat, blocks), blocks)), blocks)
+        return flat.view(nb, n, length, width)
+
+
+def gpt_init(module: nn.Module, depth: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, residual projections scaled by
+    1 / sqrt(2 depth) so the residual stream's variance does not grow with depth."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, BlockLinear):
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("proj", "out")) else 0.02
+            nn.init.normal_(sub.weight, std=std)
+            nn.init.zeros_(sub.bias)
+
+
+def configure_attention(module: nn.Module, fused) -> None:
+    attention = sdpa_causal if fused is None or fused.causal_attention is None else fused.causal_attention
+    for sub in module.modules():
+        if isinstance(sub, CausalLayer):
+            sub.attention = attention
+        if isinstance(sub, BlockLinear):
+            sub.fused = fused
+
+
+class LanguageBlocks(nn.Module):
+    """T NoProp-LM blocks. `features(x)` [B, N*L, D] (z-independent), `denoise(features, z, W)`."""
+
+    def __init__(self, num_blocks: int, vocab_size: int, max_len: int, width: int, heads: int,
+                 layers_per_block: int, embed_dim: int):
+        super().__init__()
+        T = self.num_blocks = num_blocks
+        self.max_len, self.query_dim = max_len, min(width, MAX_QUERY)
+        self.tok = BlockEmbedding(T, vocab_size, width)
+        self.pos = BlockEmbedding(T, max_len, width)
+        self.layers = nn.ModuleList(CausalLayer(T, width, heads) for _ in range(layers_per_block))
+        self.ln_context = BlockLayerNorm(T, width)
+        self.latent_fc = BlockLinear(T, embed_dim, width)
+        self.fuse_fc = BlockLinear(T, 2 * width, width)
+        self.fuse_ln = BlockLayerNorm(T, width)
+        self.query = BlockLinear(T, width, self.query_dim)
+        self.head = BlockLinear(T, self.query_dim, vocab_size)  # keys [T, V, Dq] and biases [T, V]
+        gpt_init(self, layers_per_block)
+        self.fused = None
+        self.compute_dtype = None
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.compute_dtype is None else t.to(self.compute_dtype)
+
+    def features(self, ids: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """Context branch: token ids [N, L] -> [B, N*L, D]; row n*L + i depends on ids[n, :i+1]."""
+        n, length = ids.shape
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens is longer than the model's {self.max_len}")
+        positions = torch.arange(length, device=ids.device)
+        h = self._cast(self.tok(ids, blocks) + self.pos(positions, blocks).unsqueeze(1))  # [B, N, L, D]
+        for layer in self.layers:
+            h = layer(h, blocks)
+        return self.ln_context(h.reshape(h.shape[0], n * length, -1), blocks)
+
+    def head_input(self, features: torch.Tensor, z: torch.Tensor, blocks: slice = ALL_BLOCKS):
+        """Context features [B, M, D] and latents [B, M, d] -> the head's queries [B, M, Dq]."""
+        g = F.gelu(self.latent_fc(self._cast(z), blocks))
+        h = F.gelu(self.fuse_fc(torch.cat([features, g], dim=-1), blocks))
+        return self.query(self.fuse_ln(h, blocks), blocks)
+
+    def denoise(self, features: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
+                blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """u_hat [B, M, d]: a convex combination of token embeddings for every position."""
+        return softmax_embedding(self.head_input(features, z, blocks), self.head, embed_weight,
+                                 blocks, self.fused)
+
+
+class LanguageModel(nn.Module):
+    """NoProp-LM: the T blocks with what they share, the token embedding W_embed [V, d] (the
+    targets) and the linear classifier on z_T (vocabulary logits)."""
+
+    method = "noprop"
+
+    def __init__(self, num_blocks: int, vocab_size: int, max_len: int, width: int, heads: int,
+                 layers_per_block: int, embed_dim: int, embedding: str = "learned"):
+        """embedding: "learned" (W_embed [V, embed_dim], rows of unit norm on average, trained
+        jointly or replaced by pre-trained ones) or "onehot" (the identity, d = V, fixed)."""
+        super().__init__()
+        self.vocab_size, self.max_len = vocab_size, max_len
+        if embedding == "onehot":
+            embed_dim = vocab_size
+            self.embedding = ClassEmbedding("onehot", vocab_size)
+        else:
+            self.embedding = ClassEmbedding("learned", vocab_size, embed_dim)
+            with torch.no_grad():  # rows of unit norm on average, like the image task's embeddings
+                self.embedding.weight.copy_(torch.randn(vocab_size, embed_dim) / math.sqrt(embed_dim))
+        self.blocks = LanguageBlocks(num_blocks, vocab_size, max_len, width, heads,
+                                     layers_per_block, embed_dim)
+        self.classifier = nn.Linear(embed_dim, vocab_size)
+        self.reset_classifier()
+
+    def reset_classifier(self) -> None:
+        """A matched filter on W_embed: row y = u_y / ||u_y||^2, so z = u_y gives logit 1 for y
+        (also after W_embed is replaced by pre-trained embeddings)."""
+        with torch.no_grad():
+            w = self.embedding.weight.detach()
+            self.classifier.weight.copy_(w / w.square().sum(1, keepdim=True).clamp_min(1e-12))
+            self.classifier.bias.zero_()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def fused(self):
+        return self.blocks.fused
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.blocks.compute_dtype or self.embedding.weight.dtype
+
+    def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "LanguageModel":
+        self.blocks.fused, self.blocks.compute_dtype = fused, compute_dtype
+        configure_attention(self.blocks, fused)
+        return self
+
+
+class GPT(nn.Module):
+    """The backprop baseline: a GPT of `depth` layers and width D, trained end to end."""
+
+    method = "backprop"
+
+    def __init__(self, depth: int, vocab_size: int, max_len: int, width: int, heads: int):
+        super().__init__()
+        self.vocab_size, self.max_len, self.depth = vocab_size, max_len, depth
+        self.tok = nn.Embedding(vocab_size, width)
+        self.pos = nn.Embedding(max_len, width)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.layers = CausalLayer(depth, width, heads)  # depth layers, stacked, run in sequence
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        gpt_init(self, depth)
+        self.fused, self.compute_dtype_ = None, None
+
+    @property
+    def num_blocks(self) -> int:
+        """The stacked layers' leading dimension (what the optimiser keeps a step count for)."""
+        return self.depth
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.compute_dtype_ or self.tok.weight.dtype
+
+    def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "GPT":
+        self.fused, self.compute_dtype_ = fused, compute_dtype
+        configure_attention(self, fused)
+        return self
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, L] -> final hidden states [N*L, D] (fp32 after the last LayerNorm)."""
+        n, length = ids.shape
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens is longer than the model's {self.max_len}")
+        positions = torch.arange(length, device=ids.device)
+        h = (self.tok(ids) + self.pos(positions)).to(self.compute_dtype).unsqueeze(0)  # [1, N, L, D]
+        for layer in range(self.depth):
+            h = self.layers(h, slice(layer, layer + 1))
+        return self.ln_f(h.reshape(n * length, -1).float())
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """[N, L] -> [N*L, V]; for sampling and tests (training never forms all logits when fused)."""
+        return F.linear(self.hidden(ids), self.tok.weight, self.lm_bias)
