@@ -31,7 +31,7 @@ from .memory import cuda_peak, memory_kind, reset_peak
 from .models.lm import GPT, LanguageModel
 from .optim import make_optimizer
 from .schedule import NoiseSchedule
-from .trainer import LOG_EVERY, NonFiniteLoss, apply_gradients, resolve_device
+from .trainer import LOG_EVERY, NonFiniteLoss, apply_gradients, load_states, resolve_device
 
 
 def build_lm(cfg: LMConfig, vocab_size: int, device: torch.device):
@@ -93,7 +93,7 @@ class LMTrainer:
                                      self.device, seed=cfg.seed, show_progress=self.show_progress)
         with torch.no_grad():
             self.model.embedding.weight.copy_(weight)
-        self.model.reset_classifier()
+        self.model.matched_filter_classifier()
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -107,15 +107,8 @@ class LMTrainer:
                 "progress": self.progress.__dict__, "config": self.cfg.to_dict()}
 
     def restore(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            self.batches.load_state_dict(state["batches"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            msg = " ".join(str(err).split())[:200]
-            raise UserError(f"{self.run_dir}: checkpoint does not fit this config ({msg})") from None
+        load_states(self.run_dir, state, model=self.model, optimizer=self.optimizer,
+                    scaler=self.scaler, batches=self.batches)
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)

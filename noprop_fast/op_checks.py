@@ -89,3 +89,25 @@ def check_softmax_head(h, k, c, v) -> list:
         raise ValueError(f"softmax_head: h, k, c, v must share one dtype among fp32, fp16, bf16; "
                          f"got {[t.dtype for t in tensors]}")
     return tensors
+
+
+def check_attention(q, k, v) -> None:
+    """q, k, v: [Z, H, L, Dh] each, one float dtype, one device, every size >= 1."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"causal_attention: {name} must be a 4-d tensor [Z, H, L, Dh], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"causal_attention: {name} must have q's shape {tuple(q.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if q.numel() == 0:
+        raise ValueError(f"causal_attention: empty input, q {tuple(q.shape)} (need Z, H, L, Dh >= 1)")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"causal_attention: q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"causal_attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"causal_attention: {name} must be on q's device {q.device}, "
+                             f"got {t.device}")

@@ -91,6 +91,20 @@ def apply_gradients(loss: torch.Tensor, optimizer: BlockAdamW, blocks: slice = A
     return loss.detach()
 
 
+def load_states(run_dir: Path, state: dict, **targets) -> None:
+    """Load state[key] into each target's `load_state_dict` (a None target, or a scaler's missing
+    state, is skipped); a checkpoint that does not fit is one line naming the run."""
+    try:
+        for key, target in targets.items():
+            if target is not None and state.get(key) is not None:
+                target.load_state_dict(state[key])
+            elif target is not None and key != "scaler":
+                raise KeyError(f"no {key!r} in the checkpoint")
+    except (RuntimeError, ValueError, KeyError) as err:
+        msg = " ".join(str(err).split())[:200]
+        raise UserError(f"{run_dir}: checkpoint does not fit this config ({msg})") from None
+
+
 @dataclass
 class Progress:
     """What a checkpoint carries besides the model and the optimiser."""
@@ -123,14 +137,8 @@ class Trainer:
                 "progress": self.progress.__dict__, "config": self.cfg.to_dict()}
 
     def restore(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            msg = " ".join(str(err).split())[:200]
-            raise UserError(f"{self.run_dir}: checkpoint does not fit this config ({msg})") from None
+        load_states(self.run_dir, state, model=self.model, optimizer=self.optimizer,
+                    scaler=self.scaler)
         self.progress = Progress(**state["progress"])
         runs.rewrite_metrics(self.run_dir, self.progress.history)
 

@@ -188,7 +188,31 @@ class ClassEmbedding(nn.Module):
         return self.weight[labels]
 
 
-class ImageModel(nn.Module):
+class DenoisingModel(nn.Module):
+    """What every task's NoProp model has: `blocks` (with `num_blocks`, `fused`, `compute_dtype`),
+    the embedding W_embed and the linear classifier on z_T (set by the subclass)."""
+
+    def matched_filter_classifier(self) -> None:
+        """Row y = u_y / ||u_y||^2, bias 0: z = u_y gives logit 1 for class y."""
+        with torch.no_grad():
+            w = self.embedding.weight.detach()
+            self.classifier.weight.copy_(w / w.square().sum(1, keepdim=True).clamp_min(1e-12))
+            self.classifier.bias.zero_()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def fused(self):
+        return self.blocks.fused
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.blocks.compute_dtype or self.embedding.weight.dtype
+
+
+class ImageModel(DenoisingModel):
     """The DT blocks with what they share: class embedding, classifier on z_T, and (backprop
     baseline only) the mixing weights a_t = tanh(w_t)."""
 
@@ -203,28 +227,12 @@ class ImageModel(nn.Module):
                                       latent_image_shape=latent_shape)
         self.classifier = nn.Linear(embedding.dim, num_classes)
         if classifier_init == "embedding":
-            # a matched filter: row y = u_y / ||u_y||^2, so z = u_y gives logit 1 for class y
-            with torch.no_grad():
-                w = embedding.weight.detach()
-                self.classifier.weight.copy_(w / w.square().sum(1, keepdim=True).clamp_min(1e-12))
-                self.classifier.bias.zero_()
+            self.matched_filter_classifier()
         elif classifier_init != "random":
             raise ValueError(f"unknown classifier init {classifier_init!r}")
         if method == "backprop":
             # w_t with a_t = tanh(w_t) = 0.5 at the start: each step moves half way to u_hat_t
             self.mix_logits = nn.Parameter(torch.full((num_blocks,), math.atanh(0.5)))
-
-    @property
-    def num_blocks(self) -> int:
-        return self.blocks.num_blocks
-
-    @property
-    def fused(self):
-        return self.blocks.fused
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.blocks.compute_dtype or self.embedding.weight.dtype
 
     def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "ImageModel":
         """Choose the ops (None: plain PyTorch; a fused.FusedOps) and the blocks' compute dtype.

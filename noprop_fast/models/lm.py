@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import (ALL_BLOCKS, BlockEmbedding, BlockLayerNorm, BlockLinear, softmax_embedding)
-from .image import ClassEmbedding
+from .image import ClassEmbedding, DenoisingModel
 
 MAX_QUERY = 128  # the head's query width Dq: the fused softmax head holds D <= 128 in one tile
 
@@ -147,7 +147,7 @@ class LanguageBlocks(nn.Module):
                                  blocks, self.fused)
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(DenoisingModel):
     """NoProp-LM: the T blocks with what they share, the token embedding W_embed [V, d] (the
     targets) and the linear classifier on z_T (vocabulary logits)."""
 
@@ -169,27 +169,7 @@ class LanguageModel(nn.Module):
         self.blocks = LanguageBlocks(num_blocks, vocab_size, max_len, width, heads,
                                      layers_per_block, embed_dim)
         self.classifier = nn.Linear(embed_dim, vocab_size)
-        self.reset_classifier()
-
-    def reset_classifier(self) -> None:
-        """A matched filter on W_embed: row y = u_y / ||u_y||^2, so z = u_y gives logit 1 for y
-        (also after W_embed is replaced by pre-trained embeddings)."""
-        with torch.no_grad():
-            w = self.embedding.weight.detach()
-            self.classifier.weight.copy_(w / w.square().sum(1, keepdim=True).clamp_min(1e-12))
-            self.classifier.bias.zero_()
-
-    @property
-    def num_blocks(self) -> int:
-        return self.blocks.num_blocks
-
-    @property
-    def fused(self):
-        return self.blocks.fused
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.blocks.compute_dtype or self.embedding.weight.dtype
+        self.matched_filter_classifier()  # (again after pre-trained embeddings replace W_embed)
 
     def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "LanguageModel":
         self.blocks.fused, self.blocks.compute_dtype = fused, compute_dtype
