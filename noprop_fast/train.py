@@ -142,7 +142,8 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(run, argv, interrupted="the last finished epoch's checkpoint is kept")
+    return cli_main(run, argv, interrupted="the last checkpoint is kept (the last finished epoch; "
+                                           "for a language model, the last evaluation)")
 
 
 if __name__ == "__main__":
