@@ -128,3 +128,16 @@ def test_noprop_lm_learns_below_the_unigram_entropy(data_dir, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["val_loss"] < 0.6 * summary["unigram_entropy"], summary
+
+
+@pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--precision", "fp16"],
+                                   ["--precision", "bf16", "--method", "backprop"],
+                                   ["--precision", "bf16", "--fused"]],
+                         ids=["bf16", "fp16", "backprop-bf16", "fused-bf16"])
+def test_lm_trains_in_every_precision(data_dir, tmp_path, capsys, extra):
+    args = TINY + extra + ["--data-dir", str(data_dir), "--max-steps", "3", "--eval-every", "3",
+                           "--sample-tokens", "0", "--out", str(tmp_path / "r")]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["precision"] == extra[1] and np.isfinite(summary["val_loss"])
