@@ -227,7 +227,9 @@ class LMTrainer:
             "train_seconds": p.train_seconds,
             "tokens_per_second": p.tokens_seen / p.train_seconds if p.train_seconds else None,
             "ops": "reference" if self.ops is None else self.ops.name, "precision": cfg.precision,
-            "peak_memory_bytes": cuda_peak(self.device), "memory_kind": memory_kind(self.device),
+            # the CUDA allocator's peak; a CPU run has no such figure (null)
+            "peak_memory_bytes": cuda_peak(self.device) if self.device.type == "cuda" else None,
+            "memory_kind": memory_kind(self.device) if self.device.type == "cuda" else None,
             "device": runs.device_name(self.device), "run_dir": str(self.run_dir),
         }
         runs.write_summary(self.run_dir, summary)
