@@ -67,11 +67,17 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """--task first (it decides which config fields exist), then everything against that task."""
+    """The task first (it decides which config fields exist), then everything against that task.
+    Without --task, the task is that of the --config file, else image."""
+    from .train import implied_task
     pre = OneLineArgumentParser(add_help=False)
-    pre.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image")
+    pre.add_argument("--task", choices=sorted(TASK_CONFIGS))
+    pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    return build_parser(known.task).parse_args(argv)
+    task = known.task or implied_task(known.config, None)
+    args = build_parser(task).parse_args(argv)
+    args.task = task
+    return args
 
 
 def parse_methods(text: str) -> list[str]:

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from . import runs
-from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, from_mapping,
-                     list_configs, read_yaml, resolve)
+from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, config_path,
+                     from_mapping, list_configs, read_yaml, resolve)
 from .errors import UserError, cli_main
 
 
@@ -41,11 +41,31 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """--task first (it decides which config fields exist), then everything against that task."""
+    """The task first (it decides which config fields exist), then everything against that task.
+    Without --task, the task is that of the --config file or of the --resume run, else image."""
     pre = OneLineArgumentParser(add_help=False)
-    pre.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image")
+    pre.add_argument("--task", choices=sorted(TASK_CONFIGS))
+    pre.add_argument("--config")
+    pre.add_argument("--resume")
     known, _ = pre.parse_known_args(argv)
-    return build_parser(known.task).parse_args(argv)
+    task = known.task or implied_task(known.config, known.resume)
+    args = build_parser(task).parse_args(argv)
+    args.task = task
+    return args
+
+
+def implied_task(config: str | None, resume: str | None) -> str:
+    """The `task` key of the named config or of the resumed run's config.yaml (image if none)."""
+    path = Path(resume) / "config.yaml" if resume else None
+    if path is None and config:
+        try:
+            path = config_path(config)
+        except UserError:
+            return "image"  # the full parse reports the missing config
+    if path is None or not path.is_file():
+        return "image"
+    task = read_yaml(path).get("task", "image")
+    return task if task in TASK_CONFIGS else "image"
 
 
 def config_from_args(args: argparse.Namespace):

@@ -141,3 +141,16 @@ def test_lm_trains_in_every_precision(data_dir, tmp_path, capsys, extra):
     assert code == 0, err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["precision"] == extra[1] and np.isfinite(summary["val_loss"])
+
+
+def test_the_task_follows_the_config_or_the_resumed_run(data_dir, tmp_path, capsys):
+    from noprop_fast.train import parse_args
+    assert parse_args(["--config", "stdlib"]).task == "lm"
+    assert parse_args(["--config", "digits"]).task == "image"
+    assert parse_args([]).task == "image"
+    args = TINY[2:] + ["--data-dir", str(data_dir), "--max-steps", "1", "--eval-every", "1",
+                       "--sample-tokens", "0", "--out", str(tmp_path / "r")]
+    assert run(["--config", "stdlib"] + args, capsys)[0] == 0  # no --task: the config's
+    code, out, err = run(["--resume", str(tmp_path / "r"), "--max-steps", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert parse_args(["--resume", str(tmp_path / "r")]).task == "lm"
