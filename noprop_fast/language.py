@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .chunked_ce import cross_entropy_rows, linear_cross_entropy
 from .layers import ALL_BLOCKS
 from .methods import chain_from_features, noprop_chain, noprop_loss
+from .nvtx_ranges import phase
 from .schedule import NoiseSchedule
 
 
@@ -28,11 +29,13 @@ def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
     """(loss, parts): NoProp's block, CE and KL terms over all positions, or the GPT's CE."""
     if model.method == "noprop":
         return noprop_loss(model, schedule, x, y.reshape(-1), ALL_BLOCKS, noise)
-    hidden = model.hidden(x)                                  # [N*L, D]
-    if model.fused is not None:
-        ce = linear_cross_entropy(hidden, model.tok.weight, model.lm_bias, y.reshape(-1))
-    else:
-        ce = F.cross_entropy(F.linear(hidden, model.tok.weight, model.lm_bias), y.reshape(-1))
+    with phase("forward"):
+        hidden = model.hidden(x)                              # [N*L, D]
+    with phase("loss"):  # the vocabulary head is part of the loss: chunked on the fused path
+        if model.fused is not None:
+            ce = linear_cross_entropy(hidden, model.tok.weight, model.lm_bias, y.reshape(-1))
+        else:
+            ce = F.cross_entropy(F.linear(hidden, model.tok.weight, model.lm_bias), y.reshape(-1))
     return ce, {"ce": ce.detach()}
 
 

@@ -29,6 +29,7 @@ from .fused import PhiloxNoise, compute_dtype, resolve_ops
 from .language import lm_loss, sample, validation_loss
 from .memory import cuda_peak, memory_kind, reset_peak
 from .models.lm import GPT, LanguageModel
+from .nvtx_ranges import phase
 from .optim import make_optimizer
 from .schedule import NoiseSchedule
 from .trainer import LOG_EVERY, NonFiniteLoss, apply_gradients, load_states, resolve_device
@@ -119,7 +120,8 @@ class LMTrainer:
 
     # -- training ----------------------------------------------------------------------------
     def step(self) -> torch.Tensor:
-        x, y = self.batches.next()
+        with phase("data"):
+            x, y = self.batches.next()
         loss, _ = lm_loss(self.model, self.schedule, x, y, self.noise)
         return apply_gradients(loss, self.optimizer, scaler=self.scaler)
 
@@ -129,9 +131,10 @@ class LMTrainer:
                            max_tokens=cfg.eval_tokens)
 
     def evaluate(self) -> dict:
-        return validation_loss(self.model, self.schedule, self.val_batches(),
-                               stochastic=self.cfg.inference == "stochastic", seed=self.cfg.seed,
-                               chains=self.cfg.eval_chains)
+        with phase("evaluation"):
+            return validation_loss(self.model, self.schedule, self.val_batches(),
+                                   stochastic=self.cfg.inference == "stochastic",
+                                   seed=self.cfg.seed, chains=self.cfg.eval_chains)
 
     def unigram_entropy(self) -> float:
         """Entropy of the evaluated val tokens' own unigram distribution: the loss of a model that

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .chunked_ce import linear_cross_entropy
 from .layers import ALL_BLOCKS
 from .models.image import ImageModel
+from .nvtx_ranges import phase
 from .schedule import NoiseSchedule, block_losses_ref, denoise_step, noisy_latents_ref, prior_kl
 
 
@@ -60,26 +61,32 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
     """NoProp-DT loss for the blocks in `blocks`. Returns (loss, parts) with parts detached:
     `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`."""
     T, fused = model.num_blocks, model.fused
-    u = model.embedding(y)                                    # [N, d] fp32
-    features = model.blocks.features(x, blocks)               # [B, N, F], independent of z
+    with phase("forward"):
+        u = model.embedding(y)                                # [N, d] fp32
+        features = model.blocks.features(x, blocks)           # [B, N, F], independent of z
     nb = features.shape[0]
-    z = noisy_latents(model, y, schedule.input_scale[blocks], schedule.noise_scale[blocks], noise)
-    u_hat = model.blocks.denoise(features, z, model.embedding.weight, blocks)  # [B, N, d]
-    weights = schedule.snr_weights[blocks]
-    target = u.to(model.compute_dtype)
-    if fused is not None:
-        weighted = fused.block_loss(u_hat, target, weights)   # [B] fp32, w_t already applied
-        per_block = weighted.detach() / weights
-    else:
-        accumulate = torch.promote_types(u_hat.dtype, torch.float32)
-        per_block = block_losses_ref(u_hat.to(accumulate), target.to(accumulate))  # [B]
-        weighted = weights * per_block
-    denoise = (T / nb) * weighted.sum()
-    # z_T ~ q(z_T | y): the same op with abar_T, for one "block"
-    abar_T = schedule.alpha_bar[-1:]
-    z_clean = noisy_latents(model, y, abar_T.sqrt(), (1 - abar_T).sqrt(), noise)[0]
-    ce = classifier_cross_entropy(model, z_clean.to(u.dtype), y)
-    kl = prior_kl(u, schedule)
+    with phase("noise"):
+        z = noisy_latents(model, y, schedule.input_scale[blocks], schedule.noise_scale[blocks],
+                          noise)
+    with phase("forward"):
+        u_hat = model.blocks.denoise(features, z, model.embedding.weight, blocks)  # [B, N, d]
+    with phase("loss"):
+        weights = schedule.snr_weights[blocks]
+        target = u.to(model.compute_dtype)
+        if fused is not None:
+            weighted = fused.block_loss(u_hat, target, weights)  # [B] fp32, w_t already applied
+            per_block = weighted.detach() / weights
+        else:
+            accumulate = torch.promote_types(u_hat.dtype, torch.float32)
+            per_block = block_losses_ref(u_hat.to(accumulate), target.to(accumulate))  # [B]
+            weighted = weights * per_block
+        denoise = (T / nb) * weighted.sum()
+        # z_T ~ q(z_T | y): the same op with abar_T, for one "block"
+        abar_T = schedule.alpha_bar[-1:]
+        with phase("noise"):
+            z_clean = noisy_latents(model, y, abar_T.sqrt(), (1 - abar_T).sqrt(), noise)[0]
+        ce = classifier_cross_entropy(model, z_clean.to(u.dtype), y)
+        kl = prior_kl(u, schedule)
     parts = {"block_losses": per_block.detach(), "ce": ce.detach(), "kl": kl.detach()}
     return denoise + ce + kl, parts
 
@@ -106,7 +113,10 @@ def backprop_chain(model: ImageModel, x: torch.Tensor, generator=None) -> torch.
 
 
 def backprop_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    ce = F.cross_entropy(backprop_chain(model, x), y)
+    with phase("forward"):
+        logits = backprop_chain(model, x)                     # [N, m]
+    with phase("loss"):
+        ce = F.cross_entropy(logits, y)
     return ce, {"ce": ce.detach()}
 
 

@@ -29,6 +29,7 @@ from .layers import ALL_BLOCKS
 from .memory import SavedTensorBytes, cuda_peak, memory_kind, reset_peak
 from .methods import backprop_loss, evaluate, noprop_loss
 from .models.image import ClassEmbedding, ImageModel, prototype_embeddings
+from .nvtx_ranges import phase, phase_iter
 from .optim import BlockAdamW, make_optimizer
 from .schedule import NoiseSchedule
 
@@ -80,14 +81,15 @@ def apply_gradients(loss: torch.Tensor, optimizer: BlockAdamW, blocks: slice = A
                     scaler=None) -> torch.Tensor:
     """Backward and one optimiser step on `blocks` (fp16: through the loss scaler). Returns the
     detached loss. Both tasks' steps end here."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        optimizer.step(blocks)
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer, blocks)  # skipped (one host sync) if a gradient overflowed
-        scaler.update()
+    with phase("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    with phase("optimizer"):
+        if scaler is None:
+            optimizer.step(blocks)
+        else:
+            scaler.step(optimizer, blocks)  # skipped (one host sync) if a gradient overflowed
+            scaler.update()
     return loss.detach()
 
 
@@ -166,7 +168,8 @@ class Trainer:
         log_every = 1 if device.type == "cpu" else LOG_EVERY  # a read costs nothing on CPU
         step, read, seen, start = 0, 0, 0, time.perf_counter()
         for blocks in passes:
-            for x, y in batches(data.train_x, data.train_y, cfg.batch_size, generator=shuffle):
+            for x, y in phase_iter("data", batches(data.train_x, data.train_y, cfg.batch_size,
+                                                   generator=shuffle)):
                 if x.shape[0] < 2:
                     continue  # BatchNorm needs two examples; a last batch of one is skipped
                 if step == 0 and device.type == "cpu":
@@ -221,8 +224,9 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def evaluate(self) -> float:
-        return evaluate(self.model, self.schedule, self.data.test_x, self.data.test_y,
-                        stochastic=self.cfg.inference == "stochastic", seed=self.cfg.seed)
+        with phase("evaluation"):
+            return evaluate(self.model, self.schedule, self.data.test_x, self.data.test_y,
+                            stochastic=self.cfg.inference == "stochastic", seed=self.cfg.seed)
 
     def fit(self) -> dict:
         cfg = self.cfg
