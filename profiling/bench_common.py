@@ -2,9 +2,10 @@
 synthetic data, loading the fused ops, and the one-line form of a failure.
 
 The sections: bench_step.py (the training step), bench_ops.py (each op against its reference),
-benchmark.py's `bench_memory` (the head's peak memory, through head_memory.py); bench_report.py
-writes the report. benchmark.py puts the repository and this folder on sys.path before importing
-any of them.
+bench.py's `bench_memory` (the head's peak memory, through head_memory.py), bench_loop.py (the
+batched step against T separate modules in a loop), bench_memory_methods.py (activation memory per
+method and schedule); bench_report.py writes the report. bench.py puts the repository and this
+folder on sys.path before importing any of them.
 """
 import time
 from dataclasses import dataclass, field
@@ -57,10 +58,11 @@ def load_fused(device: torch.device):
     return ops, status, time.perf_counter() - start
 
 
-def mnist_model(sizes: Sizes, device: torch.device):
-    """The MNIST config's model on synthetic data of MNIST's shape."""
-    cfg = ImageConfig(dataset="mnist", method="noprop", embedding="onehot",
-                      num_blocks=sizes.num_blocks, batch_size=sizes.batch)
+def mnist_model(sizes: Sizes, device: torch.device, method: str = "noprop", **overrides):
+    """The MNIST config's model on synthetic data of MNIST's shape. overrides: other ImageConfig
+    fields (tests set dropout=0.0, so that two paths see the same activations)."""
+    cfg = ImageConfig(dataset="mnist", method=method, embedding="onehot",
+                      num_blocks=sizes.num_blocks, batch_size=sizes.batch, **overrides)
     x = torch.randn(sizes.batch, *sizes.image_shape)
     y = torch.arange(sizes.batch) % sizes.num_classes
     data = ImageData("mnist-shaped", x, y, x[:2], y[:2], sizes.num_classes, "synthetic (benchmark)")

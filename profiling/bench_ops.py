@@ -1,4 +1,4 @@
-"""Section 2 of profiling/benchmark.py: each fused op against its `<op>_ref`, forward (autograd
+"""Section 2 of profiling/bench.py: each fused op against its `<op>_ref`, forward (autograd
 recording, as in training) and forward + backward, at the shapes the MNIST step uses, and the head
 at a language-model shape (B=1, N=1024, D=128, m=50257, d=256). CPU: torch.utils.benchmark's
 blocked_autorange median; GPU: triton's do_bench median, and GB/s or TFLOP/s from the formulas in

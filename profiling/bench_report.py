@@ -1,4 +1,4 @@
-"""The report of profiling/benchmark.py: the header (device, versions, load, command), report.md's
+"""The report of profiling/bench.py: the header (device, versions, load, command), report.md's
 tables, one per section, and results.json. See profiling/README.md for what each figure means.
 """
 import json
@@ -11,6 +11,7 @@ import torch
 
 import head_memory
 from bench_common import ACCEPT_MEMORY_RATIO, H100_PEAK_FLOPS
+from bench_memory_methods import VARIANTS as MEMORY_VARIANTS
 
 OPS_NAMES = {"cpp": "C++ ops (noprop_fast.cpu_ops)", "triton": "Triton kernels (noprop_fast.kernels)"}
 
@@ -55,17 +56,21 @@ def section(name: str, cpu: bool, prose: str, columns: list[str]) -> list[str]:
 
 def render_header(head: dict, cpu: bool) -> list[str]:
     kind = "CPU numbers (no GPU in this run)" if cpu else "GPU numbers"
-    return [f"# Fused path against the reference: {kind}", "",
+    seconds = ", ".join(f"{name} {t:.0f} s" for name, t in head.get("section_seconds", {}).items())
+    loaded = "" if head["fused_ops"].startswith("not loaded") else \
+        f" (loaded in {head['fused_load_seconds']:.2f} s)"
+    return [f"# profiling/bench.py: {kind}", "",
             "| | |", "|---|---|",
             f"| device | {head['device_name']}{' (CPU)' if cpu else ''} |",
             f"| threads | torch.get_num_threads() = {head['threads']} |",
             f"| torch / triton / python | {head['torch']} / {head['triton']} / {head['python']} |",
-            f"| fused ops | {head['fused_ops']} (loaded in {head['fused_load_seconds']:.2f} s) |",
+            f"| fused ops | {head['fused_ops']}{loaded} |",
             f"| load average (1 min) at start / end | {head['load_average_start']:.2f} / "
             f"{head['load_average_end']:.2f} (other work on the machine disturbs the figures) |",
             f"| dtype | {head['precision']} (memory section: fp32) |",
             f"| date | {head['date']} |",
-            f"| command | `{head['command']}` |", ""]
+            f"| command | `{head['command']}` |",
+            f"| run time | {head['seconds']:.0f} s in all ({seconds}) |", ""]
 
 
 def render_step(step: dict, head: dict, cpu: bool) -> list[str]:
@@ -154,6 +159,58 @@ def render_memory(mem: dict, head: dict, cpu: bool) -> list[str]:
     return out + [""]
 
 
+def mnist_shape(c: dict) -> str:
+    return (f"MNIST config on synthetic data: image {'x'.join(map(str, c['image_shape']))}, "
+            f"m = {c['num_classes']}, one-hot, batch {c['batch']}, T = {c['num_blocks']}, fp32")
+
+
+def render_loop(loop: dict, cpu: bool) -> list[str]:
+    c = loop["config"]
+    out = section("Batched step against T separate modules in a loop", cpu,
+                  f"{mnist_shape(c)}, NoProp, every block on every batch. batched: `train_step` "
+                  "on the batched model (stacked parameters, one forward and backward, one "
+                  "BlockAdamW step). loop: T `DTBlock`s from `separate_blocks_from` (same "
+                  "weights), each with its own torch.optim.AdamW; per batch, block by block: "
+                  "noisy input, forward, weighted loss, backward, optimiser step; then the "
+                  "classifier's CE with "
+                  f"the shared AdamW. Per path: {c['warmup_steps']} warm-up step(s), then "
+                  f"{c['rounds']} round(s) of {c['steps_per_round']} step(s), the paths in turn. "
+                  "The --precision option does not apply: both run fp32.",
+                  ["path", "median images/s", "min..max images/s", "warm-up steps (s)"])
+    for name, p in loop["paths"].items():
+        warm = ", ".join(f"{t:.2f}" for t in p["warmup_seconds"])
+        out.append(f"| {name} | {p['median']:.1f} | {p['min']:.1f}..{p['max']:.1f} | {warm} |")
+    return out + ["", f"batched / loop = {loop['batched/loop']:.2f} (median images/s).", ""]
+
+
+def render_methods_memory(mem: dict, cpu: bool) -> list[str]:
+    c, paper = mem["config"], mem["paper_table2_gb"]
+    out = section("Activation memory per method, one training step (MiB)", cpu,
+                  f"{mnist_shape(c)}. Method: {mem['method']}. noprop-sequential: one block per "
+                  "step (blocks = slice(t, t + 1)), the largest over t. The paper's Table 2 (GPU "
+                  "GB, one-hot, MNIST) counts all GPU memory, weights and optimiser state "
+                  "included; these figures count activations only (weights and optimiser state "
+                  "are the same for every variant), so the ratios are not the paper's ratios. The "
+                  "paper does not say which of our two NoProp rows its NoProp-DT figure "
+                  "corresponds to, so it stands beside both.",
+                  ["variant", "saved for backward MiB", "/ backprop", "paper Table 2 GB",
+                   "paper / backprop"])
+    noprop_dt = (paper["noprop-dt"], paper["noprop-dt/backprop"])
+    paper_of = {"noprop-all": noprop_dt, "noprop-sequential": noprop_dt,
+                "backprop": (paper["backprop"], 1.0)}
+    for name in MEMORY_VARIANTS:
+        gb, ratio = paper_of[name]
+        out.append(f"| {name} | {mib(mem['bytes'][name])} | "
+                   f"{mem['ratios'][f'{name}/backprop']:.3f} | {gb:.2f} | {ratio:.2f} |")
+    per_block = ", ".join(mib(b) for b in mem["sequential_per_block_bytes"])
+    verdict = "yes" if mem["meets_bar"] else "no"
+    note = "" if mem["bar_applies"] else " (the bar is set for T = 10, batch 128, not these sizes)"
+    return out + ["", f"noprop-sequential per block t = 1..{c['num_blocks']} (MiB): {per_block}.",
+                  "",
+                  f"sequential / backprop = {mem['ratios']['noprop-sequential/backprop']:.3f} <= "
+                  f"{mem['accept_sequential_ratio']} (issue acceptance): {verdict}{note}.", ""]
+
+
 def render(results: dict) -> str:
     head = results["header"]
     cpu = head["device_type"] == "cpu"
@@ -164,6 +221,10 @@ def render(results: dict) -> str:
         out += render_ops(results["ops"], head, cpu)
     if "memory" in results:
         out += render_memory(results["memory"], head, cpu)
+    if "loop" in results:
+        out += render_loop(results["loop"], cpu)
+    if "methods-memory" in results:
+        out += render_methods_memory(results["methods-memory"], cpu)
     return "\n".join(out)
 
 

@@ -1,4 +1,4 @@
-"""Section 1 of profiling/benchmark.py: one NoProp training step at the MNIST config, three paths.
+"""Section 1 of profiling/bench.py: one NoProp training step at the MNIST config, three paths.
 
     reference  `train_step` with the model's plain PyTorch, noise from torch.randn
     fused      the same step with `model.configure(fused_ops(device), dtype)` and Philox noise

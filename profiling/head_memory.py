@@ -76,7 +76,7 @@ def head_inputs(shape: HeadShape, device, dtype=torch.float32) -> dict:
 
 def load_fused_ops(device: torch.device):
     """(FusedOps, "") for the device (Triton on CUDA, C++ on CPU), or (None, "unavailable: <one
-    line>") where they cannot be loaded. benchmark.py loads them through this too."""
+    line>") where they cannot be loaded. bench.py loads them through this too."""
     from noprop_fast.cpu_ops import FusedOpsUnavailable
     from noprop_fast.fused import fused_ops
     try:
@@ -237,7 +237,7 @@ def measure(variant: str, shape: HeadShape, device: torch.device, threads: int) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CPU worker: the head's peak memory, one variant "
-                                     "(run by profiling/benchmark.py with MALLOC_MMAP_THRESHOLD_ set)")
+                                     "(run by profiling/bench.py with MALLOC_MMAP_THRESHOLD_ set)")
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     for name, default in (("blocks", 1), ("rows", 1024), ("dim", 128), ("classes", 50257),
                           ("embed", 256)):
