@@ -41,6 +41,28 @@ def block_slice(tensor: torch.Tensor, blocks: slice) -> torch.Tensor:
     return tensor if blocks == ALL_BLOCKS else tensor[blocks]
 
 
+class _BatchedLinear(torch.autograd.Function):
+    """Y = X W^T + b per block, [B, N, in] x [B, out, in] -> [B, N, out], in plain PyTorch.
+
+    Autograd through `baddbmm(b, X, W.transpose(1, 2))` would produce dW as the transposed view of
+    X^T dY and copy it into W's contiguous .grad (69 ms a step for the MNIST image FC on a CPU);
+    here dW = dY^T X comes out in W's own layout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = torch.bmm(dy, weight) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        db = dy.sum(1) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
 class BlockLinear(nn.Module):
     """T independent linear layers, run as one batched matmul. Input [B, N, in] -> [B, N, out]."""
 
@@ -63,8 +85,7 @@ class BlockLinear(nn.Module):
                              f"got {list(x.shape)}")
         if self.fused is not None:
             return self.fused.block_linear(x, weight, bias, "none")
-        # [B, N, in] @ [B, in, out] + [B, 1, out]
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        return _BatchedLinear.apply(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"blocks={self.num_blocks}, in={self.in_features}, out={self.out_features}"

@@ -76,8 +76,9 @@ class BlockAdamW(torch.optim.Optimizer):
                 param.mul_(1 - lr * wd)
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                param.sub_(lr * exp_avg / (bias_correction1 * denom))
+                # one temporary of the parameter's size: bias_correction1 * (sqrt(v) / bc2 + eps)
+                denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps).mul_(bias_correction1)
+                param.addcdiv_(exp_avg, denom, value=-lr)
         return loss
 
 

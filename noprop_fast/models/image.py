@@ -33,6 +33,7 @@ from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, softm
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
 CONV_CHANNELS = (32, 64, 128)
+CPU_CONV_CHUNK = 1  # blocks whose conv maps a CPU computes at a time (see ConvTower.forward)
 
 
 class ConvTower(nn.Module):
@@ -53,11 +54,29 @@ class ConvTower(nn.Module):
         self.bn = BlockBatchNorm(num_blocks, HIDDEN)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        n = x.shape[0]
+    def conv_maps(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """The convolutions, pools and dropouts: [N, C_in(*B), H, W] -> [N, B * 128, H/4, W/4]."""
         h = self.dropout(F.max_pool2d(F.relu(self.conv1(x, blocks)), 2))
         h = self.dropout(F.relu(self.conv2(h, blocks)))
-        h = self.dropout(F.max_pool2d(F.relu(self.conv3(h, blocks)), 2))
+        return self.dropout(F.max_pool2d(F.relu(self.conv3(h, blocks)), 2))
+
+    def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        n = x.shape[0]
+        start, stop, _ = blocks.indices(self.conv1.num_blocks)
+        if x.device.type == "cpu" and stop - start > CPU_CONV_CHUNK:
+            # On a CPU the maps of all T blocks at once ([N, T * 32, H, W]: 128 MB at batch 128
+            # on MNIST) stream through memory between every conv, ReLU, pool and dropout; a few
+            # blocks at a time stay in cache. The same maths: each block's maps are its own.
+            per_block = x.shape[1] // (stop - start) if not self.conv1.shared_input else None
+            chunks = []
+            for first in range(start, stop, CPU_CONV_CHUNK):
+                chunk = slice(first, min(first + CPU_CONV_CHUNK, stop))
+                xc = x if per_block is None else \
+                    x[:, (first - start) * per_block:(chunk.stop - start) * per_block]
+                chunks.append(self.conv_maps(xc, chunk))
+            h = torch.cat(chunks, dim=1)
+        else:
+            h = self.conv_maps(x, blocks)
         nb = h.shape[1] // CONV_CHANNELS[2]
         # [N, B * 128, h, w] -> [B, N, 128 * h * w]: channels are block-major
         h = h.reshape(n, nb, self.flat_features).transpose(0, 1)
