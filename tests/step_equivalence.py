@@ -76,3 +76,21 @@ def assert_same_losses(result, precision: str = "fp32"):
                                        msg=lambda m: f"step {step} block losses: {m}")
     # the runs moved: equal losses that never change would make the comparison empty
     assert len({round(ref, 6) for ref, *_ in rows}) == len(rows)
+
+
+def assert_same_lm_step(ref, fused, schedule, x, y, seed: int = 11) -> None:
+    """One language-model loss and backward on each model (same weights, the same Philox noise):
+    the losses agree to 1e-5 and every parameter's gradient to 1e-4, with an absolute floor of
+    1e-5 of the largest gradient (fp32)."""
+    from noprop_fast.language import lm_loss
+    losses, grads = [], []
+    for model in (ref, fused):
+        loss, _ = lm_loss(model, schedule, x, y, PhiloxNoise(seed, x.device))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5 * scale, msg=name)

@@ -214,25 +214,12 @@ def test_noprop_lm_gradients_stay_in_their_block():
 
 @pytest.mark.parametrize("method", ["noprop", "backprop"])
 def test_fused_lm_loss_and_gradients_match_the_reference(method):
-    from noprop_fast.fused import PhiloxNoise
+    from step_equivalence import assert_same_lm_step
     ops = cpp_ops()
     build = noprop_model if method == "noprop" else gpt_model
     ref, fused = build(None), build(ops)
     fused.load_state_dict(ref.state_dict())
-    schedule = NoiseSchedule.cosine(T)
-    x, y = windows(), windows(seed=3)
-    losses, grads = [], []
-    for model in (ref, fused):
-        noise = PhiloxNoise(11, torch.device("cpu"))
-        loss, _ = lm_loss(model, schedule, x, y, noise)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    assert grads[0].keys() == grads[1].keys()
-    scale = max(g.abs().max().item() for g in grads[0].values())
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert_same_lm_step(ref, fused, NoiseSchedule.cosine(T), windows(), windows(seed=3))
 
 
 # -- evaluation and sampling -------------------------------------------------------------------
