@@ -16,15 +16,22 @@ from .errors import ConfigError
 from .schedule import NoiseSchedule, cosine_alpha_bar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-DEFAULT_CONFIG = "digits"
 
 
 def _opt(default, help: str, choices: tuple | None = None, minimum: float | None = None):
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
 
 
+class TaskConfig:
+    """What every task's config dataclass shares; `DEFAULT` names the config used when none is."""
+    DEFAULT: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class ImageConfig:
+class ImageConfig(TaskConfig):
     task: str = _opt("image", "which task this config is for", ("image",))
     method: str = _opt("noprop", "noprop: NoProp-DT; backprop: the same blocks trained end to end",
                        ("noprop", "backprop"))
@@ -71,9 +78,6 @@ class ImageConfig:
             raise ConfigError(f"dropout: {self.dropout} must be below 1")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def validate_fields(cfg) -> None:
     """Choices and minimums of every field, and a schedule that exists for (num_blocks, snr_max)."""
@@ -91,7 +95,7 @@ def validate_fields(cfg) -> None:
 
 
 @dataclass
-class LMConfig:
+class LMConfig(TaskConfig):
     """The language task. The defaults are the CPU config (`stdlib`): the embedded corpus, bytes."""
     task: str = _opt("lm", "which task this config is for", ("lm",))
     method: str = _opt("noprop", "noprop: NoProp-LM; backprop: a GPT of the same width and total "
@@ -148,9 +152,6 @@ class LMConfig:
             raise ConfigError(f"heads: the head size width / heads = {self.width // self.heads} "
                               "must be one of 16, 32, 64, 128")
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}

@@ -209,6 +209,14 @@ class BlockEmbedding(nn.Module):
 BLOCK_LAYERS = (BlockLinear, BlockConv2d, BlockBatchNorm, BlockLayerNorm, BlockEmbedding)
 
 
+def use_fused_linear(module: nn.Module, fused) -> None:
+    """Point every BlockLinear in `module` at the fused ops (`fused.block_linear`), or back to the
+    plain batched matmul (None)."""
+    for sub in module.modules():
+        if isinstance(sub, BlockLinear):
+            sub.fused = fused
+
+
 def block_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters of `module` that belong to block layers (leading dimension = block)."""
     params = []

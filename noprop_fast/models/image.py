@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, softmax_embedding
+from ..layers import (ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, softmax_embedding,
+                      use_fused_linear)
 
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
@@ -257,7 +258,5 @@ class ImageModel(DenoisingModel):
         """Choose the ops (None: plain PyTorch; a fused.FusedOps) and the blocks' compute dtype.
         Neither changes a parameter: a checkpoint loads into either path and precision."""
         self.blocks.fused, self.blocks.compute_dtype = fused, compute_dtype
-        for layer in self.blocks.modules():
-            if isinstance(layer, BlockLinear):
-                layer.fused = fused
+        use_fused_linear(self.blocks, fused)
         return self

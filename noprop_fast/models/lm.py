@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import (ALL_BLOCKS, BlockEmbedding, BlockLayerNorm, BlockLinear, softmax_embedding)
+from ..layers import (ALL_BLOCKS, BlockEmbedding, BlockLayerNorm, BlockLinear, softmax_embedding,
+                      use_fused_linear)
 from .image import ClassEmbedding, DenoisingModel
 
 MAX_QUERY = 128  # the head's query width Dq: the fused softmax head holds D <= 128 in one tile
@@ -64,7 +65,7 @@ class CausalLayer(nn.Module):
         self.ln2 = BlockLayerNorm(num_blocks, width)
         self.fc = BlockLinear(num_blocks, width, mlp_ratio * width)
         self.out = BlockLinear(num_blocks, mlp_ratio * width, width)
-        self.attention = sdpa_causal  # set by `configure_attention`
+        self.attention = sdpa_causal  # set by `use_ops`
 
     def forward(self, h: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         nb, n, length, width = h.shape
@@ -90,13 +91,13 @@ def gpt_init(module: nn.Module, depth: int) -> None:
             nn.init.zeros_(sub.bias)
 
 
-def configure_attention(module: nn.Module, fused) -> None:
+def use_ops(module: nn.Module, fused) -> None:
+    """The fused ops (or None) for every BlockLinear and every CausalLayer's attention in `module`."""
+    use_fused_linear(module, fused)
     attention = sdpa_causal if fused is None or fused.causal_attention is None else fused.causal_attention
     for sub in module.modules():
         if isinstance(sub, CausalLayer):
             sub.attention = attention
-        if isinstance(sub, BlockLinear):
-            sub.fused = fused
 
 
 class LanguageBlocks(nn.Module):
@@ -173,7 +174,7 @@ class LanguageModel(DenoisingModel):
 
     def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "LanguageModel":
         self.blocks.fused, self.blocks.compute_dtype = fused, compute_dtype
-        configure_attention(self.blocks, fused)
+        use_ops(self.blocks, fused)
         return self
 
 
@@ -206,7 +207,7 @@ class GPT(nn.Module):
 
     def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "GPT":
         self.fused, self.compute_dtype_ = fused, compute_dtype
-        configure_attention(self, fused)
+        use_ops(self, fused)
         return self
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
