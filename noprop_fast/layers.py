@@ -78,8 +78,11 @@ class BlockLinear(nn.Module):
         self.fused = None  # a fused.FusedOps, or None for the plain batched matmul
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        weight = block_slice(self.weight, blocks).to(x.dtype)
-        bias = block_slice(self.bias, blocks).to(x.dtype)
+        return self.forward_with(x, block_slice(self.weight, blocks), block_slice(self.bias, blocks))
+
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The layer on some blocks' weights [B, out, in] and biases [B, out] (see ConvTower)."""
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         if x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
             raise ValueError(f"BlockLinear expects [{weight.shape[0]}, N, {self.in_features}], "
                              f"got {list(x.shape)}")
@@ -113,8 +116,11 @@ class BlockConv2d(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        weight = block_slice(self.weight, blocks).to(x.dtype)
-        bias = block_slice(self.bias, blocks).to(x.dtype)
+        return self.forward_with(x, block_slice(self.weight, blocks), block_slice(self.bias, blocks))
+
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The convs of some blocks' weights [B, out, in, k, k] and biases [B, out]."""
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         nb = weight.shape[0]
         expected = self.in_channels if self.shared_input else nb * self.in_channels
         if x.shape[1] != expected:

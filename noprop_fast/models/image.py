@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import (ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, softmax_embedding,
-                      use_fused_linear)
+from ..layers import (ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, block_slice,
+                      softmax_embedding, use_fused_linear)
 
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
@@ -55,33 +55,55 @@ class ConvTower(nn.Module):
         self.bn = BlockBatchNorm(num_blocks, HIDDEN)
         self.dropout = nn.Dropout(dropout)
 
-    def conv_maps(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        """The convolutions, pools and dropouts: [N, C_in(*B), H, W] -> [N, B * 128, H/4, W/4]."""
-        h = self.dropout(F.max_pool2d(F.relu(self.conv1(x, blocks)), 2))
-        h = self.dropout(F.relu(self.conv2(h, blocks)))
-        return self.dropout(F.max_pool2d(F.relu(self.conv3(h, blocks)), 2))
+    def conv_maps(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS, params=None) -> torch.Tensor:
+        """The convolutions, pools and dropouts: [N, C_in(*B), H, W] -> [N, B * 128, H/4, W/4].
+        params: the three convs' (weight, bias) for the slice's blocks, where the caller has them."""
+        convs = (self.conv1, self.conv2, self.conv3)
+        if params is None:
+            params = [(block_slice(c.weight, blocks), block_slice(c.bias, blocks)) for c in convs]
+        (w1, b1), (w2, b2), (w3, b3) = params
+        h = self.dropout(F.max_pool2d(F.relu(self.conv1.forward_with(x, w1, b1)), 2))
+        h = self.dropout(F.relu(self.conv2.forward_with(h, w2, b2)))
+        return self.dropout(F.max_pool2d(F.relu(self.conv3.forward_with(h, w3, b3)), 2))
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         n = x.shape[0]
         start, stop, _ = blocks.indices(self.conv1.num_blocks)
         if x.device.type == "cpu" and stop - start > CPU_CONV_CHUNK:
-            # On a CPU the maps of all T blocks at once ([N, T * 32, H, W]: 128 MB at batch 128
-            # on MNIST) stream through memory between every conv, ReLU, pool and dropout; a few
-            # blocks at a time stay in cache. The same maths: each block's maps are its own.
-            per_block = x.shape[1] // (stop - start) if not self.conv1.shared_input else None
-            chunks = []
-            for first in range(start, stop, CPU_CONV_CHUNK):
-                chunk = slice(first, min(first + CPU_CONV_CHUNK, stop))
-                xc = x if per_block is None else \
-                    x[:, (first - start) * per_block:(chunk.stop - start) * per_block]
-                chunks.append(self.conv_maps(xc, chunk))
-            h = torch.cat(chunks, dim=1)
-        else:
-            h = self.conv_maps(x, blocks)
+            return self.bn(self._cpu_chunked_fc(x, blocks, start, stop), blocks)
+        h = self.conv_maps(x, blocks)
         nb = h.shape[1] // CONV_CHANNELS[2]
         # [N, B * 128, h, w] -> [B, N, 128 * h * w]: channels are block-major
         h = h.reshape(n, nb, self.flat_features).transpose(0, 1)
         return self.bn(self.fc(h, blocks), blocks)
+
+    def _cpu_chunked_fc(self, x: torch.Tensor, blocks: slice, start: int, stop: int) -> torch.Tensor:
+        """The convs and the FC a few blocks at a time: [B, N, 256] before the BatchNorm.
+
+        On a CPU the maps of all T blocks at once ([N, T * 32, H, W]: 128 MB at batch 128 on
+        MNIST) stream through memory between every conv, ReLU, pool and dropout; a few blocks at a
+        time stay in cache. Each chunk goes on through the FC, so the [N, B * 128, h, w] maps are
+        never concatenated nor transposed. Each parameter is split into its chunks once: the
+        backward of `split` writes every chunk's gradient into one tensor, where a slice per chunk
+        would zero-fill and add a whole-parameter gradient per chunk. The same maths: each block's
+        maps and features are its own.
+        """
+        n = x.shape[0]
+        sizes = [min(CPU_CONV_CHUNK, stop - first) for first in range(start, stop, CPU_CONV_CHUNK)]
+        layers = (self.conv1, self.conv2, self.conv3, self.fc)
+        chunked = [(block_slice(layer.weight, blocks).split(sizes),
+                    block_slice(layer.bias, blocks).split(sizes)) for layer in layers]
+        per_block = None if self.conv1.shared_input else x.shape[1] // (stop - start)
+        features, first = [], 0
+        for i, size in enumerate(sizes):
+            xc = x if per_block is None else x[:, first * per_block:(first + size) * per_block]
+            params = [(weights[i], biases[i]) for weights, biases in chunked]
+            h = self.conv_maps(xc, params=params[:3])
+            # [N, size * 128, h, w] -> [size, N, 128 * h * w]: channels are block-major
+            h = h.reshape(n, size, self.flat_features).transpose(0, 1)
+            features.append(self.fc.forward_with(h, *params[3]))
+            first += size
+        return torch.cat(features)                                  # [B, N, 256]
 
 
 class DenoisingBlocks(nn.Module):
