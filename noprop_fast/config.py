@@ -22,6 +22,11 @@ def _opt(default, help: str, choices: tuple | None = None, minimum: float | None
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
 
 
+_CUDA_GRAPHS_HELP = ("capture each training step in a CUDA graph (graphs.py); auto: where it "
+                     "can be (CUDA, --fused, not fp16), else one line says why; on: as auto, the "
+                     "line also on a CPU; off: never")
+
+
 class TaskConfig:
     """What every task's config dataclass shares; `DEFAULT` names the config used when none is."""
     DEFAULT: str
@@ -66,6 +71,7 @@ class ImageConfig(TaskConfig):
     precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay fp32; "
                           "fp16 adds loss scaling); bf16 is what a GPU run should use; fp16 convs are slow on most CPUs",
                           ("fp32", "bf16", "fp16"))
+    cuda_graphs: str = _opt("auto", _CUDA_GRAPHS_HELP, ("auto", "on", "off"))
     seed: int = _opt(0, "seeds weights, noise, shuffling and evaluation")
     device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
     out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time>")
@@ -138,6 +144,7 @@ class LMConfig(TaskConfig):
                        "vocabulary cross-entropy")
     precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay fp32)",
                           ("fp32", "bf16", "fp16"))
+    cuda_graphs: str = _opt("auto", _CUDA_GRAPHS_HELP, ("auto", "on", "off"))
     seed: int = _opt(0, "seeds weights, noise, batches and evaluation")
     device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
     out: str | None = _opt(None, "run folder; default runs/lm-<method>-<time>")

@@ -11,6 +11,9 @@ resumed from step k replays steps k+1.. as the uninterrupted run does (a test ch
 
 Host syncs: a step's loss goes into a device buffer read every `LOG_EVERY` steps on CUDA (every
 step on a CPU, where a read costs nothing); the validation loss is read once per evaluation.
+
+CUDA graphs (`--cuda-graphs`, graphs.py): with --fused on CUDA the step after the batch fetch is
+captured once and replayed; elsewhere one line says why not and the steps run uncaptured.
 """
 import math
 import sys
@@ -26,6 +29,7 @@ from .config import LMConfig, save_config
 from .data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from .errors import UserError
 from .fused import PhiloxNoise, compute_dtype, resolve_ops
+from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, once
 from .language import lm_loss, sample, validation_loss
 from .memory import cuda_peak, memory_kind, reset_peak
 from .models.lm import GPT, LanguageModel
@@ -75,7 +79,13 @@ class LMTrainer:
             if pretrain:
                 self._pretrain_embeddings()
             self.model.embedding.weight.requires_grad_(False)  # frozen: the targets stay put
-        self.optimizer = make_optimizer(self.model, cfg)
+        # CUDA graphs (graphs.py): the step after the batch fetch is captured on its first batch;
+        # use_graphs False runs every step uncaptured (the tests compare both)
+        self.graph_warn = once()
+        reason = graph_unavailable_reason(self.device, cfg, self.ops is not None)
+        announce_uncaptured(self.device, cfg, reason, self.graph_warn)
+        self.use_graphs, self.captured = reason is None, None
+        self.optimizer = make_optimizer(self.model, cfg, capturable=self.use_graphs)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, self.device)
         self.noise = PhiloxNoise(cfg.seed, self.device) if self.ops is not None else None
@@ -122,6 +132,17 @@ class LMTrainer:
     def step(self) -> torch.Tensor:
         with phase("data"):
             x, y = self.batches.next()
+        if self.use_graphs:
+            if self.captured is None:
+                self.captured = CapturedStep(self.train_on, (x, y), self.device,
+                                             warn=self.graph_warn)
+            if self.captured.fits(x, y):
+                return self.captured(x, y)
+        return self.train_on(x, y)
+
+    def train_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on the batch x, y [N, L]; returns the detached loss (a device
+        tensor). The part of a step that a CUDA graph captures."""
         loss, _ = lm_loss(self.model, self.schedule, x, y, self.noise)
         return apply_gradients(loss, self.optimizer, scaler=self.scaler)
 

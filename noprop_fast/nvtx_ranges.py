@@ -13,7 +13,7 @@ phase, and closes it on the way out (also when the body raises). The phases of a
     backward    zero_grad and loss.backward()
     optimizer   the optimiser step (and the fp16 loss scaler)
     evaluation  a whole evaluation (test accuracy, validation loss)
-    replay      reserved for a CUDA-graph replay of a whole step (not used yet)
+    replay      a CUDA-graph replay of a whole captured step (graphs.CapturedStep)
 
 Ranges nest: the CE's draw of z_T is a `noise` range inside the `loss` range.
 
@@ -55,7 +55,7 @@ PHASES = {
     "backward": 0xFFEF5350,    # red
     "optimizer": 0xFF66BB6A,   # green
     "evaluation": 0xFF26C6DA,  # cyan
-    "replay": 0xFFFFEE58,      # yellow: reserved for the CUDA-graph replay of a step
+    "replay": 0xFFFFEE58,      # yellow: the CUDA-graph replay of a step
 }
 
 

@@ -13,12 +13,19 @@ The update (decoupled weight decay, as torch.optim.AdamW):
     p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     p <- p - lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)       (k = that block's steps)
 
-The step counts are device tensors and nothing reads their values on the host; the learning rate
-is a constant float (the paper uses no schedule), so a step can be captured in a CUDA graph.
+The step counts are device tensors and nothing reads their values on the host. The learning rate is
+a Python float by default (the paper uses no schedule). `capturable=True` holds it in a 0-dim fp64
+tensor on the parameters' device instead, so a step captured in a CUDA graph (graphs.py) reads it
+at every replay and `set_lr` can change it without a new capture. The capturable update divides by
+lr where the plain one multiplies (`addcdiv_` takes only a Python number), so the two agree to
+rounding, not bitwise; a captured run is compared bitwise with an uncaptured capturable one.
 """
 import torch
 
 from .layers import ALL_BLOCKS, block_parameters
+
+
+CPU_UPDATE_ELEMENTS = 1 << 21  # CPU: most elements of a block parameter updated at once
 
 
 class BlockAdamW(torch.optim.Optimizer):
@@ -26,18 +33,46 @@ class BlockAdamW(torch.optim.Optimizer):
 
     def __init__(self, block_params, shared_params, num_blocks: int, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-3):
+                 weight_decay: float = 1e-3, capturable: bool = False):
         groups = [{"params": list(block_params), "per_block": True},
                   {"params": list(shared_params), "per_block": False}]
         groups = [g for g in groups if g["params"]]
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.num_blocks = num_blocks
+        self.num_blocks, self.capturable = num_blocks, capturable
+        self._place_lr()
         for group in self.param_groups:
             if group["per_block"]:
                 for p in group["params"]:
                     if p.shape[0] != num_blocks:
                         raise ValueError(f"block parameter of shape {list(p.shape)} has no leading "
                                          f"block dimension of size {num_blocks}")
+
+    def _place_lr(self) -> None:
+        """Each group's lr as this optimiser holds it: a device tensor (capturable) or a float."""
+        for group in self.param_groups:
+            lr = group["lr"]
+            if self.capturable:
+                group["lr"] = torch.as_tensor(lr, dtype=torch.float64,
+                                              device=group["params"][0].device).clone()
+            elif isinstance(lr, torch.Tensor):
+                group["lr"] = float(lr.item())  # a capturable checkpoint loaded into a plain one
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate; capturable: in place, so a captured graph sees the new one."""
+        for group in self.param_groups:
+            if self.capturable:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, then the lr in this optimiser's form and the step counts on the parameters'
+        device (a checkpoint is loaded onto the CPU; a count left there would not broadcast)."""
+        super().load_state_dict(state_dict)
+        self._place_lr()
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
     def _state(self, p: torch.Tensor, per_block: bool) -> dict:
         state = self.state[p]
@@ -56,8 +91,7 @@ class BlockAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            eps, wd, per_block = group["eps"], group["weight_decay"], group["per_block"]
+            per_block = group["per_block"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -67,24 +101,43 @@ class BlockAdamW(torch.optim.Optimizer):
                 if per_block:
                     param, grad = param[blocks], grad[blocks]
                     exp_avg, exp_avg_sq, step = exp_avg[blocks], exp_avg_sq[blocks], step[blocks]
-                step.add_(1)  # a view of the state's counts: updates them in place
-                # per-block bias corrections, shaped to broadcast over each block's slice
-                shape = (-1,) + (1,) * (param.dim() - 1) if per_block else ()
-                k = step.to(param.dtype)  # bias corrections in the parameter's precision
-                bias_correction1 = (1 - beta1 ** k).view(shape)
-                bias_correction2_sqrt = (1 - beta2 ** k).sqrt().view(shape)
-                param.mul_(1 - lr * wd)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                # one temporary of the parameter's size: bias_correction1 * (sqrt(v) / bc2 + eps)
-                denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps).mul_(bias_correction1)
-                param.addcdiv_(exp_avg, denom, value=-lr)
+                if per_block and param.device.type == "cpu" and param.numel() > CPU_UPDATE_ELEMENTS:
+                    # a few blocks at a time: the update's temporary stays small enough for the
+                    # allocator to reuse (a parameter-sized one is mapped and zeroed anew each step)
+                    per = max(1, CPU_UPDATE_ELEMENTS // param[0].numel())
+                    for i in range(0, param.shape[0], per):
+                        part = slice(i, i + per)
+                        self._update(param[part], grad[part], exp_avg[part], exp_avg_sq[part],
+                                     step[part], group, per_block)
+                else:
+                    self._update(param, grad, exp_avg, exp_avg_sq, step, group, per_block)
         return loss
 
+    def _update(self, param, grad, exp_avg, exp_avg_sq, step, group: dict, per_block: bool) -> None:
+        """One AdamW update, in place; per_block: leading dim = block, `step` one count per block."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        step.add_(1)  # a view of the state's counts: updates them in place
+        # per-block bias corrections, shaped to broadcast over each block's slice
+        shape = (-1,) + (1,) * (param.dim() - 1) if per_block else ()
+        k = step.to(param.dtype)  # bias corrections in the parameter's precision
+        bias_correction1 = (1 - beta1 ** k).view(shape)
+        bias_correction2_sqrt = (1 - beta2 ** k).sqrt().view(shape)
+        param.mul_(1 - lr * wd)  # capturable: a 0-dim device tensor, no host read
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # one temporary of the update's size: bias_correction1 * (sqrt(v) / bc2 + eps)
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps).mul_(bias_correction1)
+        if self.capturable:  # addcdiv_'s value is a Python number: divide by lr instead
+            param.addcdiv_(exp_avg, denom.div_(lr), value=-1.0)
+        else:
+            param.addcdiv_(exp_avg, denom, value=-lr)
 
-def make_optimizer(model, cfg) -> BlockAdamW:
-    """AdamW as in the paper (lr 1e-3, weight decay 1e-3) over the model's block and shared parameters."""
+
+def make_optimizer(model, cfg, capturable: bool = False) -> BlockAdamW:
+    """AdamW as in the paper (lr 1e-3, weight decay 1e-3) over the model's block and shared
+    parameters; `capturable`: the lr on the device, for a step captured in a CUDA graph."""
     block = [p for p in block_parameters(model) if p.requires_grad]
     ids = {id(p) for p in block_parameters(model)}
     shared = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]  # not frozen
-    return BlockAdamW(block, shared, model.num_blocks, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return BlockAdamW(block, shared, model.num_blocks, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      capturable=capturable)

@@ -11,6 +11,9 @@ compute dtype; fp16 adds dynamic loss scaling (a step whose gradients overflow i
 
 Host syncs: the per-step losses go into a device buffer that is read every `LOG_EVERY` steps (to
 update the progress bar and to stop on a non-finite loss, naming its step), and once per epoch.
+
+CUDA graphs (`--cuda-graphs`, graphs.py): with --fused on CUDA each block slice's step is captured
+once and replayed; elsewhere one line says why not and the steps run as they always did.
 """
 import sys
 import time
@@ -25,6 +28,7 @@ from .config import ImageConfig, save_config
 from .data import ImageData, batches
 from .errors import UserError
 from .fused import PhiloxNoise, compute_dtype, resolve_ops
+from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, new_pool, once
 from .layers import ALL_BLOCKS
 from .memory import SavedTensorBytes, cuda_peak, memory_kind, reset_peak
 from .methods import backprop_loss, evaluate, noprop_loss
@@ -127,7 +131,13 @@ class Trainer:
             self.ops, compute_dtype(cfg.precision))
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.noise = None
-        self.optimizer = make_optimizer(self.model, cfg)
+        # CUDA graphs (graphs.py): one captured step per block slice, made on the slice's first
+        # batch; use_graphs False runs every step uncaptured (the tests compare both)
+        self.graph_warn = once()
+        reason = graph_unavailable_reason(self.device, cfg, self.ops is not None)
+        announce_uncaptured(self.device, cfg, reason, self.graph_warn)
+        self.use_graphs, self.captured, self.graph_pool = reason is None, {}, None
+        self.optimizer = make_optimizer(self.model, cfg, capturable=self.use_graphs)
         self.schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, self.device)
         self.progress = Progress()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +166,12 @@ class Trainer:
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         shuffle = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch))
         if self.ops is not None:
-            self.noise = PhiloxNoise(epoch_seed(cfg.seed, epoch), device)
+            fresh = PhiloxNoise(epoch_seed(cfg.seed, epoch), device)
+            if self.noise is None:
+                self.noise = fresh
+            else:  # in place: a captured step holds these tensors' addresses
+                self.noise.seed.copy_(fresh.seed)
+                self.noise.offset.copy_(fresh.offset)
         n = data.train_x.shape[0]
         per_pass = -(-n // cfg.batch_size)
         passes = self.passes()
@@ -195,6 +210,16 @@ class Trainer:
         return record
 
     def step(self, x: torch.Tensor, y: torch.Tensor, blocks: slice):
+        if self.use_graphs:
+            key = (blocks.start, blocks.stop)
+            if key not in self.captured:
+                self.graph_pool = self.graph_pool or new_pool(self.device)
+                self.captured[key] = CapturedStep(
+                    lambda static_x, static_y: train_step(self.model, self.optimizer, self.schedule,
+                                                          static_x, static_y, blocks, self.noise),
+                    (x, y), self.device, pool=self.graph_pool, warn=self.graph_warn)
+            if self.captured[key].fits(x, y):  # not: a last partial batch, run uncaptured
+                return self.captured[key](x, y)
         return train_step(self.model, self.optimizer, self.schedule, x, y, blocks, self.noise,
                           self.scaler)
 
