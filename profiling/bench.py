@@ -1,41 +1,37 @@
-"""The one benchmark entry point: the fused path against the reference, and the batched step
-against the separate-modules loop and the other methods, in one run, on whatever device is present.
+"""The one benchmark entry point: the image and language tasks' training steps on every path, the
+fused ops against their references, and the memory of each method, in one run, on whatever device
+is present.
 
     python profiling/bench.py                          # all sections; cuda if present, else cpu
-    python profiling/bench.py --precision bf16 --sections step,ops
-    python profiling/bench.py --quick --out /tmp/b     # tiny sizes: the smoke test's run
-    python profiling/bench.py --sections loop,methods-memory   # loop; memory per method
+    python profiling/bench.py --quick --out /tmp/b     # minutes on a 2-core CPU: the MNIST-config
+                                                       # step and memory, small LM, ops and heads
+    python profiling/bench.py --tiny --no-compile --out /tmp/b   # the smoke test's run
+    python profiling/bench.py --precision bf16 --sections step,lm,ops
 
-Five sections (see profiling/README.md for what each figure means):
+Sections (see profiling/README.md for what each figure means):
 
-  step    one NoProp training step at the MNIST config (1x28x28, m = 10, one-hot, batch 128,
-          T = 10, every block on every step) on three paths: the reference (`train_step`, plain
-          PyTorch), the fused ops (`model.configure(fused_ops(device), dtype)`, Philox noise), and
-          torch.compile of the reference loss (`noprop_loss`; backward and optimiser eager). Warm-up
-          steps first (compilation and autotuning happen there and are reported apart), then
-          rounds that run the paths in turn (ref, fused, compiled, ref, ...), k steps each, so that
-          drift of the machine hits all of them alike. Figure: median images/s over the rounds.
+  step    the image task's training step at the MNIST config (1x28x28, m = 10, one-hot, batch 128,
+          T = 10, every block on every step), images/s on five paths: T separate modules looped
+          over per batch, the batched reference, the fused ops, the fused step replayed as a CUDA
+          graph (CUDA only), torch.compile of the reference loss; each against the batched
+          reference in the same rounds (bench_step.py, bench_throughput.py).
+  lm      the same five paths for NoProp-LM, tokens/s: the fineweb config on CUDA, a stdlib-like
+          shape on a CPU (bench_lm.py).
   ops     each fused op against its `<op>_ref`, forward and forward + backward, at the shapes the
           MNIST step uses and the head at a language-model shape (B=1, N=1024, D=128, m=50257,
           d=256). CPU: torch.utils.benchmark's blocked_autorange median; GPU: triton's do_bench
-          median. On GPU also GB/s or TFLOP/s from the formulas in `bench_ops.op_cases`.
-          block_linear and softmax_head take slices of leaf nn.Parameters, as the model
-          passes them, and their gradients go into .grad (set to None before each call).
+          median, with GB/s or TFLOP/s (bench_ops.py).
   memory  the head's peak memory at m = 50257, fp32, forward + backward (`head_memory.py`).
-  loop    the batched step (`train_step`) against T separate `DTBlock` modules with an AdamW each,
-          looped over per batch as public NoProp code trains, same weights, same objective; rounds
-          in turn as in `step`. Figure: median images/s of each and batched / loop.
-  methods-memory  activation bytes saved for backward in one step (parameters and buffers
-          excluded): NoProp with all blocks, NoProp sequential (one block per step, the largest
-          over t), backprop; ratios to backprop beside the paper's Table 2.
+  methods-memory  one image training step's memory: NoProp with all blocks, NoProp sequential
+          (one block per step, the largest over t), backprop; ratios to backprop beside the
+          paper's Table 2. CPU: bytes saved for backward; CUDA: the allocator's peak
+          (bench_memory_methods.py).
+  lm-memory       the same for NoProp-LM against the GPT baseline (bench_lm.py).
 
-The sections live in bench_step.py, bench_ops.py, `bench_memory` below (its worker is
-head_memory.py), bench_loop.py and bench_memory_methods.py; bench_common.py holds what they share,
-bench_report.py writes the report.
-
-The data are synthetic MNIST-shaped tensors (nothing is downloaded): a step's time does not depend
-on pixel values. Every figure goes to results.json; report.md holds the tables with the device,
-versions, dtype, shapes and the command line. Numbers from a machine without a GPU are CPU numbers.
+bench_common.py holds what the sections share; bench_report.py writes report.md and results.json,
+bench_plot.py bench.png (throughput relative to the batched reference per task; the memory ratios
+beside the paper's). The data are synthetic (nothing is downloaded): a step's time does not depend
+on the values. Numbers from a machine without a GPU are CPU numbers.
 """
 import argparse
 import dataclasses
@@ -56,19 +52,20 @@ sys.path.insert(0, str(HERE))         # the sections' modules and head_memory, t
 
 import bench_report  # noqa: E402
 import head_memory  # noqa: E402
-from bench_common import ACCEPT_MEMORY_RATIO, QUICK, Sizes, load_fused  # noqa: E402
-from bench_loop import bench_loop  # noqa: E402
+from bench_common import ACCEPT_MEMORY_RATIO, QUICK, TINY, Sizes, load_fused  # noqa: E402
+from bench_lm import bench_lm, bench_lm_memory  # noqa: E402
 from bench_memory_methods import bench_memory_methods  # noqa: E402
 from bench_ops import bench_ops  # noqa: E402
+from bench_plot import write_plot  # noqa: E402
 from bench_step import bench_step  # noqa: E402
 from noprop_fast.config import OneLineArgumentParser  # noqa: E402
 from noprop_fast.errors import UserError, cli_main  # noqa: E402
 from noprop_fast.fused import PRECISIONS  # noqa: E402
 
-SECTIONS = ("step", "ops", "memory", "loop", "methods-memory")
-# step and loop: (rounds, steps per round, warm-up steps) when not given; a CPU step at batch 128
-# takes seconds
-STEP_DEFAULTS = {"cpu": (3, 3, 2), "cuda": (5, 20, 5), "quick": (1, 1, 1)}
+SECTIONS = ("step", "lm", "ops", "memory", "methods-memory", "lm-memory")
+# step and lm: (rounds, steps per round, warm-up steps) when not given; a CPU image step at batch
+# 128 takes seconds. Two warm-up steps at --quick, so that the one-off (compile) time is reported.
+STEP_DEFAULTS = {"cpu": (3, 3, 2), "cuda": (5, 20, 5), "quick": (1, 1, 2), "tiny": (1, 1, 1)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,10 +96,10 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of "
                    f"{','.join(SECTIONS)} [default all]")
-    p.add_argument("--rounds", type=int, help="step, loop: rounds [default cpu 3, cuda 5]")
-    p.add_argument("--steps-per-round", type=int, help="step, loop: steps per path per round "
+    p.add_argument("--rounds", type=int, help="step, lm: rounds [default cpu 3, cuda 5]")
+    p.add_argument("--steps-per-round", type=int, help="step, lm: steps per path per round "
                    "[default cpu 3, cuda 20]")
-    p.add_argument("--warmup", type=int, help="step, loop: warm-up steps per path "
+    p.add_argument("--warmup", type=int, help="step, lm: warm-up steps per path "
                    "[default cpu 2, cuda 5]")
     p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                    help="the blocks' and ops' dtype [default fp32]")
@@ -110,11 +107,15 @@ def parse_args(argv):
                    help="auto: cuda when present, else cpu")
     p.add_argument("--out", help="folder for report.md and results.json "
                    "[default profiling/results/<device>-<date>[-<precision>]]")
-    p.add_argument("--no-compile", action="store_true", help="step: leave out the torch.compile path")
+    p.add_argument("--no-compile", action="store_true",
+                   help="step, lm: leave out the torch.compile path")
     p.add_argument("--min-run-time", type=float,
                    help="ops on CPU: seconds per measurement [default 0.5]")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 round x 1 step, no compile "
-                   "(the smoke test)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="1 round x 1 step; the image step and "
+                      "memory at the MNIST config, a small language model, tiny ops and heads")
+    size.add_argument("--tiny", action="store_true", help="1 round x 1 step, T = 2 and the "
+                      "smallest shapes everywhere (the smoke test; its figures say nothing)")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -150,12 +151,13 @@ def run(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = resolve_device(args.device)
-    sizes = QUICK if args.quick else Sizes()
+    size = "tiny" if args.tiny else "quick" if args.quick else None
+    sizes = {"tiny": TINY, "quick": QUICK, None: Sizes()}[size]
     if args.min_run_time is not None:
         sizes = dataclasses.replace(sizes, min_run_time=args.min_run_time)
     now = datetime.datetime.now()
     out = Path(args.out) if args.out else default_out(device, args.precision, now.strftime("%Y-%m-%d"))
-    if {"step", "ops"} & set(args.sections):
+    if {"step", "lm", "ops"} & set(args.sections):
         ops, ops_status, load_seconds = load_fused(device)
     else:  # the other sections run the reference path only
         ops, ops_status, load_seconds = None, "not loaded (no section here uses them)", 0.0
@@ -168,45 +170,43 @@ def run(argv=None) -> dict:
     results = {"header": header}
     print(f"device: {header['device_name']}, {header['threads']} threads, fused ops: "
           f"{header['fused_ops']}", file=sys.stderr, flush=True)
-    rounds, steps, warmup = STEP_DEFAULTS["quick" if args.quick else device.type]
+    rounds, steps, warmup = STEP_DEFAULTS[size or device.type]
     rounds = args.rounds or rounds
     steps = args.steps_per_round or steps
     warmup = warmup if args.warmup is None else args.warmup
     section_seconds = header["section_seconds"] = {}
-    if "step" in args.sections:
-        print(f"step: {warmup} warm-up + {rounds} x {steps} steps per path...", file=sys.stderr,
-              flush=True)
+    skip_compile = "--no-compile" if args.no_compile else ""
+    sections = {
+        "step": (f"step: {warmup} warm-up + {rounds} x {steps} steps per path",
+                 lambda: bench_step(sizes, device, args.precision, rounds, steps, warmup,
+                                    skip_compile, ops, ops_status)),
+        "lm": (f"lm: {warmup} warm-up + {rounds} x {steps} steps per path",
+               lambda: bench_lm(sizes, device, args.precision, rounds, steps, warmup, skip_compile,
+                                ops, ops_status)),
+        "ops": ("ops", lambda: bench_ops(sizes, device, args.precision, ops, ops_status)),
+        "memory": ("memory", lambda: bench_memory(sizes, device)),
+        "methods-memory": ("methods-memory", lambda: bench_memory_methods(sizes, device)),
+        "lm-memory": ("lm-memory", lambda: bench_lm_memory(sizes, device)),
+    }
+    for name, (note, section_fn) in sections.items():
+        if name not in args.sections:
+            continue
+        print(f"{note}...", file=sys.stderr, flush=True)
         section_start = time.perf_counter()
-        results["step"] = bench_step(sizes, device, args.precision, rounds, steps, warmup,
-                                     "--quick" if args.quick else "--no-compile" if args.no_compile
-                                     else "", ops, ops_status)
-        section_seconds["step"] = time.perf_counter() - section_start
-    if "ops" in args.sections:
-        print("ops...", file=sys.stderr, flush=True)
-        section_start = time.perf_counter()
-        results["ops"] = bench_ops(sizes, device, args.precision, ops, ops_status)
-        section_seconds["ops"] = time.perf_counter() - section_start
-    if "memory" in args.sections:
-        print("memory...", file=sys.stderr, flush=True)
-        section_start = time.perf_counter()
-        results["memory"] = bench_memory(sizes, device)
-        section_seconds["memory"] = time.perf_counter() - section_start
-    if "loop" in args.sections:
-        print(f"loop: {warmup} warm-up + {rounds} x {steps} steps per path...", file=sys.stderr,
-              flush=True)
-        section_start = time.perf_counter()
-        results["loop"] = bench_loop(sizes, device, rounds, steps, warmup)
-        section_seconds["loop"] = time.perf_counter() - section_start
-    if "methods-memory" in args.sections:
-        print("methods-memory...", file=sys.stderr, flush=True)
-        section_start = time.perf_counter()
-        results["methods-memory"] = bench_memory_methods(sizes, device)
-        section_seconds["methods-memory"] = time.perf_counter() - section_start
+        results[name] = section_fn()
+        section_seconds[name] = time.perf_counter() - section_start
     header["load_average_end"] = os.getloadavg()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        plot = write_plot(results, out)
+        header["plot"] = plot.name if plot is not None else "none (no section here has a figure)"
+    except ImportError as err:  # matplotlib missing: the tables still come out
+        header["plot"] = f"not written: {err}"
     header["seconds"] = time.perf_counter() - run_start
     report = bench_report.write(results, out)
     print(report)
-    print(f"written: {out / 'report.md'}, {out / 'results.json'}", file=sys.stderr)
+    print(f"written: {out / 'report.md'}, {out / 'results.json'}, plot: {header['plot']}",
+          file=sys.stderr)
     return results
 
 

@@ -1,5 +1,5 @@
-"""Section `loop` of profiling/bench.py: the batched NoProp step against the way public NoProp
-code trains, T separate modules in a Python loop, at the MNIST config.
+"""The image task's separate-modules loop, the `loop` row of profiling/bench.py's `step` section:
+the way public NoProp code trains, T separate modules in a Python loop, at the MNIST config.
 
     batched  `train_step` on the batched model: one forward over all T blocks' stacked parameters,
              one backward, one `BlockAdamW` step
@@ -19,26 +19,17 @@ T AdamWs over T blocks updated every step are the batched `BlockAdamW` (optim.py
 that the loop's per-block losses equal `noprop_loss`'s `parts["block_losses"]` on the same weights
 and noise.
 
-Measurement: warm-up steps per path, then rounds that run the two in turn (batched, loop, batched,
-...), k steps each, as bench_step does. Figure: median images/s over the rounds, and batched / loop.
+bench_step.py times it beside the other paths (bench_throughput.py).
 """
 import copy
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench_common import Sizes, mnist_model, synchronize
-from noprop_fast.layers import ALL_BLOCKS
 from noprop_fast.models.separate import separate_blocks_from
-from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule, prior_kl
-from noprop_fast.trainer import train_step
-
-PATHS = ("batched", "loop")
 
 
 @dataclass
@@ -52,9 +43,11 @@ class SeparateModel:
     shared_optimizer: torch.optim.Optimizer
 
 
-def separate_model_from(model, cfg) -> SeparateModel:
-    """Copies of `model`'s weights in separate modules; nothing is shared with `model`."""
-    blocks = separate_blocks_from(model.blocks)
+def separate_model_from(model, cfg, blocks: nn.ModuleList | None = None) -> SeparateModel:
+    """Copies of `model`'s weights in separate modules; nothing is shared with `model`. blocks: the
+    T single-block modules (default: `separate_blocks_from(model.blocks)`, the image task's
+    DTBlocks; the language task passes its own, see bench_lm.py)."""
+    blocks = separate_blocks_from(model.blocks) if blocks is None else blocks
     embedding, classifier = copy.deepcopy(model.embedding), copy.deepcopy(model.classifier)
 
     def adamw(params):
@@ -65,18 +58,26 @@ def separate_model_from(model, cfg) -> SeparateModel:
                          adamw(shared))
 
 
+def image_block_output(block, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor):
+    """A DTBlock's u_hat: images x [N, C, H, W], z [N, d] -> [N, d]."""
+    return block(x, z, embed_weight)
+
+
 def loop_step(loop: SeparateModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-              eps: torch.Tensor | None = None, eps_clean: torch.Tensor | None = None):
-    """One training step of the loop form. eps [T, N, d] and eps_clean [N, d]: the blocks' and z_T's
-    noise (torch.randn where not given). Returns (block_losses [T], ce), detached: block_losses
-    unweighted, as `noprop_loss`'s parts["block_losses"]."""
+              eps: torch.Tensor | None = None, eps_clean: torch.Tensor | None = None,
+              block_output=image_block_output):
+    """One training step of the loop form. y [N]: the targets' ids (the language task: the next
+    tokens, flattened to N*L rows). eps [T, N, d] and eps_clean [N, d]: the blocks' and z_T's
+    noise (torch.randn where not given). block_output(block, x, z, W_embed) -> u_hat [N, d].
+    Returns (block_losses [T], ce, loss), detached: block_losses unweighted, as `noprop_loss`'s
+    parts["block_losses"]; loss the step's whole objective, as `noprop_loss`'s loss."""
     loop.shared_optimizer.zero_grad(set_to_none=True)  # a learned W_embed gathers every term
     block_losses = []
     for t, (block, optimizer) in enumerate(zip(loop.blocks, loop.block_optimizers)):
         u = loop.embedding(y)                              # [N, d]; its own graph per block
         noise = torch.randn_like(u) if eps is None else eps[t]
         z = schedule.input_scale[t] * u + schedule.noise_scale[t] * noise
-        u_hat = block(x, z, loop.embedding.weight)         # [N, d]
+        u_hat = block_output(block, x, z, loop.embedding.weight)  # [N, d]
         error = (u_hat - u).square().sum(-1).mean()        # ||u_hat - u||^2, batch mean
         optimizer.zero_grad(set_to_none=True)
         (schedule.snr_weights[t] * error).backward()
@@ -87,44 +88,9 @@ def loop_step(loop: SeparateModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
     noise = torch.randn_like(u) if eps_clean is None else eps_clean
     z_clean = abar_T.sqrt() * u + (1 - abar_T).sqrt() * noise  # z_T ~ q(z_T | y)
     ce = F.cross_entropy(loop.classifier(z_clean), y)
-    (ce + prior_kl(u, schedule)).backward()
+    kl = prior_kl(u, schedule)
+    (ce + kl).backward()
     loop.shared_optimizer.step()
-    return torch.stack(block_losses), ce.detach()
-
-
-def bench_loop(sizes: Sizes, device: torch.device, rounds: int, steps: int, warmup: int) -> dict:
-    cfg, model, x, y = mnist_model(sizes, device)
-    schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, device)
-    batched = copy.deepcopy(model)
-    batched_opt = make_optimizer(batched, cfg)
-    loop = separate_model_from(model, cfg)
-    steps_of = {
-        "batched": lambda: train_step(batched, batched_opt, schedule, x, y, ALL_BLOCKS)[0],
-        "loop": lambda: loop_step(loop, schedule, x, y)[0].sum(),
-    }
-    warmup_seconds = {name: [] for name in PATHS}
-    for name in PATHS:
-        for _ in range(warmup):
-            synchronize(device)
-            start = time.perf_counter()
-            steps_of[name]()
-            synchronize(device)
-            warmup_seconds[name].append(time.perf_counter() - start)
-    per_round = {name: [] for name in PATHS}
-    for _ in range(rounds):
-        for name in PATHS:
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                steps_of[name]()
-            synchronize(device)
-            per_round[name].append(steps * sizes.batch / (time.perf_counter() - start))
-    paths = {name: {"images_per_second": rates, "median": statistics.median(rates),
-                    "min": min(rates), "max": max(rates), "warmup_seconds": warmup_seconds[name]}
-             for name, rates in per_round.items()}
-    return {"config": {"image_shape": list(sizes.image_shape), "num_classes": sizes.num_classes,
-                       "embedding": "onehot", "batch": sizes.batch, "num_blocks": sizes.num_blocks,
-                       "method": "noprop", "blocks_per_step": "all", "precision": "fp32",
-                       "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup},
-            "paths": paths,
-            "batched/loop": paths["batched"]["median"] / paths["loop"]["median"]}
+    block_losses = torch.stack(block_losses)
+    loss = (schedule.snr_weights * block_losses).sum() + ce.detach() + kl.detach()
+    return block_losses, ce.detach(), loss

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -67,35 +68,84 @@ def render_header(head: dict, cpu: bool) -> list[str]:
             f"| fused ops | {head['fused_ops']}{loaded} |",
             f"| load average (1 min) at start / end | {head['load_average_start']:.2f} / "
             f"{head['load_average_end']:.2f} (other work on the machine disturbs the figures) |",
-            f"| dtype | {head['precision']} (memory section: fp32) |",
+            f"| dtype | {head['precision']} (the memory sections and the loop rows: fp32) |",
             f"| date | {head['date']} |",
             f"| command | `{head['command']}` |",
-            f"| run time | {head['seconds']:.0f} s in all ({seconds}) |", ""]
+            f"| run time | {head['seconds']:.0f} s in all ({seconds}) |",
+            f"| plot | {head.get('plot', '-')} (throughput relative to the batched reference; "
+            "memory ratios beside the paper's) |", ""]
 
 
-def render_step(step: dict, head: dict, cpu: bool) -> list[str]:
-    c = step["config"]
-    out = section("Training step", cpu,
-                  f"MNIST config on synthetic data: image {'x'.join(map(str, c['image_shape']))}, "
-                  f"m = {c['num_classes']}, one-hot, batch {c['batch']}, T = {c['num_blocks']}, "
-                  f"NoProp, all blocks per step, {c['precision']}. Per path: {c['warmup_steps']} "
-                  f"warm-up step(s), then {c['rounds']} round(s) of {c['steps_per_round']} step(s), "
-                  "the paths in turn within each round.",
-                  ["path", "median images/s", "min..max images/s", "vs reference",
-                   "first warm-up step (s)", "of which one-off (s)", "last loss", "status"])
-    for name, p in step["paths"].items():
-        ratio = step["ratios"].get(f"{name}/reference", 1.0 if name == "reference" else None)
+PATH_LABELS = {"loop": "separate modules, loop", "reference": "batched reference",
+               "fused": "fused", "graphs": "fused + CUDA graphs", "compiled": "torch.compile"}
+
+
+def step_shape(result: dict) -> str:
+    """The shapes of a throughput section's step, in words."""
+    c = result["config"]
+    if result["task"] == "image":
+        return (f"MNIST config on synthetic data: image {'x'.join(map(str, c['image_shape']))}, "
+                f"m = {c['num_classes']}, one-hot, batch {c['batch']}, T = {c['num_blocks']}, "
+                f"NoProp, all blocks per step, {c['precision']}")
+    return (f"NoProp-LM, {c['config']} shape: T = {c['num_blocks']}, {c['layers_per_block']} "
+            f"layer(s) per block, D = {c['width']}, {c['heads']} heads, d = {c['embed_dim']}, "
+            f"V = {c['vocab_size']}, batch {c['batch']} x L {c['seq_len']} = "
+            f"{c['tokens_per_step']} tokens per step, learned W_embed, {c['precision']}, "
+            f"{c['data']}")
+
+
+def render_throughput(result: dict, head: dict, cpu: bool) -> list[str]:
+    """One task's table: every path's median throughput and its ratio to the batched reference."""
+    c, unit = result["config"], result["unit"]
+    title = ("Image task: training step throughput" if result["task"] == "image"
+             else "Language task: training step throughput")
+    out = section(title, cpu,
+                  f"{step_shape(result)}. Per path: {c['warmup_steps']} warm-up step(s), then "
+                  f"{c['rounds']} round(s) of {c['steps_per_round']} step(s), the paths in turn "
+                  "within each round. vs reference: the ratio path / batched reference of each "
+                  "round (both timed in that round), median and min..max over the rounds; higher "
+                  "is faster.",
+                  ["path", f"median {unit}", f"min..max {unit}", "vs reference",
+                   "vs reference min..max", "first warm-up step (s)", "of which one-off (s)",
+                   "last loss", "status"])
+    for name, p in result["paths"].items():
+        label = PATH_LABELS.get(name, name)
         if "median" in p:
-            out.append(f"| {name} | {p['median']:.1f} | {p['min']:.1f}..{p['max']:.1f} | "
-                       f"{fmt(ratio, '.3f')} | {fmt(p['first_step_seconds'], '.2f')} | "
+            ratio_range = (f"{p['ratio_min']:.3f}..{p['ratio_max']:.3f}" if "ratio" in p else "-")
+            out.append(f"| {label} | {p['median']:.1f} | {p['min']:.1f}..{p['max']:.1f} | "
+                       f"{fmt(p.get('ratio'), '.3f')} | {ratio_range} | "
+                       f"{fmt(p['first_step_seconds'], '.2f')} | "
                        f"{fmt(p['one_off_seconds'], '.2f')} | {p['last_loss']:.4f} | "
                        f"{p['status']} |")
         else:
-            out.append(f"| {name} | - | - | - | - | - | - | {short_status(p['status'], head)} |")
-    return out + ["", "The compiled path's first warm-up step includes torch.compile's compilation "
-                  "of the forward and backward graphs, with Inductor's caches off (a cold compile); "
-                  "the fused path's, on GPU, Triton's compilation and autotuning. One-off: the first "
-                  "step's time minus the median of the later warm-up steps.", ""]
+            out.append(f"| {label} | - | - | - | - | - | - | - | "
+                       f"{short_status(p['status'], head)} |")
+    loop = result["paths"].get("loop", {})
+    if "vs_reference" in loop:
+        batched_over_loop = [1 / r for r in loop["vs_reference"]]  # reference / loop, per round
+        summary = (f"batched reference / separate-modules loop = "
+                   f"{statistics.median(batched_over_loop):.2f} (median over the rounds; "
+                   f"{min(batched_over_loop):.2f}..{max(batched_over_loop):.2f}).")
+    elif "median" in loop:
+        summary = ("batched reference / separate-modules loop: no figure, the batched reference "
+                   "was not measured (see its status).")
+    else:
+        summary = "batched reference / separate-modules loop: not measured (see the loop's status)."
+    return out + ["", summary, "",
+                  "loop: T separate single-block modules with the batched model's weights, each "
+                  "with its own torch.optim.AdamW, block by block per batch (noisy input, forward, "
+                  "weighted loss, backward, optimiser step), then the classifier's CE and the KL "
+                  "with a shared AdamW; the same objective as the batched step (tested). Its last "
+                  "loss is that whole objective. fused + CUDA graphs: the fused step captured once "
+                  "(noprop_fast.graphs.CapturedStep) and replayed. torch.compile: "
+                  "torch.compile of the loss function on the reference model, backward and "
+                  "optimiser eager; its first warm-up step includes the compilation of the forward "
+                  "and backward graphs with Inductor's caches off (a cold compile). The fused "
+                  "path's first step includes, on GPU, Triton's compilation and autotuning; the "
+                  "graphs path's, CapturedStep's uncaptured warm-up steps (3) and the capture. One-off: the first step's time minus the median of "
+                  "the later warm-up steps. Paths that run the same model share it (reference and "
+                  "torch.compile; fused and graphs, which has its own capturable optimiser). The paths draw different noise, so their "
+                  "losses agree in size, not exactly.", ""]
 
 
 def render_ops(rows: list, head: dict, cpu: bool) -> list[str]:
@@ -164,36 +214,29 @@ def mnist_shape(c: dict) -> str:
             f"m = {c['num_classes']}, one-hot, batch {c['batch']}, T = {c['num_blocks']}, fp32")
 
 
-def render_loop(loop: dict, cpu: bool) -> list[str]:
-    c = loop["config"]
-    out = section("Batched step against T separate modules in a loop", cpu,
-                  f"{mnist_shape(c)}, NoProp, every block on every batch. batched: `train_step` "
-                  "on the batched model (stacked parameters, one forward and backward, one "
-                  "BlockAdamW step). loop: T `DTBlock`s from `separate_blocks_from` (same "
-                  "weights), each with its own torch.optim.AdamW; per batch, block by block: "
-                  "noisy input, forward, weighted loss, backward, optimiser step; then the "
-                  "classifier's CE with "
-                  f"the shared AdamW. Per path: {c['warmup_steps']} warm-up step(s), then "
-                  f"{c['rounds']} round(s) of {c['steps_per_round']} step(s), the paths in turn. "
-                  "The --precision option does not apply: both run fp32.",
-                  ["path", "median images/s", "min..max images/s", "warm-up steps (s)"])
-    for name, p in loop["paths"].items():
-        warm = ", ".join(f"{t:.2f}" for t in p["warmup_seconds"])
-        out.append(f"| {name} | {p['median']:.1f} | {p['min']:.1f}..{p['max']:.1f} | {warm} |")
-    return out + ["", f"batched / loop = {loop['batched/loop']:.2f} (median images/s).", ""]
+MEMORY_COLUMN = {"cpu_saved_for_backward": "saved for backward MiB",
+                 "cuda_peak_allocated": "CUDA peak MiB"}
+
+
+def memory_caveat(kind: str) -> str:
+    if kind == "cuda_peak_allocated":
+        return ("These figures, like the paper's, count everything a step holds on the GPU, so the "
+                "ratios compare with the paper's; the model, batch and GPU differ.")
+    return ("These figures count activations only (weights and optimiser state are the same for "
+            "every variant), so the ratios are not the paper's ratios and are expected to be "
+            "further from 1.")
 
 
 def render_methods_memory(mem: dict, cpu: bool) -> list[str]:
     c, paper = mem["config"], mem["paper_table2_gb"]
-    out = section("Activation memory per method, one training step (MiB)", cpu,
+    sequential = mem["ratios"]["noprop-sequential/backprop"]
+    out = section("Memory per method, image task, one training step (MiB)", cpu,
                   f"{mnist_shape(c)}. Method: {mem['method']}. noprop-sequential: one block per "
                   "step (blocks = slice(t, t + 1)), the largest over t. The paper's Table 2 (GPU "
                   "GB, one-hot, MNIST) counts all GPU memory, weights and optimiser state "
-                  "included; these figures count activations only (weights and optimiser state "
-                  "are the same for every variant), so the ratios are not the paper's ratios. The "
-                  "paper does not say which of our two NoProp rows its NoProp-DT figure "
-                  "corresponds to, so it stands beside both.",
-                  ["variant", "saved for backward MiB", "/ backprop", "paper Table 2 GB",
+                  f"included. {memory_caveat(mem['kind'])} The paper does not say which of our "
+                  "two NoProp rows its NoProp-DT figure corresponds to, so it stands beside both.",
+                  ["variant", MEMORY_COLUMN[mem["kind"]], "/ backprop", "paper Table 2 GB",
                    "paper / backprop"])
     noprop_dt = (paper["noprop-dt"], paper["noprop-dt/backprop"])
     paper_of = {"noprop-all": noprop_dt, "noprop-sequential": noprop_dt,
@@ -204,27 +247,47 @@ def render_methods_memory(mem: dict, cpu: bool) -> list[str]:
                    f"{mem['ratios'][f'{name}/backprop']:.3f} | {gb:.2f} | {ratio:.2f} |")
     per_block = ", ".join(mib(b) for b in mem["sequential_per_block_bytes"])
     verdict = "yes" if mem["meets_bar"] else "no"
-    note = "" if mem["bar_applies"] else " (the bar is set for T = 10, batch 128, not these sizes)"
+    note = "" if mem["bar_applies"] else \
+        " (the bar is set for saved-for-backward bytes at T = 10, batch 128, not this run)"
     return out + ["", f"noprop-sequential per block t = 1..{c['num_blocks']} (MiB): {per_block}.",
                   "",
-                  f"sequential / backprop = {mem['ratios']['noprop-sequential/backprop']:.3f} <= "
-                  f"{mem['accept_sequential_ratio']} (issue acceptance): {verdict}{note}.", ""]
+                  f"NoProp-sequential / backprop = {sequential:.3f} at T = {c['num_blocks']} "
+                  f"(<= {mem['accept_sequential_ratio']}, the issue's acceptance: "
+                  f"{verdict}{note}).",
+                  ""]
+
+
+def render_lm_memory(mem: dict, cpu: bool) -> list[str]:
+    c = mem["config"]
+    out = section("Memory per method, language task, one training step (MiB)", cpu,
+                  f"{c['config']} shape: T = {c['num_blocks']}, D = {c['width']}, V = "
+                  f"{c['vocab_size']}, batch {c['batch']} x L {c['seq_len']}, fp32, reference ops. "
+                  f"Method: {mem['method']}. noprop-all: NoProp-LM, every block on the batch; "
+                  "noprop-sequential: one block per step, the largest over t; backprop: the GPT "
+                  f"baseline of the same width and total depth. {memory_caveat(mem['kind'])} The "
+                  "paper has no language-model memory figure.",
+                  ["variant", MEMORY_COLUMN[mem["kind"]], "/ backprop"])
+    for name, value in mem["bytes"].items():
+        figure = mib(value) if isinstance(value, int) else value  # or why it is missing
+        out.append(f"| {name} | {figure} | {fmt(mem['ratios'].get(f'{name}/backprop'), '.3f')} |")
+    return out + [""]
 
 
 def render(results: dict) -> str:
     head = results["header"]
     cpu = head["device_type"] == "cpu"
     out = render_header(head, cpu)
-    if "step" in results:
-        out += render_step(results["step"], head, cpu)
+    for name in ("step", "lm"):
+        if name in results:
+            out += render_throughput(results[name], head, cpu)
     if "ops" in results:
         out += render_ops(results["ops"], head, cpu)
     if "memory" in results:
         out += render_memory(results["memory"], head, cpu)
-    if "loop" in results:
-        out += render_loop(results["loop"], cpu)
     if "methods-memory" in results:
         out += render_methods_memory(results["methods-memory"], cpu)
+    if "lm-memory" in results:
+        out += render_lm_memory(results["lm-memory"], cpu)
     return "\n".join(out)
 
 

@@ -1,43 +1,46 @@
-"""Section 1 of profiling/bench.py: one NoProp training step at the MNIST config, three paths.
+"""Section `step` of profiling/bench.py: the image task's training step at the MNIST config
+(1x28x28, m = 10, one-hot, batch 128, T = 10, every block on every step), images/s on five paths:
 
-    reference  `train_step` with the model's plain PyTorch, noise from torch.randn
-    fused      the same step with `model.configure(fused_ops(device), dtype)` and Philox noise
-    compiled   torch.compile(noprop_loss) on the reference model; backward and optimiser eager
+    loop      the way public NoProp code trains: T separate `DTBlock` modules (the same weights),
+              each with its own torch.optim.AdamW, looped over per batch (bench_loop.py); fp32 only
+    reference `train_step` on the batched model, plain PyTorch, noise from torch.randn
+    fused     the same step with `model.configure(fused_ops(device), dtype)` and Philox noise
+    graphs    the fused step captured once in a CUDA graph and replayed (noprop_fast.graphs);
+              CUDA only
+    compiled  torch.compile(noprop_loss) on the reference model; backward and optimiser eager
 
-Warm-up steps first, each timed on its own (compilation and autotuning happen there and are
-reported apart), then rounds that run the paths in turn (ref, fused, compiled, ref, ...), k steps
-each, so that drift of the machine hits all of them alike. Figure: median images/s over the rounds.
+Timing (bench_throughput.py): warm-up steps apart, then rounds that run the paths in turn; each
+path's median images/s and its ratio to the reference, both with their range over the rounds.
+Paths that run the same model share it (reference and compiled; fused and graphs, the latter with
+its own capturable optimiser, as the trainer's --cuda-graphs builds it): a step's time does not
+depend on the weights' values, and the language task's fineweb config then holds its weights twice
+rather than four times.
 """
 import copy
-import statistics
-import time
-import warnings
 
 import torch
 
-from bench_common import Sizes, mnist_model, one_line, synchronize
+from bench_common import Sizes, mnist_model
+from bench_loop import loop_step, separate_model_from
+from bench_throughput import captured, graphs_status, measure_paths
 from noprop_fast.fused import PRECISIONS, PhiloxNoise
 from noprop_fast.layers import ALL_BLOCKS
 from noprop_fast.methods import noprop_loss
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
-from noprop_fast.trainer import train_step
+from noprop_fast.trainer import apply_gradients, train_step
 
-PATHS = ("reference", "fused", "compiled")
+PATHS = ("loop", "reference", "fused", "graphs", "compiled")
+PATH_LABELS = {"loop": "separate modules, loop", "reference": "batched reference",
+               "fused": "fused", "graphs": "fused + CUDA graphs", "compiled": "torch.compile"}
 
 
-def compiled_train_step(loss_fn, model, optimizer, schedule, x, y, scaler):
-    """`train_step` with the loss from `loss_fn` (torch.compile(noprop_loss)); the rest eager."""
-    loss, _ = loss_fn(model, schedule, x, y)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return loss.detach()
+def compile_status(skip_compile: str) -> str:
+    return f"skipped ({skip_compile})" if skip_compile else "ok"
+
+
+def loop_status(precision: str) -> str:
+    return "ok" if precision == "fp32" else f"fp32 only (this run: {precision})"
 
 
 def bench_step(sizes: Sizes, device: torch.device, precision: str, rounds: int, steps: int,
@@ -50,81 +53,40 @@ def bench_step(sizes: Sizes, device: torch.device, precision: str, rounds: int, 
     def scaler():
         return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def make_path(fused):
-        m = copy.deepcopy(model).configure(fused, dtype)
-        return m, make_optimizer(m, cfg), scaler()
+    paths = {name: "" for name in PATHS}
+    paths["loop"] = loop_status(precision)
+    if paths["loop"] == "ok":
+        loop = separate_model_from(model, cfg)
+        paths["loop"] = lambda: loop_step(loop, schedule, x, y)[2]
 
-    steps_of, status = {}, {"reference": "ok", "fused": ops_status or "ok", "compiled": "ok"}
-    ref, ref_opt, ref_scaler = make_path(None)
-    steps_of["reference"] = lambda: train_step(ref, ref_opt, schedule, x, y, ALL_BLOCKS, None,
-                                               ref_scaler)[0]
+    ref = copy.deepcopy(model).configure(None, dtype)
+    ref_opt, ref_scaler = make_optimizer(ref, cfg), scaler()
+    paths["reference"] = lambda: train_step(ref, ref_opt, schedule, x, y, ALL_BLOCKS, None,
+                                            ref_scaler)[0]
+    paths["fused"] = ops_status or "ok"
+    paths["graphs"] = graphs_status(device, precision, paths["fused"])
     if ops is not None:
-        fused, fused_opt, fused_scaler = make_path(ops)
+        fused = copy.deepcopy(model).configure(ops, dtype)
+        fused_opt, fused_scaler = make_optimizer(fused, cfg), scaler()
         noise = PhiloxNoise(0, device)
-        steps_of["fused"] = lambda: train_step(fused, fused_opt, schedule, x, y, ALL_BLOCKS, noise,
-                                               fused_scaler)[0]
+        paths["fused"] = lambda: train_step(fused, fused_opt, schedule, x, y, ALL_BLOCKS, noise,
+                                            fused_scaler)[0]
+        if paths["graphs"] == "ok":  # as the trainer's --cuda-graphs: the lr on the device
+            graph_opt = make_optimizer(fused, cfg, capturable=True)
+            graph_noise = PhiloxNoise(1, device)
+            paths["graphs"] = captured(
+                lambda xs, ys: train_step(fused, graph_opt, schedule, xs, ys, ALL_BLOCKS,
+                                          graph_noise)[0], (x, y), device)
+    paths["compiled"] = compile_status(skip_compile)
     if not skip_compile:
-        comp, comp_opt, comp_scaler = make_path(None)
         loss_fn = torch.compile(noprop_loss)
-        steps_of["compiled"] = lambda: compiled_train_step(loss_fn, comp, comp_opt, schedule, x, y,
-                                                           comp_scaler)
-    else:
-        status["compiled"] = f"skipped ({skip_compile})"
+        paths["compiled"] = lambda: apply_gradients(loss_fn(ref, schedule, x, y)[0], ref_opt,
+                                                    scaler=ref_scaler)
 
-    # warm-up: each path's steps timed one by one; the first carries compilation / autotuning.
-    # Inductor's on-disk caches are off for it, so the compile time is a cold compile's.
-    import torch._inductor.config as inductor_config
-    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # follows from the above
-    warmup_seconds = {}
-    for name in list(steps_of):
-        times = []
-        try:
-            with inductor_config.patch(force_disable_caches=True):
-                for _ in range(warmup):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    steps_of[name]()
-                    synchronize(device)
-                    times.append(time.perf_counter() - start)
-        except Exception as err:  # a compile failure is a figure, not the end of the run
-            status[name] = f"failed: {one_line(err)}"
-            del steps_of[name]
-            continue
-        warmup_seconds[name] = times
-
-    per_round = {name: [] for name in steps_of}
-    last_loss = {}
-    for _ in range(rounds):
-        for name, step in steps_of.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                loss = step()
-            synchronize(device)
-            per_round[name].append(steps * sizes.batch / (time.perf_counter() - start))
-            last_loss[name] = float(loss)  # after the clock: one host read per round
-
-    paths = {}
-    for name in PATHS:
-        entry = {"status": status[name]}
-        if name in per_round:
-            rates = per_round[name]
-            entry.update(images_per_second=rates, median=statistics.median(rates), min=min(rates),
-                         max=max(rates), warmup_seconds=warmup_seconds[name],
-                         first_step_seconds=warmup_seconds[name][0],
-                         # the first step's one-off cost (compilation): what it took beyond the
-                         # median of the later warm-up steps (0 where it was no slower)
-                         one_off_seconds=(max(0.0, warmup_seconds[name][0]
-                                              - statistics.median(warmup_seconds[name][1:]))
-                                          if warmup > 1 else None),
-                         last_loss=last_loss[name])
-        paths[name] = entry
-    ratios = {}
-    for name in ("fused", "compiled"):
-        if "median" in paths[name]:
-            ratios[f"{name}/reference"] = paths[name]["median"] / paths["reference"]["median"]
-    return {"config": {"image_shape": list(sizes.image_shape), "num_classes": sizes.num_classes,
+    measured = measure_paths(paths, sizes.batch, device, rounds, steps, warmup)
+    return {"task": "image", "unit": "images/s",
+            "config": {"image_shape": list(sizes.image_shape), "num_classes": sizes.num_classes,
                        "embedding": "onehot", "batch": sizes.batch, "num_blocks": sizes.num_blocks,
                        "method": "noprop", "blocks_per_step": "all", "precision": precision,
                        "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup},
-            "paths": paths, "ratios": ratios}
+            "paths": measured}
