@@ -27,6 +27,16 @@ _CUDA_GRAPHS_HELP = ("capture each training step in a CUDA graph (graphs.py); au
                      "line also on a CPU; off: never")
 
 
+# multi-process training (distributed.py), launched with torchrun
+_PARALLEL_HELP = ("multi-process training under torchrun: blocks: the T blocks split across the "
+                  "processes; data: each process a share of every batch; blocks+data: both "
+                  "(--block-ranks x data ranks = processes)")
+_BLOCK_RANKS_HELP = ("processes that split the blocks (blocks+data: required; blocks: 0 = all of "
+                     "them; data: 0 or 1)")
+_DIST_TIMEOUT_HELP = ("seconds a process waits in a collective before the run stops (a process "
+                      "that failed or hangs ends the others)")
+
+
 class TaskConfig:
     """What every task's config dataclass shares; `DEFAULT` names the config used when none is."""
     DEFAULT: str
@@ -74,6 +84,9 @@ class ImageConfig(TaskConfig):
     cuda_graphs: str = _opt("auto", _CUDA_GRAPHS_HELP, ("auto", "on", "off"))
     seed: int = _opt(0, "seeds weights, noise, shuffling and evaluation")
     device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
+    parallel: str = _opt("none", _PARALLEL_HELP, ("none", "blocks", "data", "blocks+data"))
+    block_ranks: int = _opt(0, _BLOCK_RANKS_HELP, minimum=0)
+    dist_timeout: float = _opt(300.0, _DIST_TIMEOUT_HELP, minimum=1.0)
     out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time>")
 
     DEFAULT = "digits"  # the config --task image uses when none is named
@@ -147,6 +160,9 @@ class LMConfig(TaskConfig):
     cuda_graphs: str = _opt("auto", _CUDA_GRAPHS_HELP, ("auto", "on", "off"))
     seed: int = _opt(0, "seeds weights, noise, batches and evaluation")
     device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
+    parallel: str = _opt("none", _PARALLEL_HELP, ("none", "blocks", "data", "blocks+data"))
+    block_ranks: int = _opt(0, _BLOCK_RANKS_HELP, minimum=0)
+    dist_timeout: float = _opt(300.0, _DIST_TIMEOUT_HELP, minimum=1.0)
     out: str | None = _opt(None, "run folder; default runs/lm-<method>-<time>")
 
     DEFAULT = "stdlib"  # the config --task lm uses when none is named
@@ -276,4 +292,7 @@ def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):
 
 
 def save_config(cfg, path: Path) -> None:
+    from .runs import is_writer
+    if not is_writer():  # a multi-process run: rank 0 alone writes
+        return
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -65,7 +65,7 @@ def position_logits(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic:
 
 @torch.no_grad()
 def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = True,
-                    seed: int = 0, chains: int = 1) -> dict:
+                    seed: int = 0, chains: int = 1, chain=chain_from_features) -> dict:
     """The validation loss over the (x, y) batches, in eval mode, with the chains' noise drawn from
     `seed` (the same numbers at every evaluation). Returns {"val_loss", "val_loss_one_chain",
     "val_tokens"}, losses in nats per token.
@@ -75,7 +75,8 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
     -log of that mean over `chains` independent chains per position (in expectation an upper bound
     on the model's loss, tightening as chains grow); `val_loss_one_chain` is the first chain's
     cross-entropy alone (NOPROP.md section 7's recipe with one chain). The GPT has no chain: both
-    are its cross-entropy.
+    are its cross-entropy. `chain`: `chain_from_features` or one with its signature (a
+    multi-process run's chain across the processes that hold the blocks, distributed.py).
     """
     was_training = model.training
     model.eval()
@@ -88,8 +89,8 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
         if model.method == "noprop":
             features = model.blocks.features(x)               # [T, N*L, D], shared by the chains
             losses = torch.stack([
-                cross_entropy_rows(chain_from_features(model, schedule, features, stochastic,
-                                                       generator).float(), weight, bias, target)
+                cross_entropy_rows(chain(model, schedule, features, stochastic,
+                                         generator).float(), weight, bias, target)
                 for _ in range(chains)])                      # [K, N*L]: -log p(y | z_T^k)
             mixture = math.log(chains) - torch.logsumexp(-losses, dim=0)
             part = torch.stack([mixture.sum(), losses[0].sum()])
@@ -109,8 +110,9 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
 @torch.no_grad()
 def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, stochastic: bool = True,
-           generator: torch.Generator | None = None) -> list[int]:
-    """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token."""
+           generator: torch.Generator | None = None, chain=chain_from_features) -> list[int]:
+    """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token
+    (`chain`: as in `validation_loss`)."""
     if not prompt:
         raise ValueError("sample: the prompt needs at least one token")
     device = next(model.parameters()).device
@@ -122,7 +124,7 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
         x = torch.tensor([ids[-model.max_len:]], device=device)
         if model.method == "noprop":
             last = model.blocks.features(x)[:, -1:]              # [T, 1, D]: the last position
-            state = chain_from_features(model, schedule, last, stochastic, generator)
+            state = chain(model, schedule, last, stochastic, generator)
         else:
             state = model.hidden(x)[-1:]
         logits = F.linear(state.float(), weight, bias)[0] / temperature   # [V]

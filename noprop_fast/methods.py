@@ -57,9 +57,13 @@ def noisy_latents(model: ImageModel, y: torch.Tensor, input_scale: torch.Tensor,
 
 
 def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-                blocks: slice = ALL_BLOCKS, noise=None) -> tuple[torch.Tensor, dict]:
+                blocks: slice = ALL_BLOCKS, noise=None,
+                shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
     """NoProp-DT loss for the blocks in `blocks`. Returns (loss, parts) with parts detached:
-    `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`."""
+    `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`.
+    `shared_terms=False` leaves out CE and KL (their z_T noise is still drawn, so the noise stream
+    moves on as with them): a process that holds some of the blocks of a multi-process run
+    (distributed.py) counts them only where it holds the last block."""
     T, fused = model.num_blocks, model.fused
     with phase("forward"):
         u = model.embedding(y)                                # [N, d] fp32
@@ -85,8 +89,11 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
         abar_T = schedule.alpha_bar[-1:]
         with phase("noise"):
             z_clean = noisy_latents(model, y, abar_T.sqrt(), (1 - abar_T).sqrt(), noise)[0]
-        ce = classifier_cross_entropy(model, z_clean.to(u.dtype), y)
-        kl = prior_kl(u, schedule)
+        if shared_terms:
+            ce = classifier_cross_entropy(model, z_clean.to(u.dtype), y)
+            kl = prior_kl(u, schedule)
+        else:
+            ce = kl = torch.zeros((), device=u.device, dtype=u.dtype)
     parts = {"block_losses": per_block.detach(), "ce": ce.detach(), "kl": kl.detach()}
     return denoise + ce + kl, parts
 

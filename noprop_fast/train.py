@@ -12,15 +12,20 @@ such as FineWeb's.
 
 Errors a user can cause (bad config, missing data, corrupt files, a loss that turns NaN) end in one
 line on stderr and a non-zero exit.
+
+Several processes (distributed.py): launch with torchrun and name the split, e.g.
+`torchrun --standalone --nproc-per-node 8 -m noprop_fast.train --parallel blocks`; rank 0 alone
+prints and writes, and its checkpoints resume in any number of processes (`--parallel none`: one).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import runs
 from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, config_path,
                      from_mapping, list_configs, read_yaml, resolve)
-from .errors import UserError, cli_main
+from .errors import ConfigError, UserError, cli_main
 
 
 def build_parser(task: str = "image") -> argparse.ArgumentParser:
@@ -94,17 +99,39 @@ def run(argv: list[str] | None = None) -> dict | None:
             print(f"{name:<28} {description}")
         return None
     cfg = config_from_args(args)
+    if cfg.parallel != "none":  # one process per rank, launched by torchrun (distributed.py)
+        from .distributed import session
+        with session(cfg) as parallel:
+            return train_config(cfg, args, parallel)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"rank {os.environ.get('RANK', '?')}: torchrun started "
+                          f"{os.environ['WORLD_SIZE']} processes but --parallel is none: name a "
+                          "mode (blocks, data, blocks+data)")
+    return train_config(cfg, args)
+
+
+def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
+    """Train `cfg` and print the closing table; `parallel`: (layout, groups) of a multi-process
+    run (rank 0 alone prints and writes), None for one process."""
+    from .distributed import rank_zero_first, same_on_every_rank
     run_dir = Path(cfg.out) if cfg.out else runs.default_run_dir(cfg)
+    if parallel is not None:  # a time-stamped default folder: rank 0's on every rank
+        run_dir = Path(same_on_every_rank(str(run_dir)))
     cfg.out = str(run_dir)
     show_progress = not args.no_progress and sys.stderr.isatty()
     if cfg.task == "lm":
-        return run_lm(cfg, run_dir, args.resume, show_progress)
+        return run_lm(cfg, run_dir, args.resume, show_progress, parallel)
     # imported here so that --help and --list-configs stay fast
     from .data import load_image_dataset
     from .trainer import Trainer, results_table
 
-    data = load_image_dataset(cfg.dataset, cfg.data_dir)
-    trainer = Trainer(cfg, data, run_dir, show_progress=show_progress)
+    with rank_zero_first(parallel and parallel[0]):  # a download or cache: built once
+        data = load_image_dataset(cfg.dataset, cfg.data_dir)
+    if parallel is None:
+        trainer = Trainer(cfg, data, run_dir, show_progress=show_progress)
+    else:
+        from .parallel import ParallelTrainer
+        trainer = ParallelTrainer(cfg, data, run_dir, show_progress, *parallel)
     if args.resume:
         trainer.restore(runs.load_checkpoint(run_dir))
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}")
@@ -131,19 +158,28 @@ def load_token_data(data_dir: str | None, show_progress: bool = True):
     return TokenData.load(data_dir)
 
 
-def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool) -> dict:
+def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None) -> dict:
     from .data.tokenizer import get_tokenizer
+    from .distributed import rank_zero_first
     from .lm_trainer import LMTrainer, parameter_count
 
-    data = load_token_data(cfg.data_dir, show_progress)
-    trainer = LMTrainer(cfg, data, run_dir, show_progress=show_progress, pretrain=not resume)
+    with rank_zero_first(parallel and parallel[0]):  # the embedded corpus: built once
+        data = load_token_data(cfg.data_dir, show_progress)
+    if parallel is None:
+        trainer = LMTrainer(cfg, data, run_dir, show_progress=show_progress, pretrain=not resume)
+    else:
+        from .parallel import ParallelLMTrainer
+        trainer = ParallelLMTrainer(cfg, data, run_dir, show_progress, *parallel,
+                                    pretrain=not resume)
     if resume:
         trainer.restore(runs.load_checkpoint(run_dir))
         print(f"resuming {run_dir} after step {trainer.progress.step}")
     shape = (f"T={cfg.num_blocks} blocks of {cfg.layers_per_block} layer(s)" if cfg.method == "noprop"
              else f"{cfg.num_blocks * cfg.layers_per_block} layers")
     print(f"{cfg.method} LM on {data.source}, {shape}, "
-          f"width {cfg.width}, {parameter_count(trainer.model) / 1e6:.2f}M parameters, device "
+          f"width {cfg.width}, "
+          f"{getattr(trainer, 'total_parameters', parameter_count(trainer.model)) / 1e6:.2f}M "
+          f"parameters, device "
           f"{runs.device_name(trainer.device)}, {'reference' if trainer.ops is None else trainer.ops.name} "
           f"ops, {cfg.precision}, run {run_dir}", flush=True)
     summary = trainer.fit()
