@@ -1,6 +1,8 @@
 """NoProp's maths on one rank's share of a multi-process run (the design is in distributed.py):
 the schedule of a block slice, the single-process noise cut to a rank's blocks and rows,
 BatchNorm with the statistics of all data ranks, and the Eq. 3 chain passed from rank to rank."""
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -8,6 +10,11 @@ import torch.distributed.nn.functional as dist_fn
 from .distributed import Groups, Layout
 from .layers import BlockBatchNorm
 from .schedule import NoiseSchedule, denoise_step
+
+# The differentiable all-reduce (its backward all-reduces the gradient) has no public successor yet;
+# its deprecation notice would print on every rank of every run.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
 
 
 # -- the maths on a slice of the blocks ----------------------------------------------------------
