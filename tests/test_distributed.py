@@ -54,7 +54,14 @@ def torchrun(args: list[str], nproc: int = 2, module: str = "noprop_fast.train",
 
 
 def single(args: list[str]) -> None:
-    assert train.main(args) == 0
+    """One process, in this one, on one thread as each torchrun process is (OMP_NUM_THREADS=1):
+    another thread count picks other conv algorithms, whose rounding AdamW amplifies."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def state(run_dir):
