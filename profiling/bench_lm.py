@@ -23,7 +23,6 @@ Memory (`bench_lm_memory`, section `lm-memory`): one step of NoProp-LM with all 
 with one block per step (the largest over t), and the GPT baseline of the same width and total
 depth: bytes saved for backward (CPU) or the CUDA allocator's peak.
 """
-import copy
 import dataclasses
 
 import torch
@@ -32,10 +31,9 @@ import torch.nn as nn
 from bench_common import LMShape, Sizes, one_line
 from bench_loop import loop_step, separate_model_from
 from bench_memory_methods import method_description, step_memory
-from bench_step import compile_status, loop_status
-from bench_throughput import captured, graphs_status, measure_paths
+from bench_step import training_paths
+from bench_throughput import measure_paths
 from noprop_fast.config import LMConfig
-from noprop_fast.fused import PRECISIONS, PhiloxNoise
 from noprop_fast.language import lm_loss
 from noprop_fast.lm_trainer import build_lm
 from noprop_fast.methods import noprop_loss
@@ -44,7 +42,6 @@ from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
 from noprop_fast.trainer import apply_gradients
 
-PATHS = ("loop", "reference", "fused", "graphs", "compiled")
 
 
 def lm_config(shape: LMShape, method: str = "noprop") -> LMConfig:
@@ -96,44 +93,16 @@ def separate_lm_from(model, cfg: LMConfig):
 def bench_lm(sizes: Sizes, device: torch.device, precision: str, rounds: int, steps: int,
              warmup: int, skip_compile: str, ops, ops_status: str) -> dict:
     shape = sizes.lm(device)
-    dtype = PRECISIONS[precision]
     cfg, model, x, y = lm_model(shape, device)
     schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, device)
 
-    def scaler():
-        return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-    paths = {name: "" for name in PATHS}
-    paths["loop"] = loop_status(precision)
-    if paths["loop"] == "ok":
+    def make_loop(model):
         loop = separate_lm_from(model, cfg)
-        paths["loop"] = lambda: lm_loop_step(loop, schedule, x, y)[2]
-    ref = copy.deepcopy(model).configure(None, dtype)
-    ref_opt, ref_scaler = make_optimizer(ref, cfg), scaler()
-    paths["reference"] = lambda: apply_gradients(lm_loss(ref, schedule, x, y)[0], ref_opt,
-                                                 scaler=ref_scaler)
-    paths["fused"] = ops_status or "ok"
-    paths["graphs"] = graphs_status(device, precision, paths["fused"])
-    if ops is not None:
-        fused = model.configure(ops, dtype)  # the original: no further copy of the weights
-        fused_opt, fused_scaler = make_optimizer(fused, cfg), scaler()
-        noise = PhiloxNoise(0, device)
-        paths["fused"] = lambda: apply_gradients(lm_loss(fused, schedule, x, y, noise)[0],
-                                                 fused_opt, scaler=fused_scaler)
-        if paths["graphs"] == "ok":  # as the trainer's --cuda-graphs: the lr on the device
-            graph_opt = make_optimizer(fused, cfg, capturable=True)
-            graph_noise = PhiloxNoise(1, device)
-            paths["graphs"] = captured(
-                lambda xs, ys: apply_gradients(lm_loss(fused, schedule, xs, ys, graph_noise)[0],
-                                               graph_opt), (x, y), device)
-    else:
-        del model
-    paths["compiled"] = compile_status(skip_compile)
-    if not skip_compile:
-        loss_fn = torch.compile(lm_loss)
-        paths["compiled"] = lambda: apply_gradients(loss_fn(ref, schedule, x, y)[0], ref_opt,
-                                                    scaler=ref_scaler)
+        return lambda: lm_loop_step(loop, schedule, x, y)[2]
 
+    paths = training_paths(model, cfg, schedule, x, y, lm_loss, make_loop, device, precision,
+                           skip_compile, ops, ops_status)
+    del model  # held on by the fused paths only (the fineweb config's weights once more)
     measured = measure_paths(paths, shape.tokens, device, rounds, steps, warmup)
     return {"task": "lm", "unit": "tokens/s",
             "config": {**dataclasses.asdict(shape), "tokens_per_step": shape.tokens,

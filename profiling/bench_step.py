@@ -24,15 +24,12 @@ from bench_common import Sizes, mnist_model
 from bench_loop import loop_step, separate_model_from
 from bench_throughput import captured, graphs_status, measure_paths
 from noprop_fast.fused import PRECISIONS, PhiloxNoise
-from noprop_fast.layers import ALL_BLOCKS
 from noprop_fast.methods import noprop_loss
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
-from noprop_fast.trainer import apply_gradients, train_step
+from noprop_fast.trainer import apply_gradients
 
 PATHS = ("loop", "reference", "fused", "graphs", "compiled")
-PATH_LABELS = {"loop": "separate modules, loop", "reference": "batched reference",
-               "fused": "fused", "graphs": "fused + CUDA graphs", "compiled": "torch.compile"}
 
 
 def compile_status(skip_compile: str) -> str:
@@ -43,12 +40,14 @@ def loop_status(precision: str) -> str:
     return "ok" if precision == "fp32" else f"fp32 only (this run: {precision})"
 
 
-def bench_step(sizes: Sizes, device: torch.device, precision: str, rounds: int, steps: int,
-               warmup: int, skip_compile: str, ops, ops_status: str) -> dict:
-    """skip_compile: "" to run the torch.compile path, else the option that left it out."""
+def training_paths(model, cfg, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
+                   loss_fn, make_loop, device: torch.device, precision: str, skip_compile: str,
+                   ops, ops_status: str) -> dict:
+    """One task's five paths (see the module docstring): name -> a step returning its loss, or a
+    status string. loss_fn(model, schedule, x, y, noise=...) -> (loss, parts): `noprop_loss` or
+    `lm_loss`; make_loop(model) -> the loop's step (fp32 only). The fused and graphs paths train
+    `model` itself (configured with the fused ops); the others copies of its weights."""
     dtype = PRECISIONS[precision]
-    cfg, model, x, y = mnist_model(sizes, device)
-    schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, device)
 
     def scaler():
         return torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -56,33 +55,46 @@ def bench_step(sizes: Sizes, device: torch.device, precision: str, rounds: int, 
     paths = {name: "" for name in PATHS}
     paths["loop"] = loop_status(precision)
     if paths["loop"] == "ok":
-        loop = separate_model_from(model, cfg)
-        paths["loop"] = lambda: loop_step(loop, schedule, x, y)[2]
-
+        paths["loop"] = make_loop(model)
     ref = copy.deepcopy(model).configure(None, dtype)
     ref_opt, ref_scaler = make_optimizer(ref, cfg), scaler()
-    paths["reference"] = lambda: train_step(ref, ref_opt, schedule, x, y, ALL_BLOCKS, None,
-                                            ref_scaler)[0]
+    paths["reference"] = lambda: apply_gradients(loss_fn(ref, schedule, x, y)[0], ref_opt,
+                                                 scaler=ref_scaler)
     paths["fused"] = ops_status or "ok"
     paths["graphs"] = graphs_status(device, precision, paths["fused"])
     if ops is not None:
-        fused = copy.deepcopy(model).configure(ops, dtype)
+        fused = model.configure(ops, dtype)  # the original: no further copy of the weights
         fused_opt, fused_scaler = make_optimizer(fused, cfg), scaler()
         noise = PhiloxNoise(0, device)
-        paths["fused"] = lambda: train_step(fused, fused_opt, schedule, x, y, ALL_BLOCKS, noise,
-                                            fused_scaler)[0]
+        paths["fused"] = lambda: apply_gradients(loss_fn(fused, schedule, x, y, noise=noise)[0],
+                                                 fused_opt, scaler=fused_scaler)
         if paths["graphs"] == "ok":  # as the trainer's --cuda-graphs: the lr on the device
             graph_opt = make_optimizer(fused, cfg, capturable=True)
             graph_noise = PhiloxNoise(1, device)
             paths["graphs"] = captured(
-                lambda xs, ys: train_step(fused, graph_opt, schedule, xs, ys, ALL_BLOCKS,
-                                          graph_noise)[0], (x, y), device)
+                lambda xs, ys: apply_gradients(loss_fn(fused, schedule, xs, ys,
+                                                       noise=graph_noise)[0], graph_opt),
+                (x, y), device)
     paths["compiled"] = compile_status(skip_compile)
     if not skip_compile:
-        loss_fn = torch.compile(noprop_loss)
-        paths["compiled"] = lambda: apply_gradients(loss_fn(ref, schedule, x, y)[0], ref_opt,
+        compiled = torch.compile(loss_fn)
+        paths["compiled"] = lambda: apply_gradients(compiled(ref, schedule, x, y)[0], ref_opt,
                                                     scaler=ref_scaler)
+    return paths
 
+
+def bench_step(sizes: Sizes, device: torch.device, precision: str, rounds: int, steps: int,
+               warmup: int, skip_compile: str, ops, ops_status: str) -> dict:
+    """skip_compile: "" to run the torch.compile path, else the option that left it out."""
+    cfg, model, x, y = mnist_model(sizes, device)
+    schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, device)
+
+    def make_loop(model):
+        loop = separate_model_from(model, cfg)
+        return lambda: loop_step(loop, schedule, x, y)[2]
+
+    paths = training_paths(model, cfg, schedule, x, y, noprop_loss, make_loop, device, precision,
+                           skip_compile, ops, ops_status)
     measured = measure_paths(paths, sizes.batch, device, rounds, steps, warmup)
     return {"task": "image", "unit": "images/s",
             "config": {"image_shape": list(sizes.image_shape), "num_classes": sizes.num_classes,
