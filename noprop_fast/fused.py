@@ -100,6 +100,11 @@ class PhiloxNoise:
         self.seed = torch.tensor([seed & (2**63 - 1)], dtype=torch.int64, device=device)
         self.offset = torch.zeros(1, dtype=torch.int64, device=device)
 
+    def reseed(self, seed: int) -> None:
+        """The stream of `seed` from its start, in the same tensors (a captured graph holds them)."""
+        self.seed.fill_(seed & (2**63 - 1))
+        self.offset.zero_()
+
     def advance(self, count: int) -> torch.Tensor:
         start = self.offset.clone()
         self.offset.add_(count)  # in place: a captured graph replays this too

@@ -166,12 +166,10 @@ class Trainer:
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         shuffle = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch))
         if self.ops is not None:
-            fresh = PhiloxNoise(epoch_seed(cfg.seed, epoch), device)
             if self.noise is None:
-                self.noise = fresh
+                self.noise = PhiloxNoise(epoch_seed(cfg.seed, epoch), device)
             else:  # in place: a captured step holds these tensors' addresses
-                self.noise.seed.copy_(fresh.seed)
-                self.noise.offset.copy_(fresh.offset)
+                self.noise.reseed(epoch_seed(cfg.seed, epoch))
         n = data.train_x.shape[0]
         per_pass = -(-n // cfg.batch_size)
         passes = self.passes()
