@@ -45,10 +45,9 @@ from .nvtx_ranges import phase
 def graph_unavailable_reason(device: torch.device, cfg, fused_loaded: bool = True) -> str | None:
     """Why this run's steps are not captured, in a few words; None when they are.
 
-    cfg: an ImageConfig or LMConfig (reads cuda_graphs, fused, precision). fused_loaded: False
+    cfg: an ImageConfig or LMConfig (reads cuda_graphs, fused, precision, parallel). fused_loaded: False
     where --fused fell back to the reference ops (fused.resolve_ops said why)."""
-    choice = getattr(cfg, "cuda_graphs", "auto")
-    if choice == "off":
+    if cfg.cuda_graphs == "off":
         return "--cuda-graphs off"
     if device.type != "cuda":
         return f"the device is {device.type}, not CUDA"
@@ -56,7 +55,7 @@ def graph_unavailable_reason(device: torch.device, cfg, fused_loaded: bool = Tru
         return "the reference ops are not captured (--fused captures)"
     if cfg.precision == "fp16":
         return "fp16 loss scaling reads an overflow flag on the host every step (use bf16)"
-    if getattr(cfg, "parallel", None) not in (None, False, "none", "off"):
+    if cfg.parallel != "none":
         return f"not captured with --parallel {cfg.parallel}"
     return None
 
@@ -64,7 +63,7 @@ def graph_unavailable_reason(device: torch.device, cfg, fused_loaded: bool = Tru
 def announce_uncaptured(device: torch.device, cfg, reason: str | None, warn) -> None:
     """The one line a run prints when it will not capture: where capture was asked for (`on`), or
     could have been expected (auto on CUDA); `off`, and auto on a CPU, stay silent."""
-    choice = getattr(cfg, "cuda_graphs", "auto")
+    choice = cfg.cuda_graphs
     if reason is not None and (choice == "on" or (choice == "auto" and device.type == "cuda")):
         warn(f"--cuda-graphs: steps run uncaptured: {reason}")
 
