@@ -11,6 +11,8 @@
     block parameter an exactly zero gradient, the classifier none; the CE term gives the blocks
     none; W_embed (learned, prototype) gets gradient from the block terms and from CE.
 (d) The backprop baseline, by contrast, sends the CE gradient into the first block.
+(e) The conv tower's CPU dropout keeps each value with probability 1 - p, scales it by 1 / (1 - p)
+    and sends the gradient through the same mask.
 
 Dropout is 0 wherever two forms are compared (its masks are random); (c) keeps it on, since
 isolation must hold with it.
@@ -25,7 +27,8 @@ from hypothesis import strategies as st
 
 from noprop_fast.layers import BlockBatchNorm, block_parameters
 from noprop_fast.methods import backprop_loss, noprop_loss
-from noprop_fast.models.image import ClassEmbedding, DenoisingBlocks, ImageModel
+from noprop_fast.models.image import (ClassEmbedding, ConvTower, DenoisingBlocks, ImageModel,
+                                      _UniformDropout)
 from noprop_fast.models.separate import DTBlock, batched_from_separate, separate_blocks_from
 from noprop_fast.schedule import (NoiseSchedule, block_losses_ref, clean_latent_sample,
                                   noisy_latents_ref, prior_kl)
@@ -428,3 +431,32 @@ def test_classifier_starts_as_a_matched_filter_on_the_embeddings(kind):
         assert torch.equal(model.classifier.weight, torch.eye(m))
     random = ImageModel("noprop", 2, shape, m, embedding, classifier_init="random")
     assert not torch.allclose(random.classifier(embedding.weight).diagonal(), torch.ones(m))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_cpu_dropout_keeps_values_at_rate_one_minus_p_and_its_gradient_uses_the_same_mask(p):
+    n = 1_000_000
+    h = (torch.rand(n) + 0.5).requires_grad_()   # never 0: a zero output is a dropped value
+    torch.manual_seed(3)
+    out = _UniformDropout.apply(h, p)
+    kept = out != 0
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * sigma
+    torch.testing.assert_close(out[kept], h.detach()[kept] / (1 - p))
+    grad = torch.randn(n)
+    out.backward(grad)
+    torch.testing.assert_close(h.grad, torch.where(kept, grad / (1 - p), torch.zeros(())))
+    torch.manual_seed(3)
+    assert torch.equal(_UniformDropout.apply(h.detach(), p), out.detach())  # the seed fixes the mask
+
+
+def test_conv_tower_drops_on_cpu_in_training_only():
+    torch.manual_seed(0)
+    tower = ConvTower(2, (1, 8, 8), dropout=0.5, shared_input=True)
+    x = torch.randn(64, 1, 8, 8)
+    h = torch.rand(64, 2 * 32, 8, 8) + 0.5
+    dropped = tower._dropout(h)
+    assert 0.4 < (dropped == 0).double().mean().item() < 0.6
+    tower.eval()
+    assert torch.equal(tower._dropout(h), h)
+    torch.testing.assert_close(tower(x), tower(x))   # eval: deterministic

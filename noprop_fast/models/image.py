@@ -37,6 +37,26 @@ CONV_CHANNELS = (32, 64, 128)
 CPU_CONV_CHUNK = 1  # blocks whose conv maps a CPU computes at a time (see ConvTower.forward)
 
 
+class _UniformDropout(torch.autograd.Function):
+    """Dropout whose mask is drawn as u < 1 - p with u ~ U[0, 1) (float32 u: the keep probability
+    is 1 - p to within 2^-24), the mask scaled in place and saved for the backward.
+
+    The same distribution as F.dropout, drawn faster on a CPU: there F.dropout's bernoulli_ took
+    8.8 ms per call at [128, 64, 14, 14] and a fifth of the MNIST step; uniform_ and a compare in
+    place about half of it."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, p: float) -> torch.Tensor:
+        mask = torch.rand_like(h).lt_(1.0 - p).mul_(1.0 / (1.0 - p))  # 0 or 1 / (1 - p)
+        ctx.save_for_backward(mask)
+        return h * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
 class ConvTower(nn.Module):
     """The DT block's conv branch for T blocks: [N, C_in(*B), H, W] -> features [B, N, 256]."""
 
@@ -57,14 +77,32 @@ class ConvTower(nn.Module):
 
     def conv_maps(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS, params=None) -> torch.Tensor:
         """The convolutions, pools and dropouts: [N, C_in(*B), H, W] -> [N, B * 128, H/4, W/4].
-        params: the three convs' (weight, bias) for the slice's blocks, where the caller has them."""
+        params: the three convs' (weight, bias) for the slice's blocks, where the caller has them.
+
+        The block of Figure 6, computed with less memory traffic: max pooling before the ReLU
+        (max and ReLU commute, as ReLU is monotone; the ReLU then touches a quarter of the
+        values), each ReLU in place (neither a conv nor a pool saves its output for backward),
+        and on a CPU the maps channels_last, where max pooling ran 10x faster than on NCHW maps
+        and the convs avoid a layout conversion per call; the dropout there is `_UniformDropout`.
+        Together 1.3x the separate-modules loop's images/s, whose tower is written as the block
+        reads (profiling/README.md)."""
         convs = (self.conv1, self.conv2, self.conv3)
         if params is None:
             params = [(block_slice(c.weight, blocks), block_slice(c.bias, blocks)) for c in convs]
         (w1, b1), (w2, b2), (w3, b3) = params
-        h = self.dropout(F.max_pool2d(F.relu(self.conv1.forward_with(x, w1, b1)), 2))
-        h = self.dropout(F.relu(self.conv2.forward_with(h, w2, b2)))
-        return self.dropout(F.max_pool2d(F.relu(self.conv3.forward_with(h, w3, b3)), 2))
+        h = self.conv1.forward_with(x, w1, b1)
+        if h.device.type == "cpu":
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = self._dropout(F.relu(F.max_pool2d(h, 2), inplace=True))
+        h = self._dropout(F.relu(self.conv2.forward_with(h, w2, b2), inplace=True))
+        return self._dropout(F.relu(F.max_pool2d(self.conv3.forward_with(h, w3, b3), 2),
+                                    inplace=True))
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        p = self.dropout.p
+        if h.device.type == "cpu" and self.training and p > 0:
+            return _UniformDropout.apply(h, p)
+        return self.dropout(h)
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         n = x.shape[0]
