@@ -407,3 +407,24 @@ def test_quick_sizes_are_the_mnist_config_at_t10():
     assert quick.lm_cpu.tokens < full.lm_cpu.tokens and tiny.lm_cpu.tokens < quick.lm_cpu.tokens
     assert full.lm_cuda.config == "fineweb" and full.lm_cuda.vocab_size == 50257
     assert tiny.num_blocks < quick.num_blocks
+
+
+@pytest.mark.parametrize("loop_vs_reference, verdict", [([0.8, 0.7], "yes"), ([1.1, 1.2], "no")])
+def test_image_summary_states_the_acceptance_only_at_the_mnist_config(loop_vs_reference, verdict):
+    """The image table's last line says whether batched / loop > 1 (the median of the per-round
+    inverses of loop / reference), and only at the MNIST config on a CPU, where the bar is set."""
+    load_script()
+    import bench_report
+    loop = {"status": "ok", "vs_reference": loop_vs_reference}
+    config = {"image_shape": [1, 28, 28], "batch": 128, "num_blocks": 10, "embedding": "onehot",
+              "num_classes": 10, "method": "noprop", "precision": "fp32", "rounds": 2,
+              "steps_per_round": 1, "warmup_steps": 1}
+    result = {"task": "image", "unit": "images/s", "config": config, "paths": {"loop": loop}}
+    head = {"fused_ops": "C++ ops"}
+    median = (1 / loop_vs_reference[0] + 1 / loop_vs_reference[1]) / 2  # of two rounds' inverses
+    lines = "\n".join(bench_report.render_throughput(result, head, cpu=True))
+    assert f"separate-modules loop = {median:.2f} " in lines
+    assert f"the issue's acceptance on a CPU: {verdict})." in lines
+    small = dict(result, config=dict(config, num_blocks=2))
+    assert "acceptance" not in "\n".join(bench_report.render_throughput(small, head, cpu=True))
+    assert "acceptance" not in "\n".join(bench_report.render_throughput(result, head, cpu=False))
