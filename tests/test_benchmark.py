@@ -428,3 +428,19 @@ def test_image_summary_states_the_acceptance_only_at_the_mnist_config(loop_vs_re
     small = dict(result, config=dict(config, num_blocks=2))
     assert "acceptance" not in "\n".join(bench_report.render_throughput(small, head, cpu=True))
     assert "acceptance" not in "\n".join(bench_report.render_throughput(result, head, cpu=False))
+
+
+def test_conv_tower_benchmark_writes_its_pairs(tmp_path):
+    """profiling/bench_conv_tower.py at one repeat: the three pairs, positive times, the command."""
+    load_script()  # puts profiling/ on the path
+    import bench_conv_tower
+    assert bench_conv_tower.main(["--out", str(tmp_path), "--repeats", "1"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    timed = {**results["ops"], **results["tower"]}
+    assert len(results["ops"]) == 4 and len(results["tower"]) == 2
+    assert all(positive(t["best_ms"]) and len(t["all_ms"]) == 1 for t in timed.values())
+    report = (tmp_path / "report.md").read_text()
+    assert "command: `python profiling/bench_conv_tower.py --out" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(timed)
+    assert bench_conv_tower.main(["--out", str(tmp_path), "--repeats", "0"]) == 2

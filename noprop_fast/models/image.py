@@ -41,9 +41,8 @@ class _UniformDropout(torch.autograd.Function):
     """Dropout whose mask is drawn as u < 1 - p with u ~ U[0, 1) (float32 u: the keep probability
     is 1 - p to within 2^-24), the mask scaled in place and saved for the backward.
 
-    The same distribution as F.dropout, drawn faster on a CPU: there F.dropout's bernoulli_ took
-    8.8 ms per call at [128, 64, 14, 14] and a fifth of the MNIST step; uniform_ and a compare in
-    place about half of it."""
+    The same distribution as F.dropout, drawn faster on a CPU, where bernoulli_ is slow: half
+    F.dropout's time at [128, 64, 14, 14] (profiling/bench_conv_tower.py)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, p: float) -> torch.Tensor:
@@ -82,10 +81,10 @@ class ConvTower(nn.Module):
         The block of Figure 6, computed with less memory traffic: max pooling before the ReLU
         (max and ReLU commute, as ReLU is monotone; the ReLU then touches a quarter of the
         values), each ReLU in place (neither a conv nor a pool saves its output for backward),
-        and on a CPU the maps channels_last, where max pooling ran 10x faster than on NCHW maps
-        and the convs avoid a layout conversion per call; the dropout there is `_UniformDropout`.
+        and on a CPU the maps channels_last, where max pooling is faster than on NCHW maps; the
+        dropout there is `_UniformDropout` (profiling/bench_conv_tower.py measures the parts).
         Together 1.3x the separate-modules loop's images/s, whose tower is written as the block
-        reads (profiling/README.md)."""
+        reads (README.md, "Performance")."""
         convs = (self.conv1, self.conv2, self.conv3)
         if params is None:
             params = [(block_slice(c.weight, blocks), block_slice(c.bias, blocks)) for c in convs]
