@@ -175,7 +175,7 @@ def _env_int(name: str) -> int:
         return int(os.environ[name])
     except (KeyError, ValueError):
         raise ConfigError(f"--parallel needs the launcher's {name}: start the run with torchrun "
-                          "(see the README), or add --parallel none to run in one process (a "
+                          "(see docs/distributed.md), or add --parallel none to run in one process (a "
                           "resumed run keeps its config's --parallel)") from None
 
 

@@ -84,7 +84,7 @@ class ConvTower(nn.Module):
         and on a CPU the maps channels_last, where max pooling is faster than on NCHW maps; the
         dropout there is `_UniformDropout` (profiling/bench_conv_tower.py measures the parts).
         Together 1.3x the separate-modules loop's images/s, whose tower is written as the block
-        reads (README.md, "Performance")."""
+        reads (docs/performance.md)."""
         convs = (self.conv1, self.conv2, self.conv3)
         if params is None:
             params = [(block_slice(c.weight, blocks), block_slice(c.bias, blocks)) for c in convs]
