@@ -1,4 +1,4 @@
-"""Block-local weighted denoising loss of NoProp-DT, all B blocks in one pass (NOPROP.md section 2).
+"""Block-local weighted denoising loss of NoProp-DT, all B blocks in one pass (docs/method.md section 2).
 
 Forward, for predictions u_hat [B, N, d], targets u [N, d] and weights w [B] (fp32):
 

@@ -2,7 +2,7 @@
 
 A batch is x, y [N, L] token ids with y the next tokens (y[:, i] = x[:, i + 1] within a window).
 Every position is one row of the image task's maths: the NoProp loss is `methods.noprop_loss` with
-the N*L positions as its examples, the targets u = W_embed[y] (NOPROP.md section 7).
+the N*L positions as its examples, the targets u = W_embed[y] (docs/method.md section 7).
 
 Validation loss (nats per token): the Eq. 3 chain at every position with the context teacher-forced
 (`methods.noprop_chain`), the classifier's vocabulary probabilities on z_T, averaged over K chains,
@@ -74,7 +74,7 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
     the model's probability of y is the mean of p(y | z_T) over the chain's draws. `val_loss` is
     -log of that mean over `chains` independent chains per position (in expectation an upper bound
     on the model's loss, tightening as chains grow); `val_loss_one_chain` is the first chain's
-    cross-entropy alone (NOPROP.md section 7's recipe with one chain). The GPT has no chain: both
+    cross-entropy alone (docs/method.md section 7's recipe with one chain). The GPT has no chain: both
     are its cross-entropy. `chain`: `chain_from_features` or one with its signature (a
     multi-process run's chain across the processes that hold the blocks, distributed.py).
     """

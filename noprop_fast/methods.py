@@ -1,6 +1,6 @@
 """One training loss per method, and inference, for the image task.
 
-NoProp-DT (NOPROP.md section 2), for a minibatch (x, y) and the blocks in `blocks`:
+NoProp-DT (docs/method.md section 2), for a minibatch (x, y) and the blocks in `blocks`:
 
     u        = W_embed[y]                                        [N, d]
     z[b]     = sqrt(abar_{t-1}) u + sqrt(1 - abar_{t-1}) eps     [B, N, d], sampled from q

@@ -1,7 +1,7 @@
 """The mathematics of NoProp-DT: noise schedule, loss weights, inference coefficients, KL.
 
 Every task (images, language) takes its numbers from here, so there is one set of them, computed
-once (NOPROP.md sections 1, 2 and 4).
+once (docs/method.md sections 1, 2 and 4).
 
 Index convention: T blocks, latents z_0 ... z_T. **t = 0 is pure noise, t = T is clean.**
 

@@ -17,7 +17,7 @@ def test_every_packaged_config_is_valid_and_the_paper_grid_is_complete():
                 assert name in names
                 cfg = load_config(name).validate()
                 assert (cfg.dataset, cfg.method, cfg.embedding) == (dataset, method, embedding)
-                # the paper's optimiser settings (NOPROP.md section 2)
+                # the paper's optimiser settings (docs/method.md section 2)
                 assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.num_blocks) == (1e-3, 1e-3, 128, 10)
                 assert cfg.epochs == (100 if dataset == "mnist" else 150)
     assert load_config("digits").validate().dataset == "digits"

@@ -7,7 +7,7 @@ fused path against the reference, and the NoProp loss pieces over positions.
     NoProp-LM's training features and denoiser outputs, its Eq. 3 chain (the validation logits)
     and the GPT, on the reference and the fused (C++) path, bitwise.
 (c) Gradient routing: block t's loss term reaches only block t's slices of the block parameters;
-    the CE term reaches none of them; W_embed gets gradient from both (NOPROP.md section 2).
+    the CE term reaches none of them; W_embed gets gradient from both (docs/method.md section 2).
 (d) The fused path's loss and gradients match the reference path's on the same noise.
 """
 import pytest

@@ -1,4 +1,4 @@
-"""The mathematics of NOPROP.md sections 1, 2 and 4: schedule, weights, coefficients, KL."""
+"""The mathematics of docs/method.md sections 1, 2 and 4: schedule, weights, coefficients, KL."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from noprop_fast.schedule import (NoiseSchedule, clean_latent_sample, cosine_alpha_bar,
                                   denoise_step, noisy_latents_ref, prior_kl, required_snr_max)
 
-# NOPROP.md section 1: abar_t for T = 10 (before the endpoint clamp), to the printed 3 decimals
+# docs/method.md section 1: abar_t for T = 10 (before the endpoint clamp), to the printed 3 decimals
 PAPER_T10 = [0.0, 0.028, 0.101, 0.213, 0.353, 0.506, 0.659, 0.797, 0.906, 0.976, 1.0]
 
 
@@ -54,7 +54,7 @@ def test_block_inputs_use_abar_of_previous_index():
     abar = s.alpha_bar
     assert torch.allclose(s.input_scale, abar[:-1].sqrt())
     assert torch.allclose(s.noise_scale, (1 - abar[:-1]).sqrt())
-    # square root on abar (NOPROP.md section 8, mistake 3): variance of z_{t-1} is exactly 1 for unit u
+    # square root on abar (docs/method.md section 8, mistake 3): variance of z_{t-1} is exactly 1 for unit u
     u = torch.randn(1, 4)
     z = noisy_latents_ref(u, s.input_scale, s.noise_scale, torch.zeros(10, 1, 4))
     assert torch.allclose(z[:, 0], abar[:-1, None].sqrt() * u)

@@ -86,7 +86,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
 
 
 def test_predictions_do_not_read_the_labels(tmp_path, digits):
-    """Replace every test label: the predictions stay the same (NOPROP.md section 8, mistake 1)."""
+    """Replace every test label: the predictions stay the same (docs/method.md section 8, mistake 1)."""
     cfg = resolve(None, {"num_blocks": "3", "epochs": "1", "batch_size": "256"})
     scrambled = dataclasses.replace(digits, test_y=torch.randint(0, 10, digits.test_y.shape,
                                                                  generator=torch.Generator().manual_seed(5)))

@@ -1,7 +1,7 @@
 """The language models: NoProp-LM (T denoising blocks, each a small causal transformer) and the
 backprop GPT of the same width and total depth.
 
-NoProp-LM (NOPROP.md section 7). Position i of a window predicts token x_{i+1}; its target is the
+NoProp-LM (docs/method.md section 7). Position i of a window predicts token x_{i+1}; its target is the
 embedding u_i = W_embed[x_{i+1}]. Block t is the DT block of the image task with its image branch
 replaced by a causal transformer over the clean context:
 
@@ -11,7 +11,7 @@ replaced by a causal transformer over the clean context:
     fusion          q = FC_Dq(LN(GELU(FC_D(concat(h_i, g)))))
     output          u_hat_{t,i} = softmax(q K_t^T + c_t) W_embed  (the softmax-embedding head)
 
-Decision (NOPROP.md leaves it open): the noisy latent enters after the attention, at its own
+Decision (docs/method.md section 7): the noisy latent enters after the attention, at its own
 position only. Position i then sees x_1..x_i and z_{t-1,i}; it never sees other positions' latents.
 In training those would be noisy copies of the true next tokens x_{j+1}, j < i (already in the
 context), and at inference the chain's own states, so reading them buys nothing and would make
