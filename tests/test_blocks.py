@@ -460,3 +460,38 @@ def test_conv_tower_drops_on_cpu_in_training_only():
     tower.eval()
     assert torch.equal(tower._dropout(h), h)
     torch.testing.assert_close(tower(x), tower(x))   # eval: deterministic
+
+
+def _prototype_by_loops(points: torch.Tensor) -> int:
+    """The index of the point of smallest median distance to the *other* points (lower median)."""
+    n = points.shape[0]
+    if n == 1:
+        return 0
+    medians = []
+    for i in range(n):
+        others = sorted((points[i] - points[j]).norm().item() for j in range(n) if j != i)
+        medians.append(others[(len(others) - 1) // 2])
+    return min(range(n), key=lambda i: (medians[i], i))
+
+
+def test_prototype_is_the_image_of_smallest_median_distance_to_the_other_images():
+    """Six points on a line where counting each point's zero distance to itself would pick the
+    point at 18 (medians 16, 9, 4, 2, 4, 8); over the other points the median picks 20."""
+    from noprop_fast.models.image import prototype_embeddings
+    line = torch.tensor([0.0, 9, 16, 18, 20, 26])
+    images = torch.stack([line, torch.zeros(6)], 1).reshape(6, 1, 1, 2)
+    assert prototype_embeddings(images, torch.zeros(6, dtype=torch.long), 1)[0, 0].item() == 20.0
+    assert _prototype_by_loops(images.reshape(6, -1)) == 4
+
+
+@settings(deadline=None, max_examples=20)
+@given(n=st.integers(1, 12), classes=st.integers(1, 3), chunk=st.integers(1, 5), seed=st.integers(0, 99))
+def test_prototypes_match_a_loop_over_the_other_images(n, classes, chunk, seed):
+    from noprop_fast.models.image import prototype_embeddings
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n * classes, 1, 2, 3, generator=g)
+    labels = torch.arange(classes).repeat_interleave(n)
+    protos = prototype_embeddings(images, labels, classes, chunk=chunk)
+    for k in range(classes):
+        members = images[labels == k].reshape(n, -1)
+        assert torch.equal(protos[k], members[_prototype_by_loops(members)])

@@ -232,8 +232,13 @@ def prototype_embeddings(images: torch.Tensor, labels: torch.Tensor, num_classes
         members = flat[labels == k]
         if members.shape[0] == 0:
             raise ValueError(f"class {k} has no training image to build its prototype from")
-        medians = torch.cat([torch.cdist(members[i:i + chunk], members).median(dim=1).values
-                             for i in range(0, members.shape[0], chunk)])
+        if members.shape[0] == 1:
+            rows.append(members[0])
+            continue
+        # each row's sorted distances start with its zero distance to itself: drop it, so the
+        # median is over the *other* images (for an even count the two medians differ)
+        medians = torch.cat([torch.cdist(members[i:i + chunk], members).sort(dim=1).values[:, 1:]
+                             .median(dim=1).values for i in range(0, members.shape[0], chunk)])
         rows.append(members[medians.argmin()])
     return torch.stack(rows)
 
