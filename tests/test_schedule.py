@@ -117,3 +117,25 @@ def test_bad_arguments():
         NoiseSchedule.cosine(10, snr_max=0)
     with pytest.raises(ValueError):
         NoiseSchedule.cosine(10, eta=0)
+
+
+def test_the_inference_chain_with_a_perfect_denoiser_lands_on_the_forward_marginals():
+    """The engine's Eq. 3 chain (methods.chain_from_features), not only one step of it: with a
+    denoiser that returns u itself, z_T ~ q(z_T | u) = N(sqrt(abar_T) u, (1 - abar_T) I). The
+    noise-free chain lands on sqrt(abar_T) u exactly (abar_0 = 0 makes b_1 = 0: z_0 is forgotten).
+    A small snr_max keeps abar_T far from 1, where a chain without a_t or b_t would also land near u."""
+    from types import SimpleNamespace
+    from noprop_fast.methods import chain_from_features
+    T, n = 4, 100_000
+    s = NoiseSchedule.cosine(T, snr_max=1.5 * required_snr_max(T))  # abar_T about 0.9
+    u = torch.tensor([2.0, -1.0, 0.5])
+    perfect = SimpleNamespace(denoise=lambda features, z, w, blocks: features)  # u_hat = u
+    model = SimpleNamespace(num_blocks=T, blocks=perfect,
+                            embedding=SimpleNamespace(weight=torch.zeros(4, 3)))
+    features = u.expand(T, n, 3)
+    abar_T = s.alpha_bar[-1].item()
+    z = chain_from_features(model, s, features, True, torch.Generator().manual_seed(0))
+    assert z.mean(0).tolist() == pytest.approx((math.sqrt(abar_T) * u).tolist(), abs=0.005)
+    assert z.var(0).tolist() == pytest.approx([1 - abar_T] * 3, rel=0.03)
+    z = chain_from_features(model, s, features, False, torch.Generator().manual_seed(0))
+    assert torch.allclose(z, (math.sqrt(abar_T) * u).expand(n, 3), atol=1e-5)
