@@ -148,3 +148,27 @@ def test_cli_trains_on_the_original_distribution_files(tmp_path, dataset):
                          "--out", str(tmp_path / "run")])
     assert summary["dataset"] == dataset and summary["epochs"] == 1
     assert str(tmp_path / "data") in summary["data_source"]
+
+
+@pytest.mark.parametrize("schedule", ["all", "sequential"])
+def test_optimizer_state_carries_on_across_epochs(tmp_path, digits, schedule):
+    """AdamW's step counts and moments are the run's, not an epoch's (docs/method.md section 8,
+    mistake 7): after 2 epochs every block has taken every step of both epochs."""
+    cfg = resolve(None, {"num_blocks": "3", "epochs": "2", "batch_size": "256",
+                         "block_schedule": schedule})
+    trainer = Trainer(cfg, digits, tmp_path / schedule, show_progress=False)
+    trainer.fit()
+    batches = -(-digits.train_x.shape[0] // 256)  # the last partial batch trains too
+    passes = 3 if schedule == "sequential" else 1  # one pass over the data per block slice
+    counts = {}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            state = trainer.optimizer.state[p]
+            if group["per_block"]:
+                counts.setdefault("block", set()).update(state["step"].tolist())
+            else:
+                counts.setdefault("shared", set()).add(state["step"].item())
+            assert state["exp_avg_sq"].abs().sum() > 0
+    assert counts["block"] == {2.0 * batches}
+    if "shared" in counts:  # the learned embedding and the classifier update on every step
+        assert counts["shared"] == {2.0 * batches * passes}
