@@ -87,7 +87,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
 
 def test_predictions_do_not_read_the_labels(tmp_path, digits):
     """Replace every test label: the predictions stay the same (docs/method.md section 8, mistake 1)."""
-    cfg = resolve(None, {"num_blocks": "3", "epochs": "1", "batch_size": "256"})
+    cfg = resolve(None, {"num_blocks": "3", "epochs": "3", "batch_size": "64"})
     scrambled = dataclasses.replace(digits, test_y=torch.randint(0, 10, digits.test_y.shape,
                                                                  generator=torch.Generator().manual_seed(5)))
     preds, accs = [], []
@@ -99,7 +99,9 @@ def test_predictions_do_not_read_the_labels(tmp_path, digits):
                                          stochastic=stochastic, seed=3))
         accs.append(trainer.evaluate())
     assert torch.equal(preds[0], preds[2]) and torch.equal(preds[1], preds[3])
-    assert accs[0] != accs[1]  # the labels are read only to score the predictions
+    # the labels are read only to score the predictions: against random labels the same model
+    # scores chance (0.1 for 10 classes; one standard deviation over 360 images is 0.016)
+    assert abs(accs[1] - 0.1) < 0.065 and accs[0] > 0.5, accs
 
 
 def test_sequential_schedule_saves_a_fraction_of_the_activations(tmp_path):
