@@ -117,13 +117,6 @@ class NoiseSchedule:
             coef_c=tensor(c_coef),
         )
 
-    def to(self, device) -> "NoiseSchedule":
-        return NoiseSchedule(**{k: v.to(device) for k, v in self.__dict__.items()})
-
-    def state(self) -> dict:
-        """Plain-Python copy of the numbers, for the run's summary and checkpoint."""
-        return {k: v.tolist() for k, v in self.__dict__.items()}
-
 
 def noisy_latents_ref(u: torch.Tensor, input_scale: torch.Tensor, noise_scale: torch.Tensor,
                       noise: torch.Tensor) -> torch.Tensor:

@@ -199,11 +199,6 @@ class DenoisingBlocks(nn.Module):
         h = F.relu(self.fuse_bn1(self.fuse_fc1(h, blocks), blocks))
         return F.relu(self.fuse_bn2(self.fuse_fc2(h, blocks), blocks))
 
-    def logits(self, image_features: torch.Tensor, z: torch.Tensor,
-               blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        """Class logits [B, N, m]."""
-        return self.head(self.head_input(image_features, z, blocks), blocks)
-
     def denoise(self, image_features: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
                 blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         """u_hat = softmax(logits) @ W_embed: [B, N, d] in the compute dtype, a convex combination
