@@ -174,6 +174,7 @@ def load_token_data(data_dir: str | None, show_progress: bool = True):
 def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None) -> dict:
     from .data.tokenizer import get_tokenizer
     from .distributed import rank_zero_first
+    from .lm_report import closing_lines
     from .lm_trainer import LMTrainer, parameter_count
 
     with rank_zero_first(parallel and parallel[0]):  # the embedded corpus: built once
@@ -203,6 +204,8 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel
           f"entropy is {summary['unigram_entropy']:.4f} nats/token; {summary['tokens_seen']:,} "
           f"tokens seen in {summary['train_seconds']:.1f}s; summary in {run_dir / 'summary.json'}",
           flush=True)
+    if runs.is_writer():
+        print("\n".join(closing_lines(cfg, summary, cfg.sample_tokens > 0 and cfg.num_samples > 0)))
     write_plots(cfg, summary, trainer.progress.history, run_dir)
     if cfg.sample_tokens > 0:
         tokenizer = get_tokenizer(data.tokenizer)
