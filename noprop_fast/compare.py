@@ -135,52 +135,44 @@ def epochs_markdown(histories: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def memory_note(runs: dict[str, dict]) -> str | None:
+    """Under the memory chart: why NoProp saves nothing when it trains every block on every step."""
+    noprop = runs.get("noprop")
+    if noprop is None or noprop.get("block_schedule") != "all":
+        return None
+    return ("NoProp here trains all blocks on every step, so it holds every block's activations, "
+            "as backprop does: the saving comes with --block-schedule sequential (one block's "
+            "activations at a time).")
+
+
 def write_plots(runs: dict[str, dict], histories: dict[str, list[dict]], out_dir: Path) -> None:
     """loss.png and accuracy.png per epoch, time.png and memory.png as one bar per method."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only; must precede the pyplot import (no display on servers)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from .plots import bar_chart, line_chart
 
     first = next(iter(runs.values()))
     methods = list(runs)
+    where = f"{first['dataset']}, {first['device']}"
 
-    def per_epoch(key: str, scale: float, ylabel: str, title: str, name: str, log: bool = False):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for m in methods:
-            rows = [r for r in histories[m] if r.get(key) is not None]  # unevaluated epochs: gaps
-            ax.plot([r["epoch"] for r in rows], [scale * r[key] for r in rows], marker="o", label=m)
-        if log:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="epoch", ylabel=ylabel)
-        ax.legend()
-        save(fig, ax, title, name)
-
-    def bars(values: list[float], fmt: str, ylabel: str, title: str, name: str):
-        fig, ax = plt.subplots(figsize=(5.2, 4.2))
-        ax.bar_label(ax.bar(methods, values, color=[f"C{i}" for i in range(len(methods))]), fmt=fmt)
-        ax.set(ylabel=ylabel)
-        save(fig, ax, title, name)
-
-    def save(fig, ax, title: str, name: str):
-        ax.set_title(f"{title}: {first['dataset']}, {first['device']}")
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
+    def per_epoch(key: str, scale: float = 1.0) -> dict:
+        return {m: [(r["epoch"], scale * r[key]) for r in histories[m] if r.get(key) is not None]
+                for m in methods}  # unevaluated epochs: gaps
 
     # log scale: NoProp's objective (denoising + CE + KL) and backprop's cross-entropy differ in scale
-    per_epoch("train_loss", 1, "train loss (each method's own objective)", "Train loss", "loss.png",
-              log=True)
-    per_epoch("test_accuracy", 100, f"test accuracy (%, {first['inference']} inference)",
-              "Test accuracy", "accuracy.png")
-    bars([runs[m]["seconds_per_epoch"] for m in methods], "%.2f s", "train seconds per epoch",
-         "Time per epoch", "time.png")
+    line_chart(per_epoch("train_loss"), "epoch", "train loss (each method's own objective)",
+               f"Train loss: {where}", out_dir / "loss.png", log=True, integer_x=True)
+    line_chart(per_epoch("test_accuracy", 100), "epoch",
+               f"test accuracy (%, {first['inference']} inference)", f"Test accuracy: {where}",
+               out_dir / "accuracy.png", integer_x=True)
+    seconds = [runs[m]["seconds_per_epoch"] for m in methods]
+    bar_chart(methods, seconds, [f"{s:.2f} s" for s in seconds], "train seconds per epoch",
+              f"Time per epoch: {where}", out_dir / "time.png")
+    mib = [_mib(runs[m]["peak_memory_bytes"]) for m in methods]
+    base = runs.get(BASELINE, {}).get("peak_memory_bytes")
+    captions = [f"{v:.1f} MiB" + (f"\n{runs[m]['peak_memory_bytes'] / base:.2f} x {BASELINE}"
+                                  if base else "") for m, v in zip(methods, mib)]
     kind = MEMORY_KINDS.get(first["memory_kind"], first["memory_kind"])
-    bars([_mib(runs[m]["peak_memory_bytes"]) for m in methods], "%.1f MiB", f"MiB: {kind}",
-         "Memory", "memory.png")
+    bar_chart(methods, mib, captions, f"MiB: {kind}", f"Memory: {where}", out_dir / "memory.png",
+              note=memory_note(runs))
 
 
 def write_report(cfg: ImageConfig, runs: dict, histories: dict, out_dir: Path,

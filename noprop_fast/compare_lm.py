@@ -64,26 +64,14 @@ def equal_tokens_markdown(histories: dict[str, list[dict]]) -> str:
 def write_plot(runs: dict[str, dict], histories: dict[str, list[dict]], cfg: LMConfig,
                out_dir: Path) -> Path:
     """val_loss.png: each method's val loss against tokens seen, the unigram entropy dashed."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only; must precede the pyplot import (no display on servers)
-    import matplotlib.pyplot as plt
+    from .plots import line_chart, token_data_name
 
     first = next(iter(runs.values()))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m, history in histories.items():
-        rows = [r for r in history if r.get("val_loss") is not None]
-        ax.plot([r["tokens_seen"] for r in rows], [r["val_loss"] for r in rows], marker="o", label=m)
-    ax.axhline(first["unigram_entropy"], color="gray", linestyle="--",
-               label=f"unigram entropy {first['unigram_entropy']:.3f}")
-    ax.set(xlabel="tokens seen", ylabel="val loss (nats/token)")
-    where = Path(cfg.data_dir).name if cfg.data_dir is not None else "embedded corpus"
-    ax.set_title(f"Validation loss: {where}, {first['device']}")
-    ax.legend()
-    fig.tight_layout()
-    path = out_dir / "val_loss.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    series = {m: [(r["tokens_seen"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+              for m, history in histories.items()}
+    entropy, where = first["unigram_entropy"], f"{token_data_name(cfg.data_dir)}, {first['device']}"
+    return line_chart(series, "tokens seen", "val loss (nats/token)", f"Validation loss: {where}",
+                      out_dir / "val_loss.png", reference=(entropy, f"unigram entropy {entropy:.3f}"))
 
 
 def write_report(cfg: LMConfig, data, runs: dict, histories: dict, out_dir: Path,

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import runs
 from .config import LMConfig, save_config
@@ -35,6 +34,7 @@ from .memory import cuda_peak, memory_kind, reset_peak
 from .models.lm import GPT, LanguageModel
 from .nvtx_ranges import phase
 from .optim import make_optimizer
+from .progress import RunClock, evaluations_between, progress_bar
 from .schedule import NoiseSchedule
 from .trainer import LOG_EVERY, NonFiniteLoss, apply_gradients, load_states, resolve_device
 
@@ -169,8 +169,10 @@ class LMTrainer:
         reset_peak(self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         log_every = 1 if self.device.type == "cpu" else LOG_EVERY
-        bar = tqdm(total=cfg.max_steps, initial=p.step, desc="train", unit="step",
-                   disable=not self.show_progress, leave=False, file=sys.stderr)
+        clock = RunClock(cfg.max_steps - p.step,
+                         evaluations_between(p.step, cfg.max_steps, cfg.eval_every))
+        bar = progress_bar(clock, total=cfg.max_steps, initial=p.step, desc="train", unit="step",
+                           disable=not self.show_progress, leave=False, file=sys.stderr)
         self.model.train()
         losses = torch.zeros(cfg.eval_every, device=self.device)  # [steps since the last read]
         pending, window_start, window_loss = 0, time.perf_counter(), []
@@ -184,6 +186,7 @@ class LMTrainer:
                 window_loss += self._read_losses(losses[:pending], p.step - pending, bar)
                 pending = 0
             if at_eval:
+                clock.pause()  # evaluation and checkpoint: not in the training-time estimate
                 now = time.perf_counter()
                 p.train_seconds += now - window_start
                 record = self._eval_record(window_loss, len(window_loss) * tokens_per_step,
@@ -195,6 +198,7 @@ class LMTrainer:
                       f"val loss {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})  "
                       f"{record['tokens_per_second']:.0f} tok/s", flush=True)
                 window_loss, window_start = [], time.perf_counter()
+                clock.resume()
         bar.close()
         return self.summary()
 

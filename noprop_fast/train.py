@@ -146,7 +146,20 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
     print(f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({cfg.inference} inference), "
           f"train {summary['train_seconds']:.1f}s, memory {summary['peak_memory_bytes'] / 2**20:.1f} MiB "
           f"({summary['memory_kind']}); summary in {run_dir / 'summary.json'}")
+    write_plots(cfg, summary, trainer.progress.history, run_dir)
     return summary
+
+
+def write_plots(cfg, summary: dict, history: list[dict], run_dir: Path) -> None:
+    """The run's curves as PNGs in its folder (plots.py), one line naming them; a plot that cannot
+    be drawn is one line on stderr and the run still succeeds. Rank 0 alone writes."""
+    if not runs.is_writer():
+        return
+    from .plots import write_run_plots
+    paths = write_run_plots(summary, history, run_dir, data_dir=cfg.data_dir,
+                            warn=lambda line: print(line, file=sys.stderr, flush=True))
+    if paths:
+        print("plots: " + ", ".join(str(path) for path in paths), flush=True)
 
 
 def load_token_data(data_dir: str | None, show_progress: bool = True):
@@ -161,6 +174,7 @@ def load_token_data(data_dir: str | None, show_progress: bool = True):
 def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None) -> dict:
     from .data.tokenizer import get_tokenizer
     from .distributed import rank_zero_first
+    from .lm_report import closing_lines
     from .lm_trainer import LMTrainer, parameter_count
 
     with rank_zero_first(parallel and parallel[0]):  # the embedded corpus: built once
@@ -190,6 +204,9 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel
           f"entropy is {summary['unigram_entropy']:.4f} nats/token; {summary['tokens_seen']:,} "
           f"tokens seen in {summary['train_seconds']:.1f}s; summary in {run_dir / 'summary.json'}",
           flush=True)
+    if runs.is_writer():
+        print("\n".join(closing_lines(cfg, summary, cfg.sample_tokens > 0 and cfg.num_samples > 0)))
+    write_plots(cfg, summary, trainer.progress.history, run_dir)
     if cfg.sample_tokens > 0:
         tokenizer = get_tokenizer(data.tokenizer)
         for i, text in enumerate(trainer.samples(tokenizer), 1):

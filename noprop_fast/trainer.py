@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import runs
 from .config import ImageConfig, save_config
@@ -35,6 +34,7 @@ from .methods import backprop_loss, evaluate, noprop_loss
 from .models.image import ClassEmbedding, ImageModel, prototype_embeddings
 from .nvtx_ranges import phase, phase_iter
 from .optim import BlockAdamW, make_optimizer
+from .progress import RunClock, evaluations_between, progress_bar
 from .schedule import NoiseSchedule
 
 LOG_EVERY = 10  # CUDA: steps between reads of the loss buffer (each read is one host sync)
@@ -121,6 +121,8 @@ class Progress:
 
 
 class Trainer:
+    clock: RunClock | None = None  # the progress line's time estimate, set by fit
+
     def __init__(self, cfg: ImageConfig, data: ImageData, run_dir: Path, show_progress: bool = True):
         self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), show_progress
         self.device = resolve_device(cfg.device)
@@ -175,8 +177,8 @@ class Trainer:
         passes = self.passes()
         losses = torch.zeros(per_pass * len(passes), device=device)  # [steps] device buffer
         block_sum = torch.zeros(cfg.num_blocks, device=device)
-        bar = tqdm(total=losses.numel(), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
-                   disable=not self.show_progress, leave=False, file=sys.stderr)
+        bar = progress_bar(self.clock, total=losses.numel(), desc=f"epoch {epoch}/{cfg.epochs}",
+                           unit="step", disable=not self.show_progress, leave=False, file=sys.stderr)
         self.model.train()
         log_every = 1 if device.type == "cpu" else LOG_EVERY  # a read costs nothing on CPU
         step, read, seen, start = 0, 0, 0, time.perf_counter()
@@ -251,12 +253,22 @@ class Trainer:
             return evaluate(self.model, self.schedule, self.data.test_x, self.data.test_y,
                             stochastic=self.cfg.inference == "stochastic", seed=self.cfg.seed)
 
+    def start_clock(self) -> RunClock:
+        """The time estimate of the epochs left (progress.py): steps and evaluations to come."""
+        cfg, done = self.cfg, self.progress.epoch
+        steps_per_epoch = -(-self.data.train_x.shape[0] // cfg.batch_size) * len(self.passes())
+        self.clock = RunClock((cfg.epochs - done) * steps_per_epoch,
+                              evaluations_between(done, cfg.epochs, cfg.eval_every))
+        return self.clock
+
     def fit(self) -> dict:
         cfg = self.cfg
         save_config(cfg, self.run_dir / "config.yaml")
         reset_peak(self.device)
+        clock = self.start_clock()
         for epoch in range(self.progress.epoch + 1, cfg.epochs + 1):
             record = self.train_epoch(epoch)
+            clock.pause()  # evaluation and checkpoint: not in the training-time estimate
             record["test_accuracy"] = None
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 start = time.perf_counter()
@@ -272,6 +284,7 @@ class Trainer:
                   f"test acc {'-' if acc is None else f'{acc:.4f}'}  "
                   f"{record['epoch_seconds']:.1f}s  {record['images_per_second']:.0f} img/s",
                   flush=True)
+            clock.resume(evaluated=record["test_accuracy"] is not None)
         return self.summary()
 
     def summary(self) -> dict:
