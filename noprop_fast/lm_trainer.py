@@ -25,18 +25,19 @@ import torch
 from tqdm import tqdm
 
 from . import runs
-from .config import LMConfig, save_config
+from .config import LMConfig
 from .data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from .errors import UserError
+from .finite import check_losses, check_restored_state, check_state
 from .fused import PhiloxNoise, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, once
 from .language import lm_loss, sample, validation_loss
 from .memory import cuda_peak, memory_kind, reset_peak
 from .models.lm import GPT, LanguageModel
 from .nvtx_ranges import phase
-from .optim import make_optimizer
+from .optim import make_optimizer, set_hyperparameters
 from .schedule import NoiseSchedule
-from .trainer import LOG_EVERY, NonFiniteLoss, apply_gradients, load_states, resolve_device
+from .trainer import LOG_EVERY, apply_gradients, load_states, resolve_device
 
 
 def build_lm(cfg: LMConfig, vocab_size: int, device: torch.device):
@@ -125,6 +126,8 @@ class LMTrainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         if self.noise is not None and state.get("noise_offset") is not None:
             self.noise.offset.copy_(state["noise_offset"].to(self.device))
+        check_restored_state(self.model, self.optimizer, self.run_dir / runs.CHECKPOINT)
+        set_hyperparameters(self.optimizer, self.cfg)  # what may change on resume (resume.py)
         self.progress = LMProgress(**state["progress"])
         runs.rewrite_metrics(self.run_dir, self.progress.history)
 
@@ -165,7 +168,6 @@ class LMTrainer:
 
     def fit(self) -> dict:
         cfg, p = self.cfg, self.progress
-        save_config(cfg, self.run_dir / "config.yaml")
         reset_peak(self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         log_every = 1 if self.device.type == "cpu" else LOG_EVERY
@@ -184,12 +186,13 @@ class LMTrainer:
                 window_loss += self._read_losses(losses[:pending], p.step - pending, bar)
                 pending = 0
             if at_eval:
+                check_state(self.model, self.optimizer, f"at step {p.step}", self._last_checkpoint())
                 now = time.perf_counter()
                 p.train_seconds += now - window_start
                 record = self._eval_record(window_loss, len(window_loss) * tokens_per_step,
                                            now - window_start)
                 p.history.append(record)
-                runs.save_checkpoint(self.run_dir, self.checkpoint_state())
+                runs.save_checkpoint(self.run_dir, self.checkpoint_state(), cfg)
                 runs.append_metrics(self.run_dir, record)
                 print(f"step {p.step}/{cfg.max_steps}  train loss {record['train_loss']:.4f}  "
                       f"val loss {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})  "
@@ -200,10 +203,7 @@ class LMTrainer:
 
     def _read_losses(self, losses: torch.Tensor, first_step: int, bar) -> list[float]:
         values = losses.tolist()  # host sync
-        for i, value in enumerate(values):
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss became {value} at step {first_step + i + 1}; run stopped. "
-                                    f"Last good checkpoint: {self._last_checkpoint()}")
+        check_losses(values, first_step, "", self._last_checkpoint())
         bar.update(len(values))
         if values:
             bar.set_postfix(loss=f"{values[-1]:.4f}")
@@ -255,6 +255,7 @@ class LMTrainer:
             "peak_memory_bytes": cuda_peak(self.device) if self.device.type == "cuda" else None,
             "memory_kind": memory_kind(self.device) if self.device.type == "cuda" else None,
             "device": runs.device_name(self.device), "run_dir": str(self.run_dir),
+            "checkpoint_bytes": runs.checkpoint_bytes(self.run_dir),
         }
         runs.write_summary(self.run_dir, summary)
         return summary
