@@ -10,7 +10,8 @@ Reproducibility: the weights from `seed`; the batch stream (`TokenBatches`), the
 resumed from step k replays steps k+1.. as the uninterrupted run does (a test checks).
 
 Host syncs: a step's loss goes into a device buffer read every `LOG_EVERY` steps on CUDA (every
-step on a CPU, where a read costs nothing); the validation loss is read once per evaluation.
+step on a CPU, where a read costs nothing); the validation loss is read once per evaluation, and
+before it one read says whether every parameter and optimiser-state tensor is finite (finite.py).
 
 CUDA graphs (`--cuda-graphs`, graphs.py): with --fused on CUDA the step after the batch fetch is
 captured once and replayed; elsewhere one line says why not and the steps run uncaptured.
@@ -127,7 +128,7 @@ class LMTrainer:
         if self.noise is not None and state.get("noise_offset") is not None:
             self.noise.offset.copy_(state["noise_offset"].to(self.device))
         check_restored_state(self.model, self.optimizer, self.run_dir / runs.CHECKPOINT)
-        set_hyperparameters(self.optimizer, self.cfg)  # what may change on resume (resume.py)
+        set_hyperparameters(self.optimizer, self.cfg)  # a resume's new values (preflight.py)
         self.progress = LMProgress(**state["progress"])
         runs.rewrite_metrics(self.run_dir, self.progress.history)
 

@@ -157,7 +157,16 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
     print(f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({cfg.inference} inference), "
           f"train {summary['train_seconds']:.1f}s, memory {summary['peak_memory_bytes'] / 2**20:.1f} MiB "
           f"({summary['memory_kind']}); summary in {run_dir / 'summary.json'}")
+    print(checkpoint_line(summary, run_dir))
     return summary
+
+
+def checkpoint_line(summary: dict, run_dir: Path) -> str:
+    size = summary.get("checkpoint_bytes")
+    if size is None:
+        return "no checkpoint written"
+    return (f"checkpoint {size / 1e6:.1f} MB ({run_dir / runs.CHECKPOINT}: weights, AdamW's two "
+            f"moments, progress; resume with --resume {run_dir})")
 
 
 def load_token_data(data_dir: str | None, show_progress: bool = True):
@@ -213,6 +222,7 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel
           f"entropy is {summary['unigram_entropy']:.4f} nats/token; {summary['tokens_seen']:,} "
           f"tokens seen in {summary['train_seconds']:.1f}s; summary in {run_dir / 'summary.json'}",
           flush=True)
+    print(checkpoint_line(summary, run_dir), flush=True)
     if tokenizer is not None:
         for i, text in enumerate(trainer.samples(tokenizer), 1):
             print(f"--- sample {i} (temperature {cfg.temperature}, top-k {cfg.top_k}) ---\n{text}")

@@ -10,7 +10,9 @@ Philox stream reseeded every epoch like the global generator. `--precision` sets
 compute dtype; fp16 adds dynamic loss scaling (a step whose gradients overflow is skipped).
 
 Host syncs: the per-step losses go into a device buffer that is read every `LOG_EVERY` steps (to
-update the progress bar and to stop on a non-finite loss, naming its step), and once per epoch.
+update the progress bar and to stop on a non-finite loss, naming its step), and once per epoch;
+before every checkpoint, one read says whether every parameter, buffer and optimiser-state tensor
+is finite (finite.py: a run that is not stops without writing that checkpoint).
 
 CUDA graphs (`--cuda-graphs`, graphs.py): with --fused on CUDA each block slice's step is captured
 once and replayed; elsewhere one line says why not and the steps run as they always did.
@@ -27,7 +29,7 @@ from . import runs
 from .config import ImageConfig
 from .data import ImageData, batches
 from .errors import UserError
-from .finite import NonFiniteLoss, check_losses, check_restored_state, check_state
+from .finite import check_losses, check_restored_state, check_state
 from .fused import PhiloxNoise, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, new_pool, once
 from .layers import ALL_BLOCKS
@@ -149,7 +151,7 @@ class Trainer:
         load_states(self.run_dir, state, model=self.model, optimizer=self.optimizer,
                     scaler=self.scaler)
         check_restored_state(self.model, self.optimizer, self.run_dir / runs.CHECKPOINT)
-        set_hyperparameters(self.optimizer, self.cfg)  # what may change on resume (resume.py)
+        set_hyperparameters(self.optimizer, self.cfg)  # a resume's new values (preflight.py)
         self.progress = Progress(**state["progress"])
         runs.rewrite_metrics(self.run_dir, self.progress.history)
 
