@@ -15,6 +15,7 @@ The image report:
     --config NAME_OR_PATH, --<field> VALUE   as in `noprop_fast.train` (but not --method)
     --methods LIST   comma-separated, from noprop,backprop [default noprop,backprop]
     --out DIR        [default reports/compare-<dataset>-<time>; lm: reports/compare-lm-<time>]
+    --overwrite      replace the runs that OUT/<method> already holds (refused without it)
 
 The memory figure is what `Trainer.summary` reports: on CUDA the allocator's peak, on CPU the bytes
 autograd saved for backward in the first step of an epoch, activations only (parameters and
@@ -56,6 +57,8 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated methods to run [default {','.join(METHODS)}]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the runs that OUT/<method> already holds (refused without it)")
     add_config_arguments(parser, TASK_CONFIGS[task])
     for action in parser._actions:  # two config fields mean something else here
         if action.dest == "method" or action.dest in LM_SAMPLING:
@@ -88,11 +91,23 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def refuse_existing_runs(out_dir: Path, methods: list[str]) -> None:
+def refuse_existing_runs(out_dir: Path, methods: list[str], overwrite: bool = False) -> None:
+    """Every method's run folder: empty (or --overwrite) and writable, before any work."""
+    from . import runs
     for m in methods:
-        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()):
+        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()) and not overwrite:
             # the trainer appends to metrics.jsonl: an old run there would mix into the new one
-            raise UserError(f"{out_dir / m}: already holds a run; choose another --out")
+            raise UserError(f"{out_dir / m}: already holds a run; choose another --out "
+                            "(--overwrite replaces it)")
+    for m in methods:
+        runs.check_writable(out_dir / m)
+
+
+def start_clean(run_dir: Path, overwrite: bool) -> None:
+    """--overwrite: the old run's files go just before the new run starts."""
+    if overwrite:
+        from . import runs
+        runs.clear_run(run_dir)
 
 
 def _mib(n_bytes: int) -> float:
@@ -207,7 +222,8 @@ def write_report(cfg: ImageConfig, runs: dict, histories: dict, out_dir: Path,
 
 
 def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool = False, *,
-            config_name: str = ImageConfig.DEFAULT, command: str | None = None) -> dict:
+            config_name: str = ImageConfig.DEFAULT, command: str | None = None,
+            overwrite: bool = False) -> dict:
     """Train every method on one copy of the data; write report, summary and plots into out_dir.
 
     Returns {"config", "runs": {method: Trainer summary}, "history": {method: [epoch records]},
@@ -217,7 +233,7 @@ def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool =
     from .trainer import Trainer
 
     out_dir = Path(out_dir)
-    refuse_existing_runs(out_dir, methods)
+    refuse_existing_runs(out_dir, methods, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     if command is None:
         command = shlex.join(sys.argv)
@@ -228,6 +244,7 @@ def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool =
         print(f"== {m} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, run {out_dir / m}",
               flush=True)
         trainer = Trainer(run_cfg, data, out_dir / m, show_progress=show_progress)
+        start_clean(out_dir / m, overwrite)
         runs[m] = trainer.fit()
         histories[m] = trainer.progress.history
     result = {"config": dataclasses.replace(cfg, out=str(out_dir)).to_dict(), "runs": runs,
@@ -243,7 +260,7 @@ def run(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "config", "methods", "no_progress", "out")}
+                 if k not in ("task", "config", "methods", "no_progress", "out", "overwrite")}
     if "method" in overrides:
         raise UserError("--method: compare runs every method in --methods; use --methods instead")
     methods = parse_methods(args.methods)
@@ -258,12 +275,13 @@ def run(argv: list[str] | None = None) -> dict:
     if args.task == "lm":
         from . import compare_lm
         result = compare_lm.compare_lm(cfg, methods, out_dir, show_progress,
-                                       config_name=config_name, command=command)
+                                       config_name=config_name, command=command,
+                                       overwrite=args.overwrite)
         print(compare_lm.results_markdown(result["runs"]))
         print(f"val loss in nats/token on the same val tokens; report in {result['report']}")
         return result
     result = compare(cfg, methods, out_dir, show_progress=show_progress, config_name=config_name,
-                     command=command)
+                     command=command, overwrite=args.overwrite)
     print(results_markdown(result["runs"]))
     print(f"accuracy with {cfg.inference} inference; report in {result['report']}")
     return result

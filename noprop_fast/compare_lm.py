@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .compare import _fmt, refuse_existing_runs
+from .compare import _fmt, refuse_existing_runs, start_clean
 from .config import LMConfig
 from .errors import UserError
 
@@ -111,29 +111,33 @@ def write_report(cfg: LMConfig, data, runs: dict, histories: dict, out_dir: Path
 
 
 def compare_lm(cfg: LMConfig, methods: list[str], out_dir, show_progress: bool = False, *,
-               config_name: str = LMConfig.DEFAULT, command: str | None = None) -> dict:
+               config_name: str = LMConfig.DEFAULT, command: str | None = None,
+               overwrite: bool = False) -> dict:
     """Train every method on one copy of the token data; write report, summary and plot.
 
     Returns {"config", "runs": {method: LMTrainer summary}, "history": {method: [eval records]},
     "report": path of report.md}.
     """
     from .lm_trainer import LMTrainer  # imported here so that --help stays fast
+    from .preflight import check_token_data
     from .train import load_token_data
 
     out_dir = Path(out_dir)
     if BASELINE in methods and cfg.embed_init != "learned":
         raise UserError("embed_init: the GPT baseline learns its own embeddings; compare with "
                         "embed_init learned, or --methods noprop")
-    refuse_existing_runs(out_dir, methods)
+    refuse_existing_runs(out_dir, methods, overwrite)
     if command is None:
         command = shlex.join(sys.argv)
     data = load_token_data(cfg.data_dir, show_progress)
+    check_token_data(cfg, data)  # before the first method trains
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, histories = {}, {}
     for m in methods:
         run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
         print(f"== {m} LM on {data_name(cfg)}, run {out_dir / m}", flush=True)
         trainer = LMTrainer(run_cfg, data, out_dir / m, show_progress=show_progress)
+        start_clean(out_dir / m, overwrite)
         runs[m] = trainer.fit()
         histories[m] = trainer.progress.history
     result = {"config": dataclasses.replace(cfg, out=str(out_dir)).to_dict(), "runs": runs,

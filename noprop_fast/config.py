@@ -291,8 +291,13 @@ def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):
     return from_mapping(overrides, "the command line", base=base, cls=cls).validate()
 
 
+def config_text(cfg) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg, path: Path) -> None:
-    from .runs import is_writer
+    from .runs import is_writer, write_atomic
     if not is_writer():  # a multi-process run: rank 0 alone writes
         return
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    text = config_text(cfg)
+    write_atomic(path, lambda f: f.write(text.encode()))  # a failed write leaves the old file

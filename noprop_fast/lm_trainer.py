@@ -10,7 +10,8 @@ Reproducibility: the weights from `seed`; the batch stream (`TokenBatches`), the
 resumed from step k replays steps k+1.. as the uninterrupted run does (a test checks).
 
 Host syncs: a step's loss goes into a device buffer read every `LOG_EVERY` steps on CUDA (every
-step on a CPU, where a read costs nothing); the validation loss is read once per evaluation.
+step on a CPU, where a read costs nothing); the validation loss is read once per evaluation, and
+before it one read says whether every parameter and optimiser-state tensor is finite (finite.py).
 
 CUDA graphs (`--cuda-graphs`, graphs.py): with --fused on CUDA the step after the batch fetch is
 captured once and replayed; elsewhere one line says why not and the steps run uncaptured.
@@ -24,19 +25,20 @@ from pathlib import Path
 import torch
 
 from . import runs
-from .config import LMConfig, save_config
+from .config import LMConfig
 from .data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from .errors import UserError
+from .finite import check_losses, check_restored_state, check_state
 from .fused import PhiloxNoise, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, once
 from .language import lm_loss, sample, validation_loss
 from .memory import cuda_peak, memory_kind, reset_peak
 from .models.lm import GPT, LanguageModel
 from .nvtx_ranges import phase
-from .optim import make_optimizer
+from .optim import make_optimizer, set_hyperparameters
 from .progress import RunClock, evaluations_between, progress_bar
 from .schedule import NoiseSchedule
-from .trainer import LOG_EVERY, NonFiniteLoss, apply_gradients, load_states, resolve_device
+from .trainer import LOG_EVERY, apply_gradients, load_states, resolve_device
 
 
 def build_lm(cfg: LMConfig, vocab_size: int, device: torch.device):
@@ -125,6 +127,8 @@ class LMTrainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         if self.noise is not None and state.get("noise_offset") is not None:
             self.noise.offset.copy_(state["noise_offset"].to(self.device))
+        check_restored_state(self.model, self.optimizer, self.run_dir / runs.CHECKPOINT)
+        set_hyperparameters(self.optimizer, self.cfg)  # a resume's new values (preflight.py)
         self.progress = LMProgress(**state["progress"])
         runs.rewrite_metrics(self.run_dir, self.progress.history)
 
@@ -165,7 +169,6 @@ class LMTrainer:
 
     def fit(self) -> dict:
         cfg, p = self.cfg, self.progress
-        save_config(cfg, self.run_dir / "config.yaml")
         reset_peak(self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         log_every = 1 if self.device.type == "cpu" else LOG_EVERY
@@ -187,12 +190,13 @@ class LMTrainer:
                 pending = 0
             if at_eval:
                 clock.pause()  # evaluation and checkpoint: not in the training-time estimate
+                check_state(self.model, self.optimizer, f"at step {p.step}", self._last_checkpoint())
                 now = time.perf_counter()
                 p.train_seconds += now - window_start
                 record = self._eval_record(window_loss, len(window_loss) * tokens_per_step,
                                            now - window_start)
                 p.history.append(record)
-                runs.save_checkpoint(self.run_dir, self.checkpoint_state())
+                runs.save_checkpoint(self.run_dir, self.checkpoint_state(), cfg)
                 runs.append_metrics(self.run_dir, record)
                 print(f"step {p.step}/{cfg.max_steps}  train loss {record['train_loss']:.4f}  "
                       f"val loss {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})  "
@@ -204,10 +208,7 @@ class LMTrainer:
 
     def _read_losses(self, losses: torch.Tensor, first_step: int, bar) -> list[float]:
         values = losses.tolist()  # host sync
-        for i, value in enumerate(values):
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss became {value} at step {first_step + i + 1}; run stopped. "
-                                    f"Last good checkpoint: {self._last_checkpoint()}")
+        check_losses(values, first_step, "", self._last_checkpoint())
         bar.update(len(values))
         if values:
             bar.set_postfix(loss=f"{values[-1]:.4f}")
@@ -259,6 +260,7 @@ class LMTrainer:
             "peak_memory_bytes": cuda_peak(self.device) if self.device.type == "cuda" else None,
             "memory_kind": memory_kind(self.device) if self.device.type == "cuda" else None,
             "device": runs.device_name(self.device), "run_dir": str(self.run_dir),
+            "checkpoint_bytes": runs.checkpoint_bytes(self.run_dir),
         }
         runs.write_summary(self.run_dir, summary)
         return summary

@@ -141,3 +141,11 @@ def make_optimizer(model, cfg, capturable: bool = False) -> BlockAdamW:
     shared = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]  # not frozen
     return BlockAdamW(block, shared, model.num_blocks, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       capturable=capturable)
+
+
+def set_hyperparameters(optimizer: BlockAdamW, cfg) -> None:
+    """On resume: the config's lr and weight decay into every param group (the optimiser's state
+    dict brings the checkpoint's back), so that a changed `--lr` or `--weight-decay` is applied."""
+    optimizer.set_lr(cfg.lr)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.weight_decay

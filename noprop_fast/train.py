@@ -8,6 +8,7 @@ such as FineWeb's.
 
     --config NAME_OR_PATH   a packaged config (see --list-configs) or a YAML file
     --resume DIR            continue the run in DIR from its last checkpoint
+    --overwrite             replace the run already in --out (refused without it)
     --<field> VALUE         override any config field (see --help)
 
 Errors a user can cause (bad config, missing data, corrupt files, a loss that turns NaN) end in one
@@ -22,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import runs
+from . import preflight, runs
 from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, config_path,
                      from_mapping, list_configs, read_yaml, resolve)
 from .errors import ConfigError, UserError, cli_main
@@ -40,6 +41,8 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
                         help="packaged config name or YAML file [default digits; lm: stdlib]")
     parser.add_argument("--list-configs", action="store_true", help="list packaged configs and exit")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that --out already holds (refused without it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(parser, TASK_CONFIGS[task])
     return parser
@@ -76,11 +79,13 @@ def implied_task(config: str | None, resume: str | None) -> str:
 def config_from_args(args: argparse.Namespace):
     cls = TASK_CONFIGS[args.task]
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "config", "list_configs", "resume", "no_progress")}
+                 if k not in ("task", "config", "list_configs", "resume", "no_progress", "overwrite")}
     base = None
     if args.resume:
         if args.config:
             raise UserError("--resume takes the run's own config; drop --config")
+        if args.overwrite:
+            raise UserError("--overwrite starts a new run; it does not go with --resume")
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"{saved}: not found; --resume needs the folder of an earlier run")
@@ -88,7 +93,10 @@ def config_from_args(args: argparse.Namespace):
         overrides.setdefault("out", args.resume)
         if Path(overrides["out"]).resolve() != Path(args.resume).resolve():
             raise UserError("--out must be the resumed run's folder (or left out)")
-    return resolve(args.config, overrides, base=base, cls=cls)
+    cfg = resolve(args.config, overrides, base=base, cls=cls)
+    if base is not None:
+        preflight.check_resume_fields(base, cfg)
+    return cfg
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -118,9 +126,12 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
     if parallel is not None:  # a time-stamped default folder: rank 0's on every rank
         run_dir = Path(same_on_every_rank(str(run_dir)))
     cfg.out = str(run_dir)
+    if not args.resume:
+        runs.refuse_existing_run(run_dir, args.overwrite)
+    runs.check_writable(run_dir)
     show_progress = not args.no_progress and sys.stderr.isatty()
     if cfg.task == "lm":
-        return run_lm(cfg, run_dir, args.resume, show_progress, parallel)
+        return run_lm(cfg, run_dir, args.resume, show_progress, parallel, args.overwrite)
     # imported here so that --help and --list-configs stay fast
     from .data import load_image_dataset
     from .trainer import Trainer, results_table
@@ -132,8 +143,8 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
     else:
         from .parallel import ParallelTrainer
         trainer = ParallelTrainer(cfg, data, run_dir, show_progress, *parallel)
+    start_run(trainer, run_dir, args.resume, args.overwrite)
     if args.resume:
-        trainer.restore(runs.load_checkpoint(run_dir))
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}")
     print(f"{cfg.method} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, "
           f"{cfg.embedding} embedding, device {runs.device_name(trainer.device)}, "
@@ -146,6 +157,7 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
     print(f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({cfg.inference} inference), "
           f"train {summary['train_seconds']:.1f}s, memory {summary['peak_memory_bytes'] / 2**20:.1f} MiB "
           f"({summary['memory_kind']}); summary in {run_dir / 'summary.json'}")
+    print(checkpoint_line(summary, run_dir))
     write_plots(cfg, summary, trainer.progress.history, run_dir)
     return summary
 
@@ -162,6 +174,14 @@ def write_plots(cfg, summary: dict, history: list[dict], run_dir: Path) -> None:
         print("plots: " + ", ".join(str(path) for path in paths), flush=True)
 
 
+def checkpoint_line(summary: dict, run_dir: Path) -> str:
+    size = summary.get("checkpoint_bytes")
+    if size is None:
+        return "no checkpoint written"
+    return (f"checkpoint {size / 1e6:.1f} MB ({run_dir / runs.CHECKPOINT}: weights, AdamW's two "
+            f"moments, progress; resume with --resume {run_dir})")
+
+
 def load_token_data(data_dir: str | None, show_progress: bool = True):
     """The shards of `data_dir`, or the embedded corpus (built and cached on first use)."""
     from .data.shards import TokenData
@@ -171,22 +191,34 @@ def load_token_data(data_dir: str | None, show_progress: bool = True):
     return TokenData.load(data_dir)
 
 
-def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None) -> dict:
-    from .data.tokenizer import get_tokenizer
+def start_run(trainer, run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Resume: the checkpoint into `trainer`, and a length it has not passed yet. --overwrite:
+    the old run's files go now, the last check before the first step."""
+    if resume:
+        trainer.restore(runs.load_checkpoint(run_dir))
+        preflight.check_resume_progress(trainer.cfg, trainer.progress)
+    elif overwrite:
+        runs.clear_run(run_dir)
+
+
+def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None,
+           overwrite: bool = False) -> dict:
     from .distributed import rank_zero_first
     from .lm_report import closing_lines
     from .lm_trainer import LMTrainer, parameter_count
 
     with rank_zero_first(parallel and parallel[0]):  # the embedded corpus: built once
         data = load_token_data(cfg.data_dir, show_progress)
+    preflight.check_token_data(cfg, data)
+    tokenizer = preflight.sampling_tokenizer(cfg, data)
     if parallel is None:
         trainer = LMTrainer(cfg, data, run_dir, show_progress=show_progress, pretrain=not resume)
     else:
         from .parallel import ParallelLMTrainer
         trainer = ParallelLMTrainer(cfg, data, run_dir, show_progress, *parallel,
                                     pretrain=not resume)
+    start_run(trainer, run_dir, resume, overwrite)
     if resume:
-        trainer.restore(runs.load_checkpoint(run_dir))
         print(f"resuming {run_dir} after step {trainer.progress.step}")
     shape = (f"T={cfg.num_blocks} blocks of {cfg.layers_per_block} layer(s)" if cfg.method == "noprop"
              else f"{cfg.num_blocks * cfg.layers_per_block} layers")
@@ -204,11 +236,11 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel
           f"entropy is {summary['unigram_entropy']:.4f} nats/token; {summary['tokens_seen']:,} "
           f"tokens seen in {summary['train_seconds']:.1f}s; summary in {run_dir / 'summary.json'}",
           flush=True)
+    print(checkpoint_line(summary, run_dir), flush=True)
     if runs.is_writer():
         print("\n".join(closing_lines(cfg, summary, cfg.sample_tokens > 0 and cfg.num_samples > 0)))
     write_plots(cfg, summary, trainer.progress.history, run_dir)
-    if cfg.sample_tokens > 0:
-        tokenizer = get_tokenizer(data.tokenizer)
+    if tokenizer is not None:
         for i, text in enumerate(trainer.samples(tokenizer), 1):
             print(f"--- sample {i} (temperature {cfg.temperature}, top-k {cfg.top_k}) ---\n{text}")
     return summary

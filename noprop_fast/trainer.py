@@ -10,7 +10,9 @@ Philox stream reseeded every epoch like the global generator. `--precision` sets
 compute dtype; fp16 adds dynamic loss scaling (a step whose gradients overflow is skipped).
 
 Host syncs: the per-step losses go into a device buffer that is read every `LOG_EVERY` steps (to
-update the progress bar and to stop on a non-finite loss, naming its step), and once per epoch.
+update the progress bar and to stop on a non-finite loss, naming its step), and once per epoch;
+before every checkpoint, one read says whether every parameter, buffer and optimiser-state tensor
+is finite (finite.py: a run that is not stops without writing that checkpoint).
 
 CUDA graphs (`--cuda-graphs`, graphs.py): with --fused on CUDA each block slice's step is captured
 once and replayed; elsewhere one line says why not and the steps run as they always did.
@@ -23,9 +25,10 @@ from pathlib import Path
 import torch
 
 from . import runs
-from .config import ImageConfig, save_config
+from .config import ImageConfig
 from .data import ImageData, batches
 from .errors import UserError
+from .finite import check_losses, check_restored_state, check_state
 from .fused import PhiloxNoise, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, new_pool, once
 from .layers import ALL_BLOCKS
@@ -33,15 +36,11 @@ from .memory import SavedTensorBytes, cuda_peak, memory_kind, reset_peak
 from .methods import backprop_loss, evaluate, noprop_loss
 from .models.image import ClassEmbedding, ImageModel, prototype_embeddings
 from .nvtx_ranges import phase, phase_iter
-from .optim import BlockAdamW, make_optimizer
+from .optim import BlockAdamW, make_optimizer, set_hyperparameters
 from .progress import RunClock, evaluations_between, progress_bar
 from .schedule import NoiseSchedule
 
 LOG_EVERY = 10  # CUDA: steps between reads of the loss buffer (each read is one host sync)
-
-
-class NonFiniteLoss(UserError):
-    """The loss turned NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,6 +152,8 @@ class Trainer:
     def restore(self, state: dict) -> None:
         load_states(self.run_dir, state, model=self.model, optimizer=self.optimizer,
                     scaler=self.scaler)
+        check_restored_state(self.model, self.optimizer, self.run_dir / runs.CHECKPOINT)
+        set_hyperparameters(self.optimizer, self.cfg)  # a resume's new values (preflight.py)
         self.progress = Progress(**state["progress"])
         runs.rewrite_metrics(self.run_dir, self.progress.history)
 
@@ -226,12 +227,7 @@ class Trainer:
     def _check_losses(self, losses, read, step, epoch, bar, seen, start) -> int:
         """Read losses[read:step] (one host sync); stop on the first non-finite one."""
         chunk = losses[read:step].tolist()
-        for i, value in enumerate(chunk):
-            if value != value or value in (float("inf"), float("-inf")):
-                bad = read + i
-                raise NonFiniteLoss(
-                    f"loss became {value} at step {bad + 1} of epoch {epoch}; run stopped. "
-                    f"Last good checkpoint: {self._last_checkpoint()}")
+        check_losses(chunk, read, f" of epoch {epoch}", self._last_checkpoint())
         if chunk:
             bar.update(step - read)
             bar.set_postfix(loss=f"{chunk[-1]:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}",
@@ -263,12 +259,12 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        save_config(cfg, self.run_dir / "config.yaml")
         reset_peak(self.device)
         clock = self.start_clock()
         for epoch in range(self.progress.epoch + 1, cfg.epochs + 1):
             record = self.train_epoch(epoch)
             clock.pause()  # evaluation and checkpoint: not in the training-time estimate
+            check_state(self.model, self.optimizer, f"after epoch {epoch}", self._last_checkpoint())
             record["test_accuracy"] = None
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 start = time.perf_counter()
@@ -277,7 +273,7 @@ class Trainer:
             self.progress.epoch = epoch
             self.progress.train_seconds += record["epoch_seconds"]
             self.progress.history.append(record)
-            runs.save_checkpoint(self.run_dir, self.checkpoint_state())
+            runs.save_checkpoint(self.run_dir, self.checkpoint_state(), cfg)
             runs.append_metrics(self.run_dir, record)
             acc = record["test_accuracy"]
             print(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
@@ -302,6 +298,7 @@ class Trainer:
             "train_seconds": p.train_seconds,
             "seconds_per_epoch": p.train_seconds / max(p.epoch, 1),
             "peak_memory_bytes": peak, "memory_kind": memory_kind(self.device),
+            "checkpoint_bytes": runs.checkpoint_bytes(self.run_dir),
             "device": runs.device_name(self.device), "data_source": self.data.source,
             "run_dir": str(self.run_dir),
         }

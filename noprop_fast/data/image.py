@@ -134,6 +134,8 @@ def load_image_dataset(name: str, data_dir: str | None = None, device="cpu") -> 
             x_train, y_train, x_test, y_test, source = _load_folder(key, spec, data_dir)
     if len(y_train) == 0:  # the statistics below would be NaN
         raise DataError(f"{source}: the train split is empty")
+    if len(y_test) == 0:  # found here, not after the first epoch when it is evaluated
+        raise DataError(f"{source}: the test split is empty")
     train_x, test_x = _to_unit_float(x_train), _to_unit_float(x_test)
     _normalise_(train_x, test_x)
     data = ImageData(

@@ -62,11 +62,13 @@ class GPT2Tokenizer:
             self._enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # ImportError, or no network for the first download (many kinds)
             reason = " ".join(str(e).split())[:160] or type(e).__name__
-            raise DataError(
+            error = DataError(
                 "the GPT-2 tokenizer needs `pip install tiktoken` and, the first time, a network "
                 f"connection to fetch its vocabulary ({type(e).__name__}: {reason}); "
                 "use --tokenizer byte to work offline"
-            ) from None
+            )
+            error.reason = f"{type(e).__name__}: {reason}"  # for callers with other advice
+            raise error from None
 
     def encode(self, text: str) -> list[int]:
         # encode_ordinary: "<|endoftext|>" inside a document is plain text, never the EOT id.

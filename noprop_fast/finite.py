@@ -1,0 +1,72 @@
+"""Non-finite values: the loss at its usual read points, the whole training state before a checkpoint.
+
+A loss is read on the host anyway (every step on a CPU, every `LOG_EVERY` steps on CUDA), so its
+check costs nothing more. The state can go non-finite while the loss still looks finite (BatchNorm
+running variances overflow, say, and only the evaluation shows it), so before every checkpoint
+`check_state` looks at every parameter, buffer and optimiser-state tensor: one `isfinite().all()`
+per tensor on the device, stacked, and one host read (the checkpoint that follows syncs anyway).
+A run whose state is not finite stops there, writes no checkpoint for it, and names the last good
+one. Both tasks' trainers use these helpers.
+"""
+import math
+
+import torch
+
+from .errors import UserError
+
+
+class NonFiniteLoss(UserError):
+    """The loss turned NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class NonFiniteState(UserError):
+    """A parameter, buffer or optimiser-state tensor holds NaN or inf; no checkpoint is written."""
+
+
+def check_losses(values: list[float], first_step: int, where: str, last_good: str) -> None:
+    """values: host floats of steps first_step + 1, ...; `where` completes "at step N".."""
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {value} at step {first_step + i + 1}{where}; run "
+                                f"stopped. Last good checkpoint: {last_good}")
+
+
+def named_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """(name, tensor) of the model's parameters and buffers and the optimiser's state tensors."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                yield f"optimiser {key} of {names.get(id(p), '?')}", value
+
+
+def nonfinite_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the state tensors that hold NaN or inf; one host sync."""
+    named = [(n, t) for n, t in named_state(model, optimizer) if t.is_floating_point()]
+    if not named:
+        return []
+    device = named[0][1].device
+    flags = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])  # [tensors] bool
+    return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
+
+
+def check_state(model, optimizer, when: str, last_good: str) -> None:
+    """Raise NonFiniteState naming the first tensors that are not finite (`when`: "after epoch 3")."""
+    bad = nonfinite_names(model, optimizer)
+    if bad:
+        raise NonFiniteState(f"non-finite values in {_listed(bad)} {when}; run stopped, no "
+                             f"checkpoint written for it. Last good checkpoint: {last_good}")
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_restored_state(model, optimizer, path) -> None:
+    """A checkpoint to resume from must be finite (one written before these checks may not be)."""
+    bad = nonfinite_names(model, optimizer)
+    if bad:
+        raise NonFiniteState(f"{path}: holds non-finite values ({_listed(bad)}); it cannot be "
+                             "resumed")
