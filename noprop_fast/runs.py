@@ -37,6 +37,7 @@ from .errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, "summary.json")  # a run's own files
+RUN_PLOTS = ("loss.png", "accuracy.png", "train_loss.png", "val_loss.png")  # plots.py, at the end
 _writer = True  # False on every rank but 0 of a multi-process run
 
 
@@ -74,7 +75,7 @@ def clear_run(run_dir: Path) -> None:
     """--overwrite: remove the old run's files, so that the new run starts clean."""
     if not _writer:
         return
-    for name in (*RUN_FILES, f".{CHECKPOINT}.tmp"):
+    for name in (*RUN_FILES, *RUN_PLOTS, f".{CHECKPOINT}.tmp"):
         path = Path(run_dir) / name
         with _one_line(path):
             path.unlink(missing_ok=True)

@@ -363,3 +363,14 @@ def test_checkpoint_holds_weights_and_two_moments_once_and_reports_its_size(fini
                                              for v in s.values())]]
     assert len(storages) == len(set(storages))  # nothing stored twice
     assert 3 * params * 0.95 < size < 3 * params + 2**20  # weights, AdamW's m and v, small extras
+
+
+def test_overwrite_clears_the_old_runs_plots_too(tmp_path):
+    """An --overwrite run that stops before its end must not leave the old run's curves beside
+    its own files."""
+    from noprop_fast import runs
+    for name in (*runs.RUN_FILES, *runs.RUN_PLOTS):
+        (tmp_path / name).write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    runs.clear_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
