@@ -166,13 +166,22 @@ def kernel_events(trace: dict) -> list[tuple[str, float]]:
     return [(e["name"], float(e["dur"])) for e in sorted(events, key=lambda e: e["ts"])]
 
 
+def trace_name(name: str, functions) -> str | None:
+    """The Triton function a trace's kernel name is, if any: the name itself, or (older Triton) the
+    name followed by its signature's specialisation suffix, e.g. `_fwd_0d1d2de3de`."""
+    if name in functions:
+        return name
+    match = re.fullmatch(r"(.+?)_\d[\dcde]*", name)
+    return match.group(1) if match and match.group(1) in functions else None
+
+
 def assign_durations(calls, events, iters):
     """Per Call: its kernel's durations over the iterations. Each iteration launches the group's
     Triton kernels in the same order; rows are matched by function name and, for a name that
     serves several rows (block_linear's products), by occurrence within the iteration."""
     names = [kernel_function(c) for c in calls]
     wanted = set(names)
-    ours = [(n, d) for n, d in events if n in wanted]
+    ours = [(named, d) for n, d in events for named in [trace_name(n, wanted)] if named]
     per_iter = len(names)
     if len(ours) != per_iter * iters:
         seen = sorted({n for n, _ in events})
