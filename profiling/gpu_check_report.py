@@ -64,7 +64,9 @@ def pytest_summary(log: Path) -> dict:
         for what in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
             counts[what.lower()] = len(re.findall(rf"::\S+ {what}\b|\b{what} \S+::", text))
         line = "stopped before the end; so far " + ", ".join(f"{v} {k}" for k, v in counts.items())
-    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)))
+    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+                        + re.findall(r"\] (?:FAILED|ERROR) (\S+::\S+)", text)
+                        + re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)\b", text, re.M)))
     return {"line": line, "counts": counts, "failed": failed}
 
 
@@ -95,9 +97,11 @@ def nvtx_ranges(stats: Path) -> list[str]:
     """The engine's phase names found in the NVTX part of `nsys stats` output."""
     from noprop_fast.nvtx_ranges import PHASES
     text = stats.read_text(errors="replace") if stats.exists() else ""
-    start = text.find("nvtx_sum")
-    part = text[start:text.find("cuda_gpu_kern_sum", start + 1)] if start >= 0 else ""
-    return [p for p in PHASES if re.search(rf"\b{p}\b", part)]
+    start = re.search(r"\(nvtx_?sum\)", text)  # the heading, not the command line
+    end = re.search(r"\((cuda_gpu_kern_sum|gpukernsum)\)", text[start.end():]) if start else None
+    part = text[start.end():start.end() + end.start()] if end else text[start.end():] if start else ""
+    rows = [line for line in part.splitlines() if re.match(r"\s*[\d.,]+\s", line)]  # table rows
+    return [p for p in PHASES if any(re.search(rf"(^|[\s:]){p}(\s|$)", row) for row in rows)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -128,6 +128,19 @@ def test_the_pytest_summary(tmp_path):
                    "[gw0] [ 30%] PASSED tests/a.py::test_z\n[exit -15, stopped at the time limit]\n")
     s = report.pytest_summary(log)
     assert s["counts"]["passed"] == 2 and s["counts"]["failed"] == 1 and "stopped" in s["line"]
+    assert s["failed"] == ["tests/a.py::test_y"]
+
+
+def test_the_nvtx_ranges_are_read_off_the_stats_not_the_command_line(tmp_path):
+    report = load("gpu_check_report")
+    stats = tmp_path / "stats.txt"
+    stats.write_text("$ nsys stats --report nvtx_sum,cuda_gpu_kern_sum train.nsys-rep\n"
+                     " ** NVTX Range Summary (nvtx_sum):\n 40.1  12  :forward\n 30.2  12  :backward\n"
+                     " ** CUDA GPU Kernel Summary (cuda_gpu_kern_sum):\n 10.0  _fwd  loss\n")
+    assert report.nvtx_ranges(stats) == ["forward", "backward"]
+    stats.write_text("$ nsys stats --report nvtx_sum,cuda_gpu_kern_sum train.nsys-rep\n"
+                     " ** NVTX Range Summary (nvtx_sum):\nSKIPPED: does not contain NV Tools Extension data\n")
+    assert report.nvtx_ranges(stats) == []
 
 
 def test_kernel_rows_are_matched_by_name_and_launch_order():
