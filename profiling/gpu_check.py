@@ -127,7 +127,7 @@ def has_module(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# The sections: each returns its record (status, detail, files) and never raises
+# The sections: each returns its record (status, detail); main() reports one that raises
 
 def section_env(ctx) -> dict:
     info = gpu_check_report.versions()
@@ -218,14 +218,14 @@ def section_bench(ctx, name) -> dict:
     ok = r["rc"] == 0 and summary is not None
     return {"status": "timed out" if r["timed_out"] else "passed" if ok else "failed",
             "detail": "; ".join(summary["problems"]) if ok and summary["problems"] else
-            ("all paths measured" if ok else tail(log, 1))}
+            ("all paths measured" if ok else gpu_check_report.last_line(log))}
 
 
 def section_nsys(ctx) -> dict:
     log, folder = ctx.out / "logs" / "nsys.log", ctx.out / "nsys"
     found = find_nsys()
     ctx.results["nsys"] = {"found": found}
-    train_out = tempfile.mkdtemp(prefix="gpu-check-train-")
+    train_out = "/tmp/unused" if ctx.dry else tempfile.mkdtemp(prefix="gpu-check-train-")
     train = [ctx.python, *TRAIN, "--out", train_out]
     if ctx.dry:  # the training command's arguments, as the CLI reads them, in this process
         from noprop_fast import train as train_cli
