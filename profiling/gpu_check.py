@@ -33,7 +33,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +50,6 @@ SECTIONS = [("env", 15), ("tests", 140), ("kernels", 85), ("bench-mnist", 65),
             ("bench-fineweb", 105), ("nsys", 45)]
 BUDGET = 465          # seconds for the whole run: the limits above plus RESERVE, under 8 minutes
 RESERVE = 10          # seconds kept back at the end for the report and the export
-EXPORT_LIMIT = 15 * 2 ** 20  # the tarball's size limit; larger files are left out of it
 BENCH = {  # bench.py's sections, each config's own precision, rounds that fit the limits above
     # MNIST: fp32, so that all five paths run (the separate-modules loop is fp32 only)
     "bench-mnist": ["--sections", "step,methods-memory", "--precision", "fp32", "--rounds", "3",
@@ -277,26 +275,6 @@ class Context:
         self.results = {}
 
 
-def export(out: Path, dest: Path) -> None:
-    """dest/<folder>/: report.md, results.json and <folder>.tar.gz of the whole folder (files
-    over the size limit left out of it, and named in the report)."""
-    target = dest / out.name
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("report.md", "results.json"):
-        if (out / name).exists():
-            shutil.copyfile(out / name, target / name)
-    archive = target / f"{out.name}.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(out.rglob("*")):
-            if path.is_file() and path.stat().st_size <= EXPORT_LIMIT // 2:
-                tar.add(path, arcname=f"{out.name}/{path.relative_to(out)}")
-    if archive.stat().st_size > EXPORT_LIMIT:  # keep the small files only
-        with tarfile.open(archive, "w:gz") as tar:
-            for path in sorted(out.rglob("*")):
-                if path.is_file() and path.stat().st_size <= 2 ** 20:
-                    tar.add(path, arcname=f"{out.name}/{path.relative_to(out)}")
-
-
 def default_out(dry: bool) -> Path:
     today = datetime.date.today().isoformat()
     if dry:
@@ -334,6 +312,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else default_out(args.dry_run)
     out.mkdir(parents=True, exist_ok=True)
     dest = args.export or (os.environ.get("OUT") if not args.dry_run else None)
+    if dest and out.resolve().is_relative_to(Path(dest).resolve()):  # already there, whole
+        print(f"[gpu_check] --out is inside {dest}: no export (the folder itself is there)",
+              file=sys.stderr)
+        dest = None
     ctx = Context(args, out)
     entry = os.environ.get("GPU_CHECK_ENTRY", "python profiling/gpu_check.py")
     run = {"command": shlex.join([*entry.split(), *argv]), "dry_run": args.dry_run,
@@ -362,7 +344,13 @@ def main(argv=None) -> int:
         run["seconds"] = round(time.perf_counter() - start, 1)
         gpu_check_report.write(ctx.results, out)
         if dest:
-            export(out, Path(dest))
+            try:
+                run["left_out_of_export"] = gpu_check_report.export(out, Path(dest))
+            except OSError as err:  # the results stay in --out
+                print(f"[gpu_check] export to {dest} failed: {err}", file=sys.stderr)
+    if dest and run.get("left_out_of_export"):  # name them in the exported report
+        gpu_check_report.write(ctx.results, out)
+        gpu_check_report.export(out, Path(dest))
     failed = [n for n, r in run["sections"].items() if r["status"] in ("failed", "timed out")]
     print(f"[gpu_check] {'dry run ' if args.dry_run else ''}done in {run['seconds']:.0f} s: "
           f"{out / 'report.md'}" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)

@@ -1,11 +1,15 @@
-"""gpu_check.py's records and report: versions, the pytest, bench and nsys summaries, report.md."""
+"""gpu_check.py's records and report: versions, the pytest, bench and nsys summaries, report.md,
+and the export of the folder."""
 import importlib
 import json
 import platform
 import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
+
+EXPORT_LIMIT = 15 * 2 ** 20  # the tarball's size limit; larger files are left out of it
 
 TITLES = {"env": "Device and versions", "tests": "GPU tests (pytest -m gpu)",
           "kernels": "Triton kernels against the static report's roofline",
@@ -161,6 +165,8 @@ def render(results: dict) -> str:
     for name, r in run["sections"].items():
         detail = str(r.get("detail", "")).replace("\n", " ").replace("|", "/")[:300]
         lines.append(f"| {name} | {r['status']} | {r.get('seconds', '-')} | {r['limit_seconds']} | {detail} |")
+    if run.get("left_out_of_export"):
+        lines.append(f"Left out of the exported archive (too large): {', '.join(run['left_out_of_export'])}.")
     lines.append("")
     if env:
         lines += [f"## {TITLES['env']}", "", ", ".join(f"{k}: {v}" for k, v in env.items()
@@ -195,3 +201,23 @@ def render(results: dict) -> str:
 def write(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "report.md").write_text(render(results))
+
+
+def export(out: Path, dest: Path) -> list[str]:
+    """dest/<folder>/: report.md, results.json and <folder>.tar.gz of the whole folder, less the
+    files over half the size limit (and all over 1 MiB if the archive would still pass it);
+    returns the files left out."""
+    target = dest / out.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "results.json"):
+        if (out / name).exists():
+            shutil.copyfile(out / name, target / name)
+    archive, files = target / f"{out.name}.tar.gz", sorted(p for p in out.rglob("*") if p.is_file())
+    for largest in (EXPORT_LIMIT // 2, 2 ** 20):
+        kept = [p for p in files if p.stat().st_size <= largest]
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in kept:
+                tar.add(path, arcname=f"{out.name}/{path.relative_to(out)}")
+        if archive.stat().st_size <= EXPORT_LIMIT:
+            break
+    return [str(p.relative_to(out)) for p in files if p not in kept]

@@ -157,3 +157,24 @@ def test_kernel_rows_are_matched_by_name_and_launch_order():
         times.assign_durations(calls, events[:-1], iters=2)
     with pytest.raises(KeyError, match="no Triton function"):
         times.kernel_function(SimpleNamespace(kernel="made_up_kernel[bf16]"))
+
+
+def test_the_export_leaves_out_files_too_large_to_return(tmp_path):
+    report = load("gpu_check_report")
+    out = tmp_path / "gpu-x"
+    (out / "nsys").mkdir(parents=True)
+    (out / "report.md").write_text("# GPU check\n")
+    (out / "nsys" / "train.sqlite").write_bytes(os.urandom(8 * 2 ** 20))  # over half the limit
+    left_out = report.export(out, tmp_path / "export")
+    assert left_out == ["nsys/train.sqlite"]
+    with tarfile.open(tmp_path / "export" / "gpu-x" / "gpu-x.tar.gz") as tar:
+        assert tar.getnames() == ["gpu-x/report.md"]
+
+
+def test_no_export_onto_the_folder_itself(tmp_path, monkeypatch):
+    gpu_check = load("gpu_check")
+    monkeypatch.setattr(gpu_check, "SECTIONS", [("env", 30)])
+    monkeypatch.setattr(gpu_check, "RUNNERS", {"env": lambda ctx: {"status": "passed"}})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_check.main(["--out", str(tmp_path / "gpu-x"), "--sections", "env"]) == 0
+    assert sorted(p.name for p in (tmp_path / "gpu-x").iterdir()) == ["report.md", "results.json"]
