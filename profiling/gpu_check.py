@@ -157,13 +157,23 @@ def section_env(ctx) -> dict:
                                  f"engine from {ROOT}"}
 
 
+def tests_command(ctx) -> list:
+    cmd = [ctx.python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", "-v", "-rfE",
+           "--continue-on-collection-errors", "--junitxml", str(ctx.out / "tests.xml")]
+    if has_module("pytest_timeout"):  # a hanging test ends alone, not with the section
+        cmd += ["--timeout", "120"]
+    if has_module("xdist"):  # 16 cores: Triton's compilation dominates, the workers share its cache
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+    return cmd + ["tests"]
+
+
 def section_tests(ctx) -> dict:
     log = ctx.out / "logs" / "tests.log"
-    base = [ctx.python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu"]
-    if ctx.dry:  # the command line and the collection; the kernel tests collect only on a GPU or
-        # under the interpreter, so their files are collected once more under it
-        runs = [(base + ["--collect-only", "-q", "tests"], {}),
-                (base[:-2] + ["--collect-only", "-q", "tests/kernels"], {"TRITON_INTERPRET": "1"})]
+    if ctx.dry:  # the same command line, collecting only; the kernel tests collect only on a GPU
+        # or under the interpreter, so their files are collected once more under it
+        runs = [(tests_command(ctx)[:-1] + ["--collect-only", "-q", "tests"], {}),
+                ([ctx.python, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                  "tests/kernels"], {"TRITON_INTERPRET": "1"})]
         collected = []
         for cmd, extra in runs:
             r = run_command(cmd, log, ctx.limit, child_env(extra))
@@ -171,13 +181,7 @@ def section_tests(ctx) -> dict:
                 return {"status": "failed", "detail": f"collection failed: {tail(log, 3)}"}
             collected.append(gpu_check_report.last_line(log))
         return {"status": "ok (dry run)", "detail": "gpu-marked: {}; tests/kernels: {}".format(*collected)}
-    cmd = base + ["-v", "-rfE", "--continue-on-collection-errors", "--junitxml",
-                  str(ctx.out / "tests.xml")]
-    if has_module("pytest_timeout"):  # a hanging test ends alone, not with the section
-        cmd += ["--timeout", "120"]
-    if has_module("xdist"):  # 16 cores: Triton's compilation dominates, the workers share its cache
-        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
-    r = run_command(cmd + ["tests"], log, ctx.limit, child_env())
+    r = run_command(tests_command(ctx), log, ctx.limit, child_env())
     summary = gpu_check_report.pytest_summary(log)
     ctx.results["tests"] = summary
     passed = r["rc"] == 0 and summary["counts"].get("passed", 0) > 0

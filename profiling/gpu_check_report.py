@@ -52,7 +52,8 @@ def versions() -> dict:
 def last_line(log: Path) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] \
         if log.exists() else []
-    return lines[-2] if len(lines) > 1 and lines[-1].startswith("[exit") else (lines[-1] if lines else "")
+    line = lines[-2] if len(lines) > 1 and lines[-1].startswith("[exit") else (lines[-1] if lines else "")
+    return line.strip("= ")
 
 
 def pytest_summary(log: Path) -> dict:
