@@ -221,7 +221,7 @@ def row(config, call, durations_us, status="ok"):
               "shape": call.shape, "static_config": call.config, "count": call.count,
               "flops": call.flops, "bytes": call.nbytes, "roofline_us": seconds * 1e6,
               "bound": bound, "status": status}
-    if durations_us:
+    if durations_us and statistics.median(durations_us) > 0:
         t = statistics.median(durations_us) * 1e-6
         result.update(measured_us=t * 1e6, samples=len(durations_us),
                       min_us=min(durations_us), max_us=max(durations_us),
@@ -238,26 +238,26 @@ def run(configs, out: Path, iters: int, warmup: int) -> int:
     torch.manual_seed(0)
     failures = 0
     with out.open("a") as sink:
+        def emit(rows):
+            sink.writelines(json.dumps(r) + "\n" for r in rows)
+            sink.flush()
+
         for config in configs:
             groups, untimed = step_groups(config)
-            rows = [row(config, c, None, "not timed: no builder recorded for it") for c in untimed]
+            emit([row(config, c, None, "not timed: no builder recorded for it") for c in untimed])
             for builder, args, calls in groups:
                 start = time.perf_counter()
                 try:
                     events = profile_group(group_runner(builder, args, "cuda", torch.bfloat16),
                                            iters, warmup)
                     durations = assign_durations(calls, events, iters)
-                    rows += [row(config, c, d) for c, d in zip(calls, durations)]
+                    emit([row(config, c, d) for c, d in zip(calls, durations)])
                 except Exception as err:  # one group's failure is reported; the others still run
                     failures += 1
-                    message = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-                    rows += [row(config, c, None, message) for c in calls]
-                for r in rows:
-                    sink.write(json.dumps(r) + "\n")
-                sink.flush()
+                    first = str(err).splitlines()[0][:300] if str(err) else ""
+                    emit([row(config, c, None, f"failed: {type(err).__name__}: {first}") for c in calls])
                 print(f"{config} {builder} {args.get('layer', '')}: {time.perf_counter() - start:.1f} s",
                       file=sys.stderr, flush=True)
-                rows = []
             torch.cuda.empty_cache()
     return 1 if failures else 0
 

@@ -178,3 +178,30 @@ def test_no_export_onto_the_folder_itself(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert gpu_check.main(["--out", str(tmp_path / "gpu-x"), "--sections", "env"]) == 0
     assert sorted(p.name for p in (tmp_path / "gpu-x").iterdir()) == ["report.md", "results.json"]
+
+
+@pytest.mark.interpreter
+def test_every_group_runs_its_fused_op_forward_and_backward_under_the_interpreter():
+    """The inputs gpu_kernel_times builds for each kind of row, at small shapes, through the real
+    fused ops (Triton's interpreter on the CPU): the same code path the GPU run times."""
+    pytest.importorskip("triton")
+    code = """
+import sys, torch
+sys.path.insert(0, "profiling")
+import gpu_kernel_times as g
+cases = [("linear_calls", dict(layer="x", B=2, N=5, K=16, M=8, count=1, need_dx=True)),
+         ("linear_calls", dict(layer="x", B=2, N=5, K=16, M=8, count=1, need_dx=False)),
+         ("head_calls", dict(B=2, N=5, m=7, D=16, d=8)),
+         ("attention_calls", dict(Z=2, H=2, L=8, Dh=16, count=1)),
+         ("noise_calls", dict(B=2, N=5, m=7, d=8, backward=True)),
+         ("noise_calls", dict(B=2, N=5, m=7, d=8, backward=False)),
+         ("loss_calls", dict(B=2, N=5, d=8))]
+for builder, args in cases:
+    g.group_runner(builder, args, "cpu", torch.float32)()
+    print(builder, "ran")
+"""
+    env = {**clean_env(), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ran") == 7
