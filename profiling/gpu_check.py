@@ -204,7 +204,8 @@ def section_kernels(ctx) -> dict:
     ctx.results["kernels"] = rows
     timed = sum(1 for x in rows if x["status"] == "ok")
     status = "timed out" if r["timed_out"] else "passed" if r["rc"] == 0 and timed else "failed"
-    return {"status": status, "detail": f"{timed} of {len(rows)} kernel rows timed"}
+    return {"status": status, "detail": f"{timed} of {len(rows)} kernel rows timed" + (
+        f"; {gpu_check_report.last_line(log)}" if r["rc"] not in (0, None) and not r["timed_out"] else "")}
 
 
 def section_bench(ctx, name) -> dict:
