@@ -165,7 +165,8 @@ def render(results: dict) -> str:
              "| section | status | seconds | limit s | detail |", "|---|---|---|---|---|"]
     for name, r in run["sections"].items():
         detail = str(r.get("detail", "")).replace("\n", " ").replace("|", "/")[:300]
-        lines.append(f"| {name} | {r['status']} | {r.get('seconds', '-')} | {r['limit_seconds']} | {detail} |")
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', '-')} | {r['limit_seconds']} "
+                     f"| {detail} |")
     if run.get("left_out_of_export"):
         lines.append(f"Left out of the exported archive (too large): {', '.join(run['left_out_of_export'])}.")
     lines.append("")

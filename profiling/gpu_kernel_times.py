@@ -119,7 +119,8 @@ def group_runner(builder: str, a: dict, device, dtype, check_only=False):
         leaves, run = [t for t in (x, w, b) if t.requires_grad], lambda: block_linear(x, w, b, activation)
     elif builder == "head_calls":
         B, N, m, D, d = a["B"], a["N"], a["m"], a["D"], a["d"]
-        h, k, c, v = rand(B, N, D, grad=True), rand(B, m, D, grad=True), rand(B, m, grad=True), rand(m, d, grad=True)
+        h, k = rand(B, N, D, grad=True), rand(B, m, D, grad=True)
+        c, v = rand(B, m, grad=True), rand(m, d, grad=True)
         if check_only:
             return op_checks.check_softmax_head(h, k, c, v)
         from noprop_fast.kernels.softmax_head import softmax_head

@@ -78,7 +78,8 @@ def test_the_dry_run_fails_on_a_broken_command_line(tmp_path, monkeypatch):
 def test_a_command_past_its_time_limit_is_stopped(tmp_path):
     gpu_check = load("gpu_check")
     log = tmp_path / "log"
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    code = ("import subprocess, sys, time; "  # a child that sleeps too: the whole group ends
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
     r = gpu_check.run_command([sys.executable, "-c", code], log, timeout=2)
     assert r["timed_out"] and r["rc"] is not None and r["seconds"] < 20
     assert "stopped at the time limit" in log.read_text()
@@ -139,7 +140,8 @@ def test_the_nvtx_ranges_are_read_off_the_stats_not_the_command_line(tmp_path):
                      " ** CUDA GPU Kernel Summary (cuda_gpu_kern_sum):\n 10.0  _fwd  loss\n")
     assert report.nvtx_ranges(stats) == ["forward", "backward"]
     stats.write_text("$ nsys stats --report nvtx_sum,cuda_gpu_kern_sum train.nsys-rep\n"
-                     " ** NVTX Range Summary (nvtx_sum):\nSKIPPED: does not contain NV Tools Extension data\n")
+                     " ** NVTX Range Summary (nvtx_sum):\n"
+                     "SKIPPED: does not contain NV Tools Extension data\n")
     assert report.nvtx_ranges(stats) == []
 
 
