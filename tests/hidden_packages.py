@@ -1,15 +1,19 @@
 """Run Python code in a fresh process in which some installed packages cannot be imported, as on a
-machine where they are not installed (the GPU machines have neither `datasets` nor `nvtx`).
+machine where they are not installed (the GPU machines have neither `datasets` nor `nvtx`); and
+`needs_datasets`, the mark of the tests that need the package (skipped where it is absent).
 
 A finder placed first on `sys.meta_path` answers every import of a hidden package, or of one of its
 sub-modules, with the ModuleNotFoundError an absent package raises, before the installed copy is
 found. The process starts with nothing imported, so no copy is cached in `sys.modules`.
 """
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,3 +40,15 @@ def run_without(packages: set[str], code: str, *args: str, timeout: float = 300,
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, "-c", program, *args], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def installed(name: str) -> bool:
+    """Whether `import name` can find the package (a hidden one counts as absent)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+needs_datasets = pytest.mark.skipif(not installed("datasets"),
+                                    reason="the datasets package is not installed")
