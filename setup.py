@@ -26,6 +26,7 @@ setup(
         "matplotlib",     # the comparison report's plots
         "triton; platform_system == 'Linux'",  # the fused kernels (interpreted or compiled ahead of time without a GPU)
         "ninja",          # torch.utils.cpp_extension.load builds the CPU fused ops (csrc/) with it
+        "nvtx",           # the NVTX ranges for Nsight (without it: torch.cuda.nvtx, no domain or colours)
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["noprop-train=noprop_fast.train:main",

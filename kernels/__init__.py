@@ -9,6 +9,7 @@ package, so it works where Triton is absent.
     block_linear.py  Y[t] = act(X[t] W[t]^T + b[t]) over stacked per-block weights
     softmax_head.py  u_hat = softmax(H K^T + c) V with an online softmax (no N x m logits)
     aot.py           ahead-of-time compilation for sm_90 / sm_80 and the cubin's resource usage
+    releases.py      the launch configurations that differ by Triton release, chosen in one place
 """
 import os
 

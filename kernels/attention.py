@@ -44,6 +44,7 @@ import triton.language as tl
 from noprop_fast.op_checks import check_attention
 
 from .aot import KernelSpec
+from .releases import for_release
 
 HEAD_DIMS = (16, 32, 64, 128)  # Dh is one tile; each has its own configuration (AOT_SPECS)
 DELTA_ROWS = 64  # rows per program of _bwd_delta (num_warps=4): a row-sum, bound by memory
@@ -240,6 +241,8 @@ _CONFIGS = {
     ("bwd_dkdv", False, 16): (64, 128, 4, 3), ("bwd_dkdv", False, 32): (64, 128, 8, 3),
     ("bwd_dkdv", False, 64): (32, 128, 8, 1), ("bwd_dkdv", False, 128): (32, 64, 8, 3),
 }
+# measured with Triton 3.9; an older release takes the replacements listed in releases.py
+_CONFIGS = {key: for_release("attention", key, config) for key, config in _CONFIGS.items()}
 
 
 def _config(kernel: str, dtype: torch.dtype, head_dim: int) -> dict:

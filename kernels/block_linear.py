@@ -37,6 +37,8 @@ import triton.language as tl
 
 from noprop_fast.op_checks import ACTIVATIONS, check_block_linear
 
+from .releases import for_release
+
 
 def block_linear_ref(x, weight, bias=None, activation="none"):
     """act(x[b] @ weight[b]^T + bias[b]) in plain PyTorch. x [B, N, K], weight [B, M_out, K]."""
@@ -54,19 +56,26 @@ def block_linear_ref(x, weight, bias=None, activation="none"):
 # a multiple of 64, so one or two warpgroups issue Hopper's wgmma. fp32 (IEEE products on the FMA
 # units) holds a [BLOCK_K] slice of A's rows and B's columns per thread, so its BLOCK_K is small.
 _HALF_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 64, 32, 4, 4), (64, 32, 32, 4, 4)]
-_FP32_TILES = [(128, 128, 8, 8, 3), (128, 64, 8, 4, 3), (64, 64, 8, 4, 3), (64, 32, 16, 4, 3)]
+_FP32_TILES = for_release("block_linear", "fp32_tiles",  # measured with Triton 3.9; see releases.py
+                          [(128, 128, 8, 8, 3), (128, 64, 8, 4, 3), (64, 64, 8, 4, 3), (64, 32, 16, 4, 3)])
 _HALF_CONFIGS, _FP32_CONFIGS = (
     [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
      for m, n, k, w, s in tiles] for tiles in (_HALF_TILES, _FP32_TILES))
 
 
+# The interpreter cannot time kernels, and Triton 3.6's autotuner times even the one configuration
+# left after pruning (3.9's runs it untimed), so under the interpreter the autotuner holds a single
+# configuration, which it runs untimed: the smallest fp32 tile, valid for every dtype.
+_AUTOTUNED = (_FP32_CONFIGS[-1:] if os.environ.get("TRITON_INTERPRET") == "1"
+              else _HALF_CONFIGS + _FP32_CONFIGS)
+
+
 def _configs_for(configs, named_args, **kwargs):
-    """The dtype's configurations; the interpreter cannot time kernels, so it gets the smallest."""
-    configs = _FP32_CONFIGS if named_args["a_ptr"].dtype == torch.float32 else _HALF_CONFIGS
-    return configs[-1:] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+    """The configurations of the inputs' dtype."""
+    return _FP32_CONFIGS if named_args["a_ptr"].dtype == torch.float32 else _HALF_CONFIGS
 
 
-@triton.autotune(configs=_HALF_CONFIGS + _FP32_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "RELU"],
+@triton.autotune(configs=_AUTOTUNED, key=["M", "N", "K", "HAS_BIAS", "RELU"],
                  prune_configs_by={"early_config_prune": _configs_for})
 @triton.jit
 def _batched_matmul_kernel(
@@ -157,7 +166,8 @@ def _activation_grad_kernel(
         tl.store(dbias_ptr + pid_b * C + cols, dbias.to(dbias_ptr.dtype.element_ty), mask=in_c)
 
 
-_GRAD_BLOCK_N, _GRAD_BLOCK_C = 32, 64  # [32, 64] strips: coalesced rows, 16 values a thread
+# [32, 64] strips: coalesced rows, 16 values a thread with 4 warps (8 warps on an older Triton)
+_GRAD_BLOCK_N, _GRAD_BLOCK_C, _GRAD_WARPS = for_release("block_linear", "activation_grad", (32, 64, 4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +219,8 @@ def block_linear_backward(dy, x, weight, y, need_dx, need_dw, need_dbias):
         grid = (triton.cdiv(m_out, _GRAD_BLOCK_C), blocks)
         _activation_grad_kernel[grid](dy, y, g if y is not None else None, dbias, n, m_out,
                                       RELU=y is not None, HAS_BIAS=need_dbias,
-                                      BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=_GRAD_BLOCK_C)
+                                      BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=_GRAD_BLOCK_C,
+                                      num_warps=_GRAD_WARPS)
     dx = dw = None
     if need_dx:  # dX = G [N, M_out] @ W [M_out, K]
         dx = torch.empty((blocks, n, k), device=x.device, dtype=x.dtype)
@@ -285,7 +296,8 @@ def _aot_specs():
                     expects_wgmma=dtype != "fp32"))  # fp32 is IEEE: FMA units, not tensor cores
         constexprs = dict(RELU=True, HAS_BIAS=True, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=_GRAD_BLOCK_C)
         specs.append(KernelSpec(f"block_linear_activation_grad_{dtype}", _activation_grad_kernel,
-                                signature(_activation_grad_kernel, constexprs, dtype), constexprs))
+                                signature(_activation_grad_kernel, constexprs, dtype), constexprs,
+                                num_warps=_GRAD_WARPS))
     return specs
 
 

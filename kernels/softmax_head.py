@@ -44,6 +44,7 @@ import triton.language as tl
 from noprop_fast.op_checks import check_softmax_head
 
 from .aot import KernelSpec
+from .releases import for_release
 
 MAX_D, MAX_DV = 128, 256  # D and d are each held whole in one tile
 BLOCK_D, DV_TILES = 128, (32, 128, 256)  # D's tile, and the tiles `_config` picks from for d
@@ -263,6 +264,8 @@ _CONFIGS = {
     ("bwd_dk", True, 256): (32, 16, 8, 1), ("bwd_dv", True, 32): (32, 16, 4, 1),
     ("bwd_dv", True, 128): (32, 16, 4, 1), ("bwd_dv", True, 256): (16, 16, 8, 1),
 }
+# measured with Triton 3.9; an older release takes the replacements listed in releases.py
+_CONFIGS = {key: for_release("softmax_head", key, config) for key, config in _CONFIGS.items()}
 
 
 def _config(kernel: str, dtype: torch.dtype, d: int) -> dict:

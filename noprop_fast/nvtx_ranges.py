@@ -23,7 +23,17 @@ When it is on. Decided once at import, from the environment:
     otherwise on where a profiler is attached: Nsight Systems sets NSYS_PROFILING_SESSION_ID,
     and an NVTX tool injected by Nsight Systems or Nsight Compute sets NVTX_INJECTION64_PATH;
 
-and only if the `nvtx` package imports. `set_enabled(bool)` changes it afterwards (tests).
+and only where a library to emit them is present. `set_enabled(bool)` changes it afterwards (tests).
+
+Who emits them (`BACKEND`, decided once at import):
+
+    "nvtx"             the `nvtx` package (a dependency of the project): ranges in the domain above,
+                       with their colours;
+    "torch.cuda.nvtx"  where the package is absent, torch's own NVTX binding (a CUDA build of torch
+                       has it): the same names and nesting in NVTX's default domain, without
+                       colours, so Nsight still shows every phase (in Nsight Compute's
+                       `--nvtx-include`, write `forward/` instead of `noprop_fast@forward/`);
+    None               neither (a CPU build of torch without the package): the ranges stay off.
 
 Cost when off: `phase(name)` is one dict lookup and returns a shared no-op context object; nothing
 is allocated and nothing calls into the nvtx library. CPU numbers from the development machine
@@ -41,8 +51,25 @@ import timeit
 
 try:
     import nvtx
-except ImportError:  # the package is optional: without it the ranges are always off
+except ImportError:  # a machine without the package: torch's binding below, if any
     nvtx = None
+
+
+def _torch_nvtx():
+    """torch.cuda.nvtx where it can emit ranges, else None: a CPU build of torch has only stubs
+    that raise, and no `torch._C._nvtx`."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not hasattr(torch._C, "_nvtx"):
+        return None
+    import torch.cuda.nvtx
+    return torch.cuda.nvtx
+
+
+torch_nvtx = None if nvtx is not None else _torch_nvtx()
+BACKEND = "nvtx" if nvtx is not None else "torch.cuda.nvtx" if torch_nvtx is not None else None
 
 DOMAIN = "noprop_fast"
 
@@ -59,7 +86,7 @@ PHASES = {
 }
 
 
-def enabled_by_environment(environ=os.environ, nvtx_available: bool = nvtx is not None) -> bool:
+def enabled_by_environment(environ=os.environ, nvtx_available: bool = BACKEND is not None) -> bool:
     """The rule applied at import: the NOPROP_FAST_NVTX override, else a profiler's variables."""
     if not nvtx_available:
         return False
@@ -95,17 +122,31 @@ class _Range:
         return False  # an exception in the body propagates
 
 
+class _TorchRange(_Range):
+    """A phase's range through torch.cuda.nvtx: the default domain, no colour."""
+    __slots__ = ()
+
+    def __enter__(self):
+        torch_nvtx.range_push(self.message)
+
+    def __exit__(self, exc_type, exc, tb):
+        torch_nvtx.range_pop()
+        return False
+
+
 _NO_RANGE = _NoRange()
-_RANGES = {name: _Range(name, color) for name, color in PHASES.items()}
+_RANGES = {name: (_TorchRange if BACKEND == "torch.cuda.nvtx" else _Range)(name, color)
+           for name, color in PHASES.items()}
 _OFF = {name: _NO_RANGE for name in PHASES}
 _active = _OFF  # the table phase() reads: _RANGES when on, _OFF when off
 
 
 def set_enabled(on: bool) -> None:
-    """Turn the ranges on or off (on needs the nvtx package)."""
+    """Turn the ranges on or off (on needs the nvtx package or a CUDA build of torch)."""
     global _active
-    if on and nvtx is None:
-        raise RuntimeError("NVTX ranges need the nvtx package (pip install nvtx)")
+    if on and BACKEND is None:
+        raise RuntimeError("NVTX ranges need the nvtx package (pip install nvtx) or a CUDA build "
+                           "of torch")
     _active = _RANGES if on else _OFF
 
 
@@ -124,7 +165,7 @@ def phase_iter(name: str, iterable):
     return _ranged_iter(rng, iter(iterable)) if is_enabled() else iterable
 
 
-def _ranged_iter(rng: _Range, iterator):
+def _ranged_iter(rng, iterator):
     while True:
         with rng:
             item = next(iterator, _NO_RANGE)  # _NO_RANGE: a sentinel no iterator yields

@@ -24,6 +24,7 @@ from noprop_fast.data import (
     read_idx,
 )
 from noprop_fast.errors import ConfigError, DataError
+from hidden_packages import needs_datasets
 from original_files import MNIST_NAMES, make_cifar, make_mnist, write_cifar, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, for subprocesses
@@ -163,6 +164,7 @@ def save_dataset_dict(folder, train, test):
     DatasetDict({"train": Dataset.from_dict(train), "test": Dataset.from_dict(test)}).save_to_disk(str(folder))
 
 
+@needs_datasets
 def test_datasets_save_with_pil_images(tmp_path):
     from PIL import Image
 
@@ -177,6 +179,7 @@ def test_datasets_save_with_pil_images(tmp_path):
     np.testing.assert_allclose(data.train_x.numpy(), want_train, atol=1e-4)
 
 
+@needs_datasets
 def test_datasets_save_cifar100_arrays_and_other_column_names(tmp_path):
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)  # [n, H, W, C] as PIL would give
@@ -296,6 +299,7 @@ def test_cifar_pickle_refuses_arbitrary_globals(tmp_path):
     raises_one_line(lambda: read_cifar_pickle(tmp_path / "evil", "labels"), "getcwd", "never does")
 
 
+@needs_datasets
 def test_error_datasets_save_problems(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -312,6 +316,7 @@ def test_error_datasets_save_problems(tmp_path):
     raises_one_line(loader("mnist", tmp_path / "d"), str(tmp_path / "d"), "datasets save")
 
 
+@needs_datasets
 def test_error_hub_unreachable(monkeypatch):
     import datasets
 

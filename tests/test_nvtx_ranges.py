@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-nvtx = pytest.importorskip("nvtx")
+# installed with the project; a machine without it: tests/test_nvtx_fallback.py
+nvtx = pytest.importorskip("nvtx", reason="the nvtx package is not installed")
 
 from noprop_fast import nvtx_ranges  # noqa: E402
 from noprop_fast.config import ImageConfig, LMConfig  # noqa: E402

@@ -18,6 +18,7 @@ from noprop_fast.data.prepare import main
 from noprop_fast.data.shards import TokenData, read_header, read_shard
 from noprop_fast.data.tokenizer import ByteTokenizer, get_tokenizer
 from noprop_fast.errors import DataError
+from hidden_packages import needs_datasets
 
 EOT = ByteTokenizer.eot
 
@@ -173,6 +174,7 @@ def inputs(tmp_path) -> tuple[list[Path], list[str]]:
     return [src / "a.txt", src / "b.jsonl", src / "c.parquet"], [txt, *records, *rows]
 
 
+@needs_datasets
 def test_prepare_local_files(inputs, tmp_path, capsys):
     files, texts = inputs
     out = tmp_path / "out"
@@ -199,6 +201,7 @@ def test_prepare_local_files(inputs, tmp_path, capsys):
     assert f"data_val_000000.bin {val_tokens:,}" in stdout[0]
 
 
+@needs_datasets
 def test_prepare_glob_prefix_and_max_tokens(inputs, tmp_path):
     files, texts = inputs
     out = tmp_path / "out"
@@ -215,6 +218,7 @@ def test_prepare_glob_prefix_and_max_tokens(inputs, tmp_path):
     assert bytes(np.where(train == EOT, 0, train).astype(np.uint8)) == stream[:len(train)]
 
 
+@needs_datasets
 def test_ctrl_c_leaves_only_complete_shards(inputs, tmp_path, monkeypatch, capsys):
     import datasets
     files, _ = inputs
@@ -243,8 +247,8 @@ def test_ctrl_c_leaves_only_complete_shards(inputs, tmp_path, monkeypatch, capsy
     ("nomatch", "no file matches"),
     ("missing", "no such file"),
     ("extension", "unknown extension '.csv'"),
-    ("field", "no field 'text'"),
-    ("too-small", "lower --val-tokens"),
+    pytest.param("field", "no field 'text'", marks=needs_datasets),
+    pytest.param("too-small", "lower --val-tokens", marks=needs_datasets),
     ("occupied", "already holds shards"),
     ("max-below-val", "must exceed --val-tokens"),
 ])
@@ -279,6 +283,7 @@ def test_gpt2_unavailable_is_one_line(inputs, tmp_path, capsys):
     assert "--tokenizer byte" in one_error_line(capsys)
 
 
+@needs_datasets
 def test_fineweb_without_network_is_one_line(tmp_path, monkeypatch, capsys):
     import datasets
 

@@ -45,6 +45,18 @@ def one_line_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
+def import_datasets(needed_for: str, without_it: str):
+    """The `datasets` package, imported where it is used: it is slow to import, and the engine runs
+    without it (digits, IDX and CIFAR files, token shards). Absent: a one-line DataError saying what
+    needed it and what works without it."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{needed_for} needs the `datasets` package, which is not installed "
+                        f"(pip install datasets); {without_it}") from None
+    return datasets
+
+
 def _read_bytes(path: str) -> bytes:
     """The file's bytes, decompressed when it starts with the gzip magic 1f 8b.
 

@@ -35,6 +35,7 @@ from noprop_fast.data.formats import (
     IDX_LABELS_MAGIC,
     one_line_error,
     find_file_set,
+    import_datasets,
     read_cifar_pickle,
     read_idx,
 )
@@ -201,8 +202,8 @@ def _load_folder(key: str, spec: _Spec, data_dir: str):
         what = "is a file, expected a folder" if os.path.exists(folder) else "data folder does not exist"
         raise DataError(f"{folder}: {what} (it should hold the {spec.title} data)")
     if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
-        import datasets
-
+        datasets = import_datasets(f"{folder}: reading a datasets save (dataset_dict.json)",
+                                   f"the original {spec.title} files need nothing more")
         try:
             saved = datasets.load_from_disk(folder)
         except Exception as e:  # a damaged save fails in many ways (json, arrow, missing shards)
@@ -245,8 +246,8 @@ def _mnist_from_idx(paths: list[str]):
 
 def _load_hub(spec: _Spec):
     """Download (or reuse the cache of) `spec.hub_id`; one-line DataError when offline."""
-    import datasets  # slow to import: only when the hub is actually used
-
+    datasets = import_datasets(f"downloading {spec.hub_id} from the dataset hub",
+                               f"or pass --data-dir DIR with the original {spec.title} files")
     try:
         loaded = datasets.load_dataset(spec.hub_id)
     except Exception as e:  # offline shows up as ConnectionError, OfflineModeIsEnabled, OSError, ...
@@ -272,7 +273,7 @@ def _from_dataset_dict(saved, spec: _Spec, where: str):
 
 def _split_arrays(split, spec: _Spec, where: str):
     """One split's (images [n, C, H, W], labels [n] int64), in one pass over the images."""
-    import datasets
+    import datasets  # present: the split came from it
 
     columns = split.column_names
     if len(split) == 0:

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..config import OneLineArgumentParser
 from ..errors import ConfigError, DataError, UserError, cli_main
+from .formats import import_datasets
 from .shards import ShardInfo, write_shard
 from .tokenizer import get_tokenizer
 
@@ -98,11 +99,8 @@ def _texts(open_dataset, field: str, where: str, hint: str = "") -> Iterator[str
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("preparing data needs the `datasets` package (pip install datasets)") \
-            from None
+    datasets = import_datasets("preparing token shards from text",
+                               "token shards already prepared, and the default corpus, need nothing more")
     datasets.disable_progress_bars()
     return datasets
 
