@@ -33,6 +33,10 @@ use input_precision="ieee", so the interpreter, the GPU and the fp32 reference a
 Saved for the backward: h, k, c, v, L and o in fp32, never the logits. o stays fp32 ([B, N, d], small)
 because with a sharp softmax dP - Delta cancels: Delta from an fp16 o carries o's rounding, which
 dK = dS^T H multiplies by |h| (a 10x larger dK error in fp16 with h scaled by 30).
+Masked classes: a bias of -inf gives a class probability 0, wherever its chunk falls (a chunk
+whose classes are all masked so far is shifted by 0, not by its -inf max). A row with every class
+masked (c[b] all -inf) has no softmax: as torch.softmax, it gives NaN, in o[b] and in the
+gradients the row reaches (dh[b], dk[b], dc[b] and all of dv); the C++ op does the same.
 Safe inside a CUDA graph: no host sync and no branch on a tensor's value.
 """
 import inspect
@@ -41,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_softmax_head
+from noprop_fast.op_checks import check_softmax_head, first_order_only
 
 from .aot import KernelSpec
 
@@ -114,9 +118,12 @@ def _fwd(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, lse_ptr,
                           stride_kb, stride_km, stride_cb)
         s = tl.dot(h, tl.trans(k), input_precision="ieee") + c[None, :]  # [BLOCK_N, BLOCK_M]
         s = tl.where(mask_m[None, :], s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))  # finite: every chunk holds a real class
-        alpha = tl.exp(row_max - new_max)
-        p = tl.exp(s - new_max[:, None])
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        # -inf while every class so far is masked (a -inf bias): shift by 0 there, so that the
+        # exps are exp(-inf) = 0 and not exp(-inf + inf) = NaN
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(row_max - shift)
+        p = tl.exp(s - shift[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_dv[None, :],
                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
@@ -334,6 +341,7 @@ class SoftmaxHead(torch.autograd.Function):
         return o.to(h.dtype)  # the same tensor for fp32
 
     @staticmethod
+    @first_order_only("softmax_head")
     def backward(ctx, do):
         h, k, c, v, o, lse = ctx.saved_tensors
         dh, dk, dc, dv = _backward(h, k, c, v, o, lse, do)

@@ -28,7 +28,7 @@ from . import runs
 from .config import LMConfig, save_config
 from .data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from .errors import UserError
-from .fused import PhiloxNoise, compute_dtype, resolve_ops
+from .fused import PhiloxNoise, check_labels, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, once
 from .language import lm_loss, sample, validation_loss
 from .memory import cuda_peak, memory_kind, reset_peak
@@ -202,6 +202,7 @@ class LMTrainer:
         values = losses.tolist()  # host sync
         for i, value in enumerate(values):
             if not math.isfinite(value):
+                check_labels()  # a label outside the classes: say so
                 raise NonFiniteLoss(f"loss became {value} at step {first_step + i + 1}; run stopped. "
                                     f"Last good checkpoint: {self._last_checkpoint()}")
         bar.update(len(values))

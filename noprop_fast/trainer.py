@@ -27,7 +27,7 @@ from . import runs
 from .config import ImageConfig, save_config
 from .data import ImageData, batches
 from .errors import UserError
-from .fused import PhiloxNoise, compute_dtype, resolve_ops
+from .fused import PhiloxNoise, check_labels, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, new_pool, once
 from .layers import ALL_BLOCKS
 from .memory import SavedTensorBytes, cuda_peak, memory_kind, reset_peak
@@ -227,6 +227,7 @@ class Trainer:
         for i, value in enumerate(chunk):
             if value != value or value in (float("inf"), float("-inf")):
                 bad = read + i
+                check_labels()  # a label outside the classes: say so
                 raise NonFiniteLoss(
                     f"loss became {value} at step {bad + 1} of epoch {epoch}; run stopped. "
                     f"Last good checkpoint: {self._last_checkpoint()}")
