@@ -272,10 +272,45 @@ _CONFIGS = {
 }
 
 
-def _config(kernel: str, dtype: torch.dtype, d: int) -> dict:
-    """Tiles, warps and stages of one kernel for inputs of `dtype` and embedding width d."""
+# sm_90 (Hopper), fp16/bf16: the backward's tiles that lead its products with 64 classes, one
+# warpgroup's wgmma (HGMMA), where _CONFIGS' smaller tiles would run on mma.sync. At d = 256 (the
+# FineWeb head) those kernels are compute-bound. Found to compile without spills for sm_90 (with
+# and without alignment hints); the dK kernel needs a different warp count per triton release (the
+# one per-version choice of this file: (major, minor) -> config). On sm_80 these tiles spill, and
+# sm_80 has no wgmma: it keeps _CONFIGS. `_bwd_dh` leads with rows, and no 64-row tile was found
+# that compiles without spills at d = 256 (16 to 336 bytes of stack), so it keeps _CONFIGS too.
+_HOPPER_CONFIGS = {
+    ("bwd_dk", 256): {(3, 6): (16, 64, 8, 1), (3, 9): (16, 64, 4, 1)},
+    ("bwd_dv", 256): {(3, 6): (16, 64, 8, 1), (3, 9): (16, 64, 8, 1)},
+}
+_TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def _hopper_config(kernel: str, block_dv: int):
+    """The sm_90 fp16/bf16 tiles of `kernel` for this triton release, or None: the newest entry at
+    or before it (a release older than every entry gets the oldest)."""
+    by_release = _HOPPER_CONFIGS.get((kernel, block_dv))
+    if by_release is None:
+        return None
+    older = [release for release in by_release if release <= _TRITON_RELEASE]
+    return by_release[max(older) if older else min(by_release)]
+
+
+def _target_arch(device: torch.device) -> int:
+    """80 or 90 (the config tables' targets): the CUDA device's compute capability, read from the
+    driver's cached properties (no sync); 80 for a CPU tensor (the interpreter)."""
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major == 9 else 80
+
+
+def _config(kernel: str, dtype: torch.dtype, d: int, arch: int = 80) -> dict:
+    """Tiles, warps and stages of one kernel for inputs of `dtype`, embedding width d, and the
+    target `arch` (90: Hopper's wgmma tiles where _HOPPER_CONFIGS has them)."""
     block_dv = next(t for t in DV_TILES if t >= d)
-    block_n, block_m, warps, stages = _CONFIGS[kernel, dtype == torch.float32, block_dv]
+    hopper = _hopper_config(kernel, block_dv) if arch == 90 and dtype != torch.float32 else None
+    block_n, block_m, warps, stages = hopper or _CONFIGS[kernel, dtype == torch.float32, block_dv]
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": BLOCK_D, "BLOCK_DV": block_dv,
             "num_warps": warps, "num_stages": stages}
 
@@ -308,17 +343,18 @@ def _backward(h, k, c, v, o, lse, do):
     (B, N, D), (m, d) = h.shape, v.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
     dh, dk, dc, dv = torch.empty_like(h), torch.empty_like(k), torch.empty_like(c), torch.empty_like(v)
+    arch = _target_arch(h.device)
     delta = torch.empty_like(lse)  # rowsum(dO * O): written by _bwd_dh, read by _bwd_dk
-    cfg = _config("bwd_dh", h.dtype, d)
+    cfg = _config("bwd_dh", h.dtype, d, arch)
     _bwd_dh[(B, triton.cdiv(N, cfg["BLOCK_N"]))](
         h, k, c, v, o, do, lse, delta, dh, h.stride(0), h.stride(1), k.stride(0), k.stride(1),
         c.stride(0), v.stride(0), o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         lse.stride(0), N, m, D, d, **cfg)
-    cfg = _config("bwd_dk", h.dtype, d)
+    cfg = _config("bwd_dk", h.dtype, d, arch)
     _bwd_dk[(B, triton.cdiv(m, cfg["BLOCK_M"]))](
         h, k, c, v, do, lse, delta, dk, dc, h.stride(0), h.stride(1), k.stride(0), k.stride(1),
         c.stride(0), v.stride(0), do.stride(0), do.stride(1), lse.stride(0), N, m, D, d, **cfg)
-    cfg = _config("bwd_dv", h.dtype, d)
+    cfg = _config("bwd_dv", h.dtype, d, arch)
     _bwd_dv[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         h, k, c, do, lse, dv, h.stride(0), h.stride(1), k.stride(0), k.stride(1), c.stride(0),
         dv.stride(0), do.stride(0), do.stride(1), lse.stride(0), B, N, m, D, d, **cfg)
@@ -366,13 +402,17 @@ def _aot_specs() -> list[KernelSpec]:
             signature = {a: ("*fp32" if a in ("o_ptr", "lse_ptr", "delta_ptr") else
                              f"*{name}" if a.endswith("_ptr") else "i32") for a in args}
             for block_dv in DV_TILES:
-                cfg = _config(kernel, dtype, block_dv)
-                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                # wgmma needs the 64 rows of one warpgroup in the tile that leads the products
-                lead = cfg["BLOCK_N"] if kernel in ("fwd", "bwd_dh") else cfg["BLOCK_M"]
-                specs.append(KernelSpec(f"softmax_head_{kernel}[{name},d{block_dv}]", fn, signature,
-                                        cfg, num_warps=warps, num_stages=stages,
-                                        expects_wgmma=dtype != torch.float32 and lead >= 64))
+                hopper = dtype != torch.float32 and _hopper_config(kernel, block_dv) is not None
+                for arch, suffix in ((80, ""), (90, ",sm90")) if hopper else ((80, ""),):
+                    cfg = _config(kernel, dtype, block_dv, arch)
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    # wgmma needs the 64 rows of one warpgroup in the tile that leads the products
+                    lead = cfg["BLOCK_N"] if kernel in ("fwd", "bwd_dh") else cfg["BLOCK_M"]
+                    specs.append(KernelSpec(
+                        f"softmax_head_{kernel}[{name},d{block_dv}{suffix}]", fn, signature, cfg,
+                        num_warps=warps, num_stages=stages,
+                        expects_wgmma=dtype != torch.float32 and lead >= 64,
+                        archs=(90,) if suffix else (80, 90) if not hopper else (80,)))
     return specs
 
 
