@@ -189,6 +189,11 @@ def head_calls(B, N, m, D, d):
                           f"N {cfg['BLOCK_N']} x m {cfg['BLOCK_M']}, D {cfg['BLOCK_D']}, d "
                           f"{cfg['BLOCK_DV']}, w{cfg['num_warps']} s{cfg['num_stages']}", 1,
                           *formula(B, N, m, D, d, BF16), _aligned(N, m, D, d)))
+        if cfg.get("DELTA_GIVEN"):  # Delta = rowsum(dO * O) ahead of dH: 2BNd; read dO, o; write fp32
+            calls.insert(-1, Call("softmax_head", f"softmax_head_bwd_delta[bf16,d{cfg['BLOCK_DV']}]",
+                                  "head", f"o, dO [{B}, {N}, {d}]", f"{sh.DELTA_ROWS} rows w4", 1,
+                                  2 * B * N * d, BF16 * B * N * d + FP32 * (B * N * d + B * N),
+                                  _aligned(N, d)))
     return calls
 
 

@@ -54,9 +54,7 @@ def test_roofline_picks_the_binding_limit():
     assert sr.roofline(*sr.linear_dbias(1, 4096, 4096, 2))[1] == "memory"
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10", pytest.param("fineweb", marks=pytest.mark.xfail(
-    strict=True, reason="softmax_head_bwd_dh at d = 256 leads with 32 rows: no 64-row tile found "
-                        "that compiles without spills (kernels/softmax_head.py, _HOPPER_CONFIGS)"))])
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "fineweb"])
 def test_every_compute_bound_kernel_is_built_for_hgmma(name):
     """At each config's shapes, every kernel call that is compute-bound on the roofline launches a
     configuration that expects HGMMA (a leading tile of a warpgroup's 64 rows in fp16/bf16);

@@ -96,12 +96,15 @@ def test_every_embedding_tile(device, dtype, d):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hopper_tiles(device, dtype, monkeypatch):
-    """The sm_90 tiles (64 classes leading the backward's products, for wgmma), whatever the device
-    at hand: the same answers. m spans several 64-class chunks and ends inside one."""
+    """The sm_90 tiles (64 rows or classes leading the backward's products, for wgmma; Delta from
+    its own kernel), whatever the device at hand: the same answers. m spans several 64-class
+    chunks and ends inside one; N ends inside a 64-row tile."""
     from noprop_fast.kernels import softmax_head as module
 
     monkeypatch.setattr(module, "_target_arch", lambda device: 90)
     assert module._config("bwd_dk", torch.float16, MAX_DV, 90)["BLOCK_M"] == 64
+    assert module._config("bwd_dv", torch.float16, MAX_DV, 90)["BLOCK_M"] == 64
+    assert module._config("bwd_dh", torch.float16, MAX_DV, 90)["BLOCK_N"] == 64  # + _bwd_delta
     B, N, D, m, d = 2, 37, 128, 150, MAX_DV
     h, k, c, v, grad = _inputs(B, N, D, m, d, True, dtype, device, seed=13)
     _compare(*_fused_and_reference(h, k, c, v, grad), dtype, B, N)
