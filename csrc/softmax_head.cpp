@@ -108,6 +108,8 @@ NOPROP_ALWAYS_INLINE float row_sum(const float* x, int64_t n) {
 // Rows [begin, end) of one class chunk s [rows, mc] of the online softmax:
 //   mx' = max(mx, rowmax s),  alpha = exp(mx - mx') (0 on the first chunk, where mx = -inf),
 //   s <- exp(s - mx'),  l <- alpha l + rowsum s.
+// A row whose classes so far are all masked (-inf logits) has mx' = -inf: it is shifted by 0
+// instead, so that its exps are exp(-inf) = 0, not exp(-inf + inf) = NaN.
 NOPROP_VECTOR_CLONES
 void online_softmax_rows(float* s, int64_t mc, int64_t begin, int64_t end, float* row_max,
                          float* running_sum, float* alpha) {
@@ -117,9 +119,10 @@ void online_softmax_rows(float* s, int64_t mc, int64_t begin, int64_t end, float
     for (int64_t row = first; row < last; ++row) {
       float* x = s + row * mc;
       const float top = row_max_from(x, mc, row_max[row]);
+      const float shift = top == -std::numeric_limits<float>::infinity() ? 0.0f : top;
 #pragma omp simd
-      for (int64_t j = 0; j < mc; ++j) x[j] -= top;
-      alpha[row] = exp_fast(row_max[row] - top);
+      for (int64_t j = 0; j < mc; ++j) x[j] -= shift;
+      alpha[row] = exp_fast(row_max[row] - shift);
       row_max[row] = top;
     }
     float* block = s + first * mc;

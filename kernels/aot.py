@@ -31,6 +31,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     expects_wgmma: bool = False  # a matmul that should use HGMMA on sm_90
+    archs: tuple = (80, 90)    # the targets whose launches pick this configuration
 
 
 @dataclass(frozen=True)

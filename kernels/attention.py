@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_attention
+from noprop_fast.op_checks import check_attention, first_order_only
 
 from .aot import KernelSpec
 from .releases import for_release
@@ -299,6 +299,7 @@ class CausalAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order_only("causal_attention")
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         return (*_backward(q, k, v, o, lse, do, ctx.scale), None)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import ACTIVATIONS, check_block_linear
+from noprop_fast.op_checks import ACTIVATIONS, check_block_linear, first_order_only
 
 from .releases import for_release
 
@@ -246,6 +246,7 @@ class BlockLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("block_linear")
     def backward(ctx, dy):
         x, weight, y = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_block_loss
+from noprop_fast.op_checks import check_block_loss, first_order_only
 
 from .aot import KernelSpec
 
@@ -185,6 +185,7 @@ class BlockLossFunction(torch.autograd.Function):
         return _block_loss_fwd(u_hat, u, w)
 
     @staticmethod
+    @first_order_only("block_loss")
     def backward(ctx, grad):
         u_hat, u, w = ctx.saved_tensors
         du_hat, du = _block_loss_bwd(grad, u_hat, u, w)

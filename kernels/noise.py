@@ -25,8 +25,14 @@ no sort of the labels and no host sync; the price is that repeated labels are su
 unspecified order, so dW is reproducible only to fp32 rounding (a few ulps; at most N terms per row),
 which is then cast once to W's dtype. A deterministic variant would sort y and reduce segments.
 
-Constraints: W [m, d] fp32/fp16/bf16; y [N] int64 with values in [0, m) (not checked: reading the
-values would sync with the host); a, s [B] fp32; seed, offset int64 tensors with one element, on the
+Labels outside [0, m): the kernels never address W or dW with them (their loads and atomics are
+masked), their rows of z are NaN (so a loss computed from them is not finite) and they add nothing
+to dW. Checking them on the host would sync with the device in every step; instead the forward
+records the first such position in a per-device int64 flag, and `check_labels()` reads it and
+raises IndexError (as the C++ op does at once): call it where the run syncs anyway (the trainers do
+when a loss is not finite). On CPU tensors (the interpreter) the launcher checks at once.
+
+Constraints: W [m, d] fp32/fp16/bf16; y [N] int64 (see above for labels outside [0, m)); a, s [B] fp32; seed, offset int64 tensors with one element, on the
 device. Inputs are made contiguous (a no-op when they are).
 
 CUDA graphs: safe. Seed and offset are read from device memory inside the kernel and nothing reads
@@ -40,11 +46,10 @@ normals to 1e-6 (fp32 log/cos implementations differ in the last ulp).
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 from triton.language.random import uint_to_uniform_float
 
 from noprop_fast.kernels.aot import KernelSpec
-from noprop_fast.op_checks import check_noise_injection
+from noprop_fast.op_checks import check_noise_injection, first_order_only
 from noprop_fast.schedule import noisy_latents_ref
 
 _MASK32 = 0xFFFFFFFF
@@ -162,8 +167,10 @@ def _noise_fwd_kernel(
     seed_ptr,     # [1] int64 Philox seed (device)
     offset_ptr,   # [1] int64 Philox counter offset (device)
     z_ptr,        # [B, N, D] output, contiguous, W's dtype
+    bad_ptr,      # [1] int64: the first position n whose label is outside [0, M), atomic min
     num_rows,     # B * N: rows of z seen as [B N, D]
     N,            # labels per block
+    M,            # classes: rows of W
     D,            # embedding dimension
     BLOCK_R: tl.constexpr,  # rows of z per program
     BLOCK_D: tl.constexpr,  # columns per program (power of two)
@@ -174,9 +181,12 @@ def _noise_fwd_kernel(
     mask = row_ok[:, None] & (cols < D)[None, :]
     block, n = rows // N, rows % N
     label = tl.load(y_ptr + n, mask=row_ok, other=0)
+    bad = row_ok & ((label < 0) | (label >= M))  # never used as an address: its row of z is NaN
+    tl.atomic_min(bad_ptr + tl.zeros_like(n), n, mask=bad)
     scale = tl.load(a_ptr + block, mask=row_ok, other=0.0)
     sigma = tl.load(s_ptr + block, mask=row_ok, other=0.0)
-    u = tl.load(w_ptr + label[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(w_ptr + label[:, None] * D + cols[None, :], mask=mask & ~bad[:, None],
+                other=float("nan")).to(tl.float32)
     index = rows[:, None] * D + cols[None, :]  # [BLOCK_R, BLOCK_D] int64: (b N + n) D + j
     eps = _randn(tl.load(seed_ptr), tl.load(offset_ptr) + index)
     z = scale[:, None] * u + sigma[:, None] * eps
@@ -191,6 +201,7 @@ def _noise_bwd_kernel(
     dw_ptr,       # [m, D] fp32 gradient buffer, zero-filled, accumulated atomically
     B,            # blocks
     N,            # labels per block
+    M,            # classes: rows of dW
     D,            # embedding dimension
     plane,        # N * D: elements of one block of dz
     BLOCK_R: tl.constexpr,  # labels per program
@@ -207,7 +218,8 @@ def _noise_bwd_kernel(
         grad += scale * tl.load(dz_tile, mask=mask, other=0.0).to(tl.float32)
         dz_tile += plane  # advancing the pointer: no int32 product b N D that could overflow
     label = tl.load(y_ptr + n, mask=n_ok, other=0)
-    tl.atomic_add(dw_ptr + label[:, None] * D + cols[None, :], grad, mask=mask)
+    good = (label >= 0) & (label < M)  # a label outside [0, M) adds nothing (the forward flagged it)
+    tl.atomic_add(dw_ptr + label[:, None] * D + cols[None, :], grad, mask=mask & good[:, None])
 
 
 _ELEMENTS_PER_PROGRAM = 1024
@@ -219,6 +231,32 @@ def _blocks(d: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D): a tile of 1024 elements whose width covers d up to 256."""
     block_d = min(max(triton.next_power_of_2(d), _BLOCK_D_CHOICES[0]), _BLOCK_D_CHOICES[-1])
     return _ELEMENTS_PER_PROGRAM // block_d, block_d
+
+
+_NO_BAD_LABEL = 2**63 - 1
+_bad_labels: dict[torch.device, tuple[torch.Tensor, int]] = {}  # device -> (flag, m of the launch)
+
+
+def _bad_label_flag(device: torch.device, m: int) -> torch.Tensor:
+    """The device's flag (int64 [1]: the first position of a label outside [0, m), or
+    _NO_BAD_LABEL), allocated at its first launch, which runs before any graph capture."""
+    flag = _bad_labels[device][0] if device in _bad_labels else \
+        torch.full((1,), _NO_BAD_LABEL, dtype=torch.int64, device=device)
+    _bad_labels[device] = (flag, m)
+    return flag
+
+
+def check_labels(y: torch.Tensor | None = None) -> None:
+    """Raise IndexError if a forward since the last check met a label outside [0, m); reads each
+    device's flag (a host sync: call it where the run syncs anyway) and resets it. y, if given, is
+    the labels of that forward, to name the label in the message."""
+    for flag, m in _bad_labels.values():
+        position = int(flag.item())
+        if position != _NO_BAD_LABEL:
+            flag.fill_(_NO_BAD_LABEL)
+            label = "" if y is None else f" {int(y[position])}"
+            raise IndexError(f"noise_injection: label{label} at position {position} is outside "
+                             f"[0, {m}) (W has {m} rows)")
 
 
 def _check_inputs(y, W, a, s, seed, offset):
@@ -236,9 +274,10 @@ def _noise_forward(y, W, a, s, seed, offset):
         return z
     block_r, block_d = _blocks(d)
     grid = (triton.cdiv(B * N, block_r), triton.cdiv(d, block_d))
-    _noise_fwd_kernel[grid](y.contiguous(), W.contiguous(), a.contiguous(), s.contiguous(),
-                            seed, offset, z, B * N, N, d,
-                            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+    y = y.contiguous()
+    _noise_fwd_kernel[grid](y, W.contiguous(), a.contiguous(), s.contiguous(),
+                            seed, offset, z, _bad_label_flag(W.device, W.shape[0]), B * N, N,
+                            W.shape[0], d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS)
     return z
 
 
@@ -248,7 +287,7 @@ def _noise_backward(dz, y, a, w_shape, w_dtype):
     if dz.numel() > 0:
         block_r, block_d = _blocks(d)
         grid = (triton.cdiv(N, block_r), triton.cdiv(d, block_d))
-        _noise_bwd_kernel[grid](dz.contiguous(), y, a, dw, B, N, d, N * d,
+        _noise_bwd_kernel[grid](dz.contiguous(), y, a, dw, B, N, m, d, N * d,
                                 BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS)
     return dw.to(w_dtype)
 
@@ -259,12 +298,14 @@ class _NoiseInjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, W, a, s, seed, offset):
         z = _noise_forward(y, W, a, s, seed, offset)
+        if W.device.type == "cpu":  # the interpreter: reading the flag costs no device sync
+            check_labels(y)
         ctx.save_for_backward(y.contiguous(), a.contiguous())
         ctx.w_shape, ctx.w_dtype = tuple(W.shape), W.dtype
         return z
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("noise_injection")
     def backward(ctx, dz):
         y, a = ctx.saved_tensors
         dW = _noise_backward(dz, y, a, ctx.w_shape, ctx.w_dtype) if ctx.needs_input_grad[1] else None
@@ -290,11 +331,11 @@ def _aot_specs() -> list[KernelSpec]:
                 f"noise_fwd[{dtype},{tile}]", _noise_fwd_kernel,
                 {"y_ptr": "*i64", "w_ptr": f"*{dtype}", "a_ptr": "*fp32", "s_ptr": "*fp32",
                  "seed_ptr": "*i64", "offset_ptr": "*i64", "z_ptr": f"*{dtype}",
-                 "num_rows": "i32", "N": "i32", "D": "i32"}, blocks, num_warps=_NUM_WARPS))
+                 "bad_ptr": "*i64", "num_rows": "i32", "N": "i32", "M": "i32", "D": "i32"}, blocks, num_warps=_NUM_WARPS))
             specs.append(KernelSpec(
                 f"noise_bwd[{dtype},{tile}]", _noise_bwd_kernel,
                 {"dz_ptr": f"*{dtype}", "y_ptr": "*i64", "a_ptr": "*fp32", "dw_ptr": "*fp32",
-                 "B": "i32", "N": "i32", "D": "i32", "plane": "i32"}, blocks, num_warps=_NUM_WARPS))
+                 "B": "i32", "N": "i32", "M": "i32", "D": "i32", "plane": "i32"}, blocks, num_warps=_NUM_WARPS))
     return specs
 
 

@@ -17,7 +17,7 @@ The backward recomputes each chunk of logits from H, K, c and L, with P = exp(S 
     dH = dS K;   dK_b = dS_b^T H_b;   dc_b = colsum dS_b;   dV = sum_b P_b^T dO_b
 
 in three kernels, each recomputing S: `_bwd_dh`, one program per (block, row tile), loops over
-class chunks for dH and writes Delta; `_bwd_dk`, one per (block, class chunk), loops over row tiles
+class chunks for dH and writes Delta (with sm_90's 64-row tiles, `_bwd_delta` writes it first); `_bwd_dk`, one per (block, class chunk), loops over row tiles
 for dK and dc; `_bwd_dv`, one per class chunk, loops over blocks and row tiles for dV, summed in
 that program's registers in fp32: deterministic, no atomics, and no [B, m, d] buffer to sum after
 (515 MB in fp32 for 10 blocks, m = 50257, d = 256). The price: cdiv(m, BLOCK_M) programs only, few
@@ -33,6 +33,10 @@ use input_precision="ieee", so the interpreter, the GPU and the fp32 reference a
 Saved for the backward: h, k, c, v, L and o in fp32, never the logits. o stays fp32 ([B, N, d], small)
 because with a sharp softmax dP - Delta cancels: Delta from an fp16 o carries o's rounding, which
 dK = dS^T H multiplies by |h| (a 10x larger dK error in fp16 with h scaled by 30).
+Masked classes: a bias of -inf gives a class probability 0, wherever its chunk falls (a chunk
+whose classes are all masked so far is shifted by 0, not by its -inf max). A row with every class
+masked (c[b] all -inf) has no softmax: as torch.softmax, it gives NaN, in o[b] and in the
+gradients the row reaches (dh[b], dk[b], dc[b] and all of dv); the C++ op does the same.
 Safe inside a CUDA graph: no host sync and no branch on a tensor's value.
 """
 import inspect
@@ -41,12 +45,13 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_softmax_head
+from noprop_fast.op_checks import check_softmax_head, first_order_only
 
 from .aot import KernelSpec
 from .releases import for_release
 
 MAX_D, MAX_DV = 128, 256  # D and d are each held whole in one tile
+DELTA_ROWS = 16  # rows per program of _bwd_delta (4 warps): a row-sum, bound by memory
 BLOCK_D, DV_TILES = 128, (32, 128, 256)  # D's tile, and the tiles `_config` picks from for d
 
 
@@ -115,9 +120,12 @@ def _fwd(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, lse_ptr,
                           stride_kb, stride_km, stride_cb)
         s = tl.dot(h, tl.trans(k), input_precision="ieee") + c[None, :]  # [BLOCK_N, BLOCK_M]
         s = tl.where(mask_m[None, :], s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))  # finite: every chunk holds a real class
-        alpha = tl.exp(row_max - new_max)
-        p = tl.exp(s - new_max[:, None])
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        # -inf while every class so far is masked (a -inf bias): shift by 0 there, so that the
+        # exps are exp(-inf) = 0 and not exp(-inf + inf) = NaN
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(row_max - shift)
+        p = tl.exp(s - shift[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_dv[None, :],
                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
@@ -141,7 +149,8 @@ def _bwd_dh(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dh_pt
             BLOCK_N: tl.constexpr,  # rows per program
             BLOCK_M: tl.constexpr,  # classes per chunk
             BLOCK_D: tl.constexpr,  # >= D
-            BLOCK_DV: tl.constexpr):  # >= d
+            BLOCK_DV: tl.constexpr,  # >= d
+            DELTA_GIVEN: tl.constexpr):  # Delta is in delta_ptr (_bwd_delta), else computed here
     pid_b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
@@ -151,10 +160,13 @@ def _bwd_dh(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dh_pt
                 mask=mask_hd, other=0.0)
     do = tl.load(do_ptr + pid_b * stride_gb + offs_n[:, None] * stride_gn + offs_dv[None, :],
                  mask=mask_ov, other=0.0)
-    o = tl.load(o_ptr + pid_b * stride_ob + offs_n[:, None] * stride_on + offs_dv[None, :],
-                mask=mask_ov, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o, 1)  # [BLOCK_N]
-    tl.store(delta_ptr + pid_b * stride_lb + offs_n, delta, mask=mask_n)
+    if DELTA_GIVEN:  # the 64-row tiles: dO and fp32 O at once, here, would spill registers
+        delta = tl.load(delta_ptr + pid_b * stride_lb + offs_n, mask=mask_n, other=0.0)
+    else:
+        o = tl.load(o_ptr + pid_b * stride_ob + offs_n[:, None] * stride_on + offs_dv[None, :],
+                    mask=mask_ov, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o, 1)  # [BLOCK_N]
+        tl.store(delta_ptr + pid_b * stride_lb + offs_n, delta, mask=mask_n)
     lse = tl.load(lse_ptr + pid_b * stride_lb + offs_n, mask=mask_n, other=float("inf"))  # P = 0
     dh = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, M, BLOCK_M):
@@ -171,6 +183,27 @@ def _bwd_dh(h_ptr, k_ptr, c_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dh_pt
         dh += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     tl.store(dh_ptr + pid_b * stride_hb + offs_n[:, None] * stride_hn + offs_d[None, :],
              dh.to(dh_ptr.dtype.element_ty), mask=mask_hd)
+
+
+@triton.jit
+def _bwd_delta(o_ptr, do_ptr, delta_ptr,
+               stride_ob, stride_on,   # o [B, N, d], fp32
+               stride_gb, stride_gn,   # do [B, N, d]
+               stride_lb,              # delta [B, N], fp32
+               N, DV,                  # rows per block, embedding width
+               BLOCK_N: tl.constexpr,  # rows per program
+               BLOCK_DV: tl.constexpr):  # >= d
+    """Delta = rowsum(dO * O) [B, N] ahead of `_bwd_dh` where its tiles cannot also hold it."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_dv < DV)[None, :]
+    do = tl.load(do_ptr + pid_b * stride_gb + offs_n[:, None] * stride_gn + offs_dv[None, :],
+                 mask=mask, other=0.0)
+    o = tl.load(o_ptr + pid_b * stride_ob + offs_n[:, None] * stride_on + offs_dv[None, :],
+                mask=mask, other=0.0)
+    tl.store(delta_ptr + pid_b * stride_lb + offs_n, tl.sum(do.to(tl.float32) * o, 1), mask=mask_n)
 
 
 @triton.jit
@@ -268,12 +301,51 @@ _CONFIGS = {
 _CONFIGS = {key: for_release("softmax_head", key, config) for key, config in _CONFIGS.items()}
 
 
-def _config(kernel: str, dtype: torch.dtype, d: int) -> dict:
-    """Tiles, warps and stages of one kernel for inputs of `dtype` and embedding width d."""
+# sm_90 (Hopper), fp16/bf16: the backward's tiles that lead its products with 64 rows (dH) or 64
+# classes (dK, dV), one warpgroup's wgmma (HGMMA), where _CONFIGS' smaller tiles would run on
+# mma.sync. At d = 256 (the FineWeb head) these kernels are compute-bound. Found to compile without
+# spills for sm_90 (with and without alignment hints); dH and dK need other warp counts per triton
+# release (the one per-version choice of this file: (major, minor) -> config); dH's 64 rows spill
+# if it also computes Delta (dO and fp32 O at once), so `_bwd_delta` does that first. On sm_80
+# these tiles spill, and sm_80 has no wgmma: it keeps _CONFIGS.
+_HOPPER_CONFIGS = {
+    ("bwd_dh", 256): {(3, 6): (64, 16, 8, 1), (3, 9): (64, 16, 4, 1)},
+    ("bwd_dk", 256): {(3, 6): (16, 64, 8, 1), (3, 9): (16, 64, 4, 1)},
+    ("bwd_dv", 256): {(3, 6): (16, 64, 8, 1), (3, 9): (16, 64, 8, 1)},
+}
+_TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def _hopper_config(kernel: str, block_dv: int):
+    """The sm_90 fp16/bf16 tiles of `kernel` for this triton release, or None: the newest entry at
+    or before it (a release older than every entry gets the oldest)."""
+    by_release = _HOPPER_CONFIGS.get((kernel, block_dv))
+    if by_release is None:
+        return None
+    older = [release for release in by_release if release <= _TRITON_RELEASE]
+    return by_release[max(older) if older else min(by_release)]
+
+
+def _target_arch(device: torch.device) -> int:
+    """80 or 90 (the config tables' targets): the CUDA device's compute capability, read from the
+    driver's cached properties (no sync); 80 for a CPU tensor (the interpreter)."""
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major == 9 else 80
+
+
+def _config(kernel: str, dtype: torch.dtype, d: int, arch: int = 80) -> dict:
+    """Tiles, warps and stages of one kernel for inputs of `dtype`, embedding width d, and the
+    target `arch` (90: Hopper's wgmma tiles where _HOPPER_CONFIGS has them)."""
     block_dv = next(t for t in DV_TILES if t >= d)
-    block_n, block_m, warps, stages = _CONFIGS[kernel, dtype == torch.float32, block_dv]
-    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": BLOCK_D, "BLOCK_DV": block_dv,
-            "num_warps": warps, "num_stages": stages}
+    hopper = _hopper_config(kernel, block_dv) if arch == 90 and dtype != torch.float32 else None
+    block_n, block_m, warps, stages = hopper or _CONFIGS[kernel, dtype == torch.float32, block_dv]
+    cfg = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": BLOCK_D, "BLOCK_DV": block_dv,
+           "num_warps": warps, "num_stages": stages}
+    if kernel == "bwd_dh":  # its 64-row tiles read Delta from `_bwd_delta`
+        cfg["DELTA_GIVEN"] = hopper is not None
+    return cfg
 
 
 def _check(h, k, c, v):
@@ -304,17 +376,22 @@ def _backward(h, k, c, v, o, lse, do):
     (B, N, D), (m, d) = h.shape, v.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
     dh, dk, dc, dv = torch.empty_like(h), torch.empty_like(k), torch.empty_like(c), torch.empty_like(v)
+    arch = _target_arch(h.device)
     delta = torch.empty_like(lse)  # rowsum(dO * O): written by _bwd_dh, read by _bwd_dk
-    cfg = _config("bwd_dh", h.dtype, d)
+    cfg = _config("bwd_dh", h.dtype, d, arch)
+    if cfg["DELTA_GIVEN"]:
+        _bwd_delta[(B, triton.cdiv(N, DELTA_ROWS))](
+            o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), lse.stride(0), N, d,
+            BLOCK_N=DELTA_ROWS, BLOCK_DV=cfg["BLOCK_DV"])
     _bwd_dh[(B, triton.cdiv(N, cfg["BLOCK_N"]))](
         h, k, c, v, o, do, lse, delta, dh, h.stride(0), h.stride(1), k.stride(0), k.stride(1),
         c.stride(0), v.stride(0), o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         lse.stride(0), N, m, D, d, **cfg)
-    cfg = _config("bwd_dk", h.dtype, d)
+    cfg = _config("bwd_dk", h.dtype, d, arch)
     _bwd_dk[(B, triton.cdiv(m, cfg["BLOCK_M"]))](
         h, k, c, v, do, lse, delta, dk, dc, h.stride(0), h.stride(1), k.stride(0), k.stride(1),
         c.stride(0), v.stride(0), do.stride(0), do.stride(1), lse.stride(0), N, m, D, d, **cfg)
-    cfg = _config("bwd_dv", h.dtype, d)
+    cfg = _config("bwd_dv", h.dtype, d, arch)
     _bwd_dv[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         h, k, c, do, lse, dv, h.stride(0), h.stride(1), k.stride(0), k.stride(1), c.stride(0),
         dv.stride(0), do.stride(0), do.stride(1), lse.stride(0), B, N, m, D, d, **cfg)
@@ -337,6 +414,7 @@ class SoftmaxHead(torch.autograd.Function):
         return o.to(h.dtype)  # the same tensor for fp32
 
     @staticmethod
+    @first_order_only("softmax_head")
     def backward(ctx, do):
         h, k, c, v, o, lse = ctx.saved_tensors
         dh, dk, dc, dv = _backward(h, k, c, v, o, lse, do)
@@ -361,13 +439,27 @@ def _aot_specs() -> list[KernelSpec]:
             signature = {a: ("*fp32" if a in ("o_ptr", "lse_ptr", "delta_ptr") else
                              f"*{name}" if a.endswith("_ptr") else "i32") for a in args}
             for block_dv in DV_TILES:
-                cfg = _config(kernel, dtype, block_dv)
-                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                # wgmma needs the 64 rows of one warpgroup in the tile that leads the products
-                lead = cfg["BLOCK_N"] if kernel in ("fwd", "bwd_dh") else cfg["BLOCK_M"]
-                specs.append(KernelSpec(f"softmax_head_{kernel}[{name},d{block_dv}]", fn, signature,
-                                        cfg, num_warps=warps, num_stages=stages,
-                                        expects_wgmma=dtype != torch.float32 and lead >= 64))
+                hopper = dtype != torch.float32 and _hopper_config(kernel, block_dv) is not None
+                for arch, suffix in ((80, ""), (90, ",sm90")) if hopper else ((80, ""),):
+                    cfg = _config(kernel, dtype, block_dv, arch)
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    # wgmma needs the 64 rows of one warpgroup in the tile that leads the products
+                    lead = cfg["BLOCK_N"] if kernel in ("fwd", "bwd_dh") else cfg["BLOCK_M"]
+                    specs.append(KernelSpec(
+                        f"softmax_head_{kernel}[{name},d{block_dv}{suffix}]", fn, signature, cfg,
+                        num_warps=warps, num_stages=stages,
+                        expects_wgmma=dtype != torch.float32 and lead >= 64,
+                        archs=(90,) if suffix else (80, 90) if not hopper else (80,)))
+    args = [a for a, p in inspect.signature(_bwd_delta.fn).parameters.items()
+            if p.annotation is not tl.constexpr]
+    for name in ("fp16", "bf16"):
+        signature = {a: ("*fp32" if a in ("o_ptr", "delta_ptr") else f"*{name}" if a.endswith("_ptr")
+                         else "i32") for a in args}
+        for block_dv in DV_TILES:
+            if _hopper_config("bwd_dh", block_dv) is not None:
+                specs.append(KernelSpec(f"softmax_head_bwd_delta[{name},d{block_dv}]", _bwd_delta,
+                                        signature, {"BLOCK_N": DELTA_ROWS, "BLOCK_DV": block_dv},
+                                        num_warps=4, archs=(90,)))
     return specs
 
 

@@ -19,6 +19,8 @@ chunked op to it, value and gradients, and the fused paths of both tasks use the
 import torch
 import torch.nn.functional as F
 
+from noprop_fast.op_checks import first_order_only
+
 CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB in fp32
 
 
@@ -74,6 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / m
 
     @staticmethod
+    @first_order_only("linear_cross_entropy")
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
         dz, dw, db = (next(saved) if has else None for has in ctx.has)

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import op_checks
 
@@ -206,7 +205,7 @@ class _NoiseInjection(torch.autograd.Function):
         return z
 
     @staticmethod
-    @once_differentiable
+    @op_checks.first_order_only("noise_injection")
     def backward(ctx, dz):
         if not ctx.needs_input_grad[1]:
             return None, None, None, None, None, None
@@ -223,7 +222,7 @@ class _BlockLoss(torch.autograd.Function):
         return load().block_loss_forward(u_hat, u, w)
 
     @staticmethod
-    @once_differentiable
+    @op_checks.first_order_only("block_loss")
     def backward(ctx, grad):
         u_hat, u, w = ctx.saved_tensors
         du_hat, du = load().block_loss_backward(grad, u_hat, u, w, *ctx.needs_input_grad[:2])
@@ -243,7 +242,7 @@ class _BlockLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @op_checks.first_order_only("block_linear")
     def backward(ctx, dy):
         x, weight, y = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -267,7 +266,7 @@ class _SoftmaxHead(torch.autograd.Function):
         return o.to(h.dtype)  # the same tensor for fp32
 
     @staticmethod
-    @once_differentiable
+    @op_checks.first_order_only("softmax_head")
     def backward(ctx, do):
         h, k, c, v, o, lse, probs = ctx.saved_tensors
         return tuple(load().softmax_head_backward(do, h, k, c, v, o, lse, probs,

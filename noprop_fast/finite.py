@@ -13,6 +13,7 @@ import math
 import torch
 
 from .errors import UserError
+from .fused import check_labels
 
 
 class NonFiniteLoss(UserError):
@@ -27,6 +28,7 @@ def check_losses(values: list[float], first_step: int, where: str, last_good: st
     """values: host floats of steps first_step + 1, ...; `where` completes "at step N".."""
     for i, value in enumerate(values):
         if not math.isfinite(value):
+            check_labels()  # a label outside the classes makes the loss NaN: say that instead
             raise NonFiniteLoss(f"loss became {value} at step {first_step + i + 1}{where}; run "
                                 f"stopped. Last good checkpoint: {last_good}")
 

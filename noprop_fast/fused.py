@@ -25,12 +25,13 @@ value is drawn twice and nothing is read on the host (a captured CUDA graph draw
 every replay). `PhiloxNoise.normals` gives the reference path the very same numbers, computed in
 plain PyTorch, so that both paths can be run on identical noise (the equivalence test does).
 """
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .errors import UserError
+from .errors import DataError, UserError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,6 +121,19 @@ class PhiloxNoise:
         start = int(self.advance(count).item())
         offsets = start + torch.arange(count, dtype=torch.int64)
         return philox_randn_ref(int(self.seed.item()), offsets).view(shape).to(device)
+
+
+def check_labels() -> None:
+    """Raise DataError if the Triton noise injection met a label outside [0, m) since the last call.
+    It flags such labels on the device (their rows of z are NaN) instead of syncing in every step;
+    the trainers call this where they sync anyway: when a loss is not finite, as such a label
+    makes it. A no-op where the Triton ops never ran."""
+    noise = sys.modules.get("noprop_fast.kernels.noise")
+    if noise is not None:
+        try:
+            noise.check_labels()
+        except IndexError as err:
+            raise DataError(str(err)) from None
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -1,7 +1,10 @@
 """Input checks shared by the fused ops' two backends: the Triton launchers (kernels/) and the C++
 ops (cpu_ops.py). Shapes and dtypes only, each fault a ValueError naming the op; each backend adds
 its own device checks. Kept free of triton so that the CPU ops import it where triton is absent.
+Also `first_order_only`, the guard both backends' autograd Functions put on their backward.
 """
+import functools
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -111,3 +114,21 @@ def check_attention(q, k, v) -> None:
         if t.device != q.device:
             raise ValueError(f"causal_attention: {name} must be on q's device {q.device}, "
                              f"got {t.device}")
+
+
+def first_order_only(op: str):
+    """Decorates a fused op's backward, which autograd cannot differentiate (kernels, or gradients
+    stored by the forward): asked for a graph of the gradient (`create_graph=True`, which runs the
+    backward with grad mode on), it raises instead of returning gradients that would silently lack
+    this op's second-order term. torch's once_differentiable raises only when the incoming gradient
+    itself requires grad, so a second derivative flowing also through other ops went unnoticed."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{op}: no double backward (create_graph=True): its backward is "
+                                   f"not differentiable; use the plain-PyTorch reference for "
+                                   f"higher-order derivatives")
+            return backward(ctx, *grads)
+        return checked
+    return decorate

@@ -182,12 +182,18 @@ def head_calls(B, N, m, D, d):
     calls = []
     for kernel, formula in (("fwd", head_fwd), ("bwd_dh", head_bwd_dh), ("bwd_dk", head_bwd_dk),
                             ("bwd_dv", head_bwd_dv)):
-        cfg = sh._config(kernel, torch.bfloat16, d)
-        calls.append(Call("softmax_head", f"softmax_head_{kernel}[bf16,d{cfg['BLOCK_DV']}]", "head",
+        cfg = sh._config(kernel, torch.bfloat16, d, arch=90)  # the H100's tiles
+        sm90 = ",sm90" if sh._hopper_config(kernel, cfg["BLOCK_DV"]) else ""  # AOT_SPECS' name
+        calls.append(Call("softmax_head", f"softmax_head_{kernel}[bf16,d{cfg['BLOCK_DV']}{sm90}]", "head",
                           f"h [{B}, {N}, {D}], k [{B}, {m}, {D}], v [{m}, {d}]",
                           f"N {cfg['BLOCK_N']} x m {cfg['BLOCK_M']}, D {cfg['BLOCK_D']}, d "
                           f"{cfg['BLOCK_DV']}, w{cfg['num_warps']} s{cfg['num_stages']}", 1,
                           *formula(B, N, m, D, d, BF16), _aligned(N, m, D, d)))
+        if cfg.get("DELTA_GIVEN"):  # Delta = rowsum(dO * O) ahead of dH: 2BNd; read dO, o; write fp32
+            calls.insert(-1, Call("softmax_head", f"softmax_head_bwd_delta[bf16,d{cfg['BLOCK_DV']}]",
+                                  "head", f"o, dO [{B}, {N}, {d}]", f"{sh.DELTA_ROWS} rows w4", 1,
+                                  2 * B * N * d, BF16 * B * N * d + FP32 * (B * N * d + B * N),
+                                  _aligned(N, d)))
     return calls
 
 
@@ -329,17 +335,33 @@ def load_config(name):
     return yaml.safe_load((ROOT / "noprop_fast" / "configs" / CONFIG_FILES[name]).read_text())
 
 
+def config_calls(name, kernels=None):
+    """The kernel calls of one training step at the named config's shapes (no compilation);
+    kernels: keep the calls whose kernel name contains one of these substrings."""
+    cfg = load_config(name)
+    calls = lm_calls(cfg) if cfg.get("task") == "lm" else image_calls(cfg)
+    if kernels:
+        calls = [c for c in calls if any(k in c.kernel for k in kernels)]
+    if not calls:
+        raise SystemExit(f"static_report: no kernel of {name} matches {kernels}")
+    return calls
+
+
+def compute_bound_without_wgmma(calls):
+    """The calls that are compute-bound on the roofline but whose configuration is not built for
+    HGMMA (its spec's expects_wgmma, which tests/test_aot.py holds to the sm_90 SASS): a matmul
+    that would run on mma.sync or FMA units, without compiling anything."""
+    specs = _specs_by_name()
+    return [c for c in calls if roofline(c.flops, c.nbytes)[1] == "compute"
+            and not (c.spec or specs[c.kernel]).expects_wgmma]
+
+
 def build_report(names, kernels=None):
     """(markdown, {config: (roofline seconds, FLOPs, bytes)}) for the named configs; kernels: keep
     the calls whose kernel name contains one of these substrings."""
     sections, totals = [], {}
     for name in names:
-        cfg = load_config(name)
-        calls = lm_calls(cfg) if cfg.get("task") == "lm" else image_calls(cfg)
-        if kernels:
-            calls = [c for c in calls if any(k in c.kernel for k in kernels)]
-        if not calls:
-            raise SystemExit(f"static_report: no kernel of {name} matches {kernels}")
+        calls = config_calls(name, kernels)
         section, totals[name] = config_section(f"{name} ({CONFIG_FILES[name]})", calls,
                                                compile_calls(calls))
         sections.append(section)

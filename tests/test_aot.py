@@ -22,6 +22,8 @@ TARGETS = [(90, False), (80, False), (90, True)]
 @pytest.mark.parametrize("arch, aligned", TARGETS, ids=["sm90", "sm80", "sm90-aligned"])
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_kernel_compiles_without_spills(spec, arch, aligned):
+    if arch not in spec.archs:
+        pytest.skip(f"{spec.name} is launched on sm_{'/'.join(map(str, spec.archs))} only")
     compiled = compile_spec(spec, arch, aligned)
     assert not compiled.spills, (f"{spec.name} on sm_{arch} (aligned={aligned}): "
                                  f"stack {compiled.stack}, local {compiled.local}")

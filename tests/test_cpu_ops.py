@@ -365,6 +365,32 @@ def test_softmax_head_tilings(monkeypatch, tile_elements):
         _check_head(3, 23, 9, 100, 6, True, dtype)
 
 
+# classes given a -inf bias: a whole leading chunk of the online softmax, one in the middle, the
+# trailing ones, all but one, and every class of block 0 (no softmax: NaN, as torch.softmax gives)
+HEAD_MASKS = {"leading": lambda c: c[:, :40], "middle": lambda c: c[:, 40:70],
+              "trailing": lambda c: c[:, 70:], "all but one": lambda c: c[:, 1:],
+              "all of block 0": lambda c: c[0]}
+
+
+@pytest.mark.parametrize("mask", list(HEAD_MASKS))
+@pytest.mark.parametrize("tile_elements", [50, 5000])
+def test_softmax_head_masked_classes(monkeypatch, mask, tile_elements):
+    """In chunks of 16 classes (tile 50) and in one tile: masked classes match the reference, and
+    an all-masked row gives NaN in the same places. A leading chunk all -inf gave NaN (-inf - -inf)."""
+    monkeypatch.setattr(cpu_ops, "SOFTMAX_TILE_ELEMENTS", tile_elements)
+    B, N, D, m, d, dtype = 2, 23, 9, 100, 6, torch.float32
+    h, k, c, v, grad = _head_inputs(B, N, D, m, d, True, dtype, 0)
+    HEAD_MASKS[mask](c).fill_(float("-inf"))
+    out, grads = _grads(cpu_ops.softmax_head, _leaves([h, k, c, v]), grad)
+    ref_out, ref_grads = _grads(softmax_head_ref, _leaves([h, k, c, v], True), grad)
+    rtol, atol = TOLERANCES[dtype]
+    for name, got, ref, scale in zip(["o", "dh", "dk", "dc", "dv"], [out, *grads],
+                                     [ref_out, *ref_grads], [1, 1, N, N, B * N]):
+        assert got.isnan().any() == (mask == "all of block 0"), name
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol * scale, equal_nan=True,
+                                   msg=lambda text: f"{mask}, {name}: {text}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_head_large_logits_stay_finite(dtype):
     _check_head(2, 5, 17, 130, 10, True, dtype, seed=7, h_scale=30.0)
@@ -481,3 +507,31 @@ def test_a_lock_left_by_an_interrupted_build_is_cleared(tmp_path, monkeypatch, c
     os.utime(lock, (old, old))
     cpu_ops._clear_stale_lock(cpp_extension, "noprop_fast_cpu_test")
     assert not lock.exists() and "interrupted build" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Double backward
+
+def test_double_backward_raises():
+    """Asking for the graph of a C++ op's gradient (or of the chunked cross-entropy's) raises,
+    naming the op: with create_graph=True and an incoming gradient that does not require grad,
+    once_differentiable let a second derivative through x^3 silently lack the op's own term."""
+    from noprop_fast.chunked_ce import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    h, k, c, v = _draw(gen, 2, 3, 8), _draw(gen, 2, 5, 8), _draw(gen, 2, 5), _draw(gen, 5, 4)
+    w, b, u = _draw(gen, 2, 4, 8), _draw(gen, 2, 4), _draw(gen, 3, 4)
+    y, a, s = torch.tensor([0, 2, 4]), torch.rand(2, generator=gen), torch.rand(2, generator=gen)
+    ops = {"softmax_head": (lambda t: cpu_ops.softmax_head(t, k, c, v), _draw(gen, 2, 3, 8)),
+           "block_linear": (lambda t: cpu_ops.block_linear(t, w, b), _draw(gen, 2, 3, 8)),
+           "block_loss": (lambda t: cpu_ops.block_loss(t, u, a), _draw(gen, 2, 3, 4)),
+           "noise_injection": (lambda t: cpu_ops.noise_injection(y, t, a, s, _one(1), _one(0)),
+                               _draw(gen, 5, 4)),
+           "linear_cross_entropy": (lambda t: linear_cross_entropy(t, w[0], b[0], y.clamp(max=3)),
+                                    _draw(gen, 3, 8))}
+    for name, (op, x) in ops.items():
+        x = x.requires_grad_()
+        with pytest.raises(RuntimeError, match=f"{name}: no double backward"):
+            torch.autograd.grad(op(x).sum() + x.pow(3).sum(), x, create_graph=True)
+        (first,) = torch.autograd.grad(op(x).sum(), x)  # a plain backward still works
+        assert first.shape == x.shape and torch.isfinite(first).all()

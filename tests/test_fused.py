@@ -91,3 +91,24 @@ def test_fused_default_job_reaches_95_percent_on_digits(cpp, tmp_path):
     summary = train.run(["--fused", "--no-progress", "--out", str(tmp_path / "fused")])
     assert summary["ops"] == "cpp"
     assert summary["test_accuracy"] >= 0.95, summary
+
+
+def test_check_labels_turns_the_noise_flag_into_a_data_error():
+    """The Triton noise injection flags a label outside [0, m) on the device; the trainers call
+    fused.check_labels() when a loss is not finite, which raises it as one line (a DataError) and
+    resets the flag. The flag is set here as the kernel would (position 3 of y, W with 4 rows)."""
+    pytest.importorskip("triton")
+    from noprop_fast.errors import DataError
+    from noprop_fast.fused import check_labels
+    from noprop_fast.kernels import noise
+
+    check_labels()  # nothing flagged: no error
+    flag = torch.tensor([3])
+    noise._bad_labels[torch.device("cpu")] = (flag, 4)
+    try:
+        with pytest.raises(DataError, match=r"noise_injection: label at position 3 is outside \[0, 4\)"):
+            check_labels()
+        assert int(flag) == noise._NO_BAD_LABEL
+        check_labels()
+    finally:
+        noise._bad_labels.pop(torch.device("cpu"))

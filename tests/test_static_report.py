@@ -54,6 +54,18 @@ def test_roofline_picks_the_binding_limit():
     assert sr.roofline(*sr.linear_dbias(1, 4096, 4096, 2))[1] == "memory"
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "fineweb"])
+def test_every_compute_bound_kernel_is_built_for_hgmma(name):
+    """At each config's shapes, every kernel call that is compute-bound on the roofline launches a
+    configuration that expects HGMMA (a leading tile of a warpgroup's 64 rows in fp16/bf16);
+    tests/test_aot.py checks the sm_90 SASS of every such configuration. No compilation here."""
+    pytest.importorskip("triton")
+    calls = sr.config_calls(name)
+    assert any(sr.roofline(c.flops, c.nbytes)[1] == "compute" for c in calls) or name != "fineweb"
+    missing = sr.compute_bound_without_wgmma(calls)
+    assert not missing, [f"{c.kernel} ({c.layer})" for c in missing]
+
+
 @pytest.mark.aot
 def test_small_report_end_to_end(tmp_path):
     pytest.importorskip("triton")

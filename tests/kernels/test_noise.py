@@ -249,3 +249,41 @@ def test_kernel_noise_equals_cpu_op_noise(seed, offset, device):
     z_cpu = cpu_ops.noise_injection(y.cpu(), W.cpu(), zeros, ones, _device_int(seed, "cpu"),
                                     _device_int(offset, "cpu"))
     torch.testing.assert_close(z_kernel.cpu(), z_cpu, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [4, -1, 2**40])
+def test_label_outside_the_classes_is_a_clear_error(bad, device):
+    """A label outside [0, m) raises IndexError naming it, as the C++ op does, and is never an
+    address: the forward's rows for it are NaN, the others right, and the backward adds nothing
+    for it (reading or writing W's row 4, -1 or 2^40 would be garbage, a fault or heap damage).
+    On a GPU the error surfaces at check_labels(), which the run calls where it syncs anyway."""
+    from noprop_fast import cpu_ops
+    from noprop_fast.kernels.noise import _noise_backward, _noise_forward, check_labels
+
+    B, N, d, m = 2, 5, 8, 4
+    y, W, a, s = _inputs(B, N, d, m, torch.float32, device)
+    y[3] = bad
+    seed, offset = _device_int(1, device), _device_int(0, device)
+    with pytest.raises(IndexError, match=rf"noise_injection: label( {bad})? at position 3 is "
+                                         rf"outside \[0, {m}\)"):
+        noise_injection(y, W, a, s, seed, offset)
+        check_labels()
+    check_labels()  # reset: raises no more
+    ok, reason = cpu_ops.available()
+    if ok:
+        with pytest.raises(IndexError, match=rf"noise_injection: label {bad} at position 3 is outside"):
+            cpu_ops.noise_injection(y.cpu(), W.cpu(), a.cpu(), s.cpu(), seed.cpu(), offset.cpu())
+    # the kernels themselves: the good rows are right, the bad one NaN, and the flag is set
+    good = (torch.arange(N) != 3).to(device)
+    z = _noise_forward(y, W, a, s, seed, offset)
+    assert torch.isnan(z[:, 3]).all()
+    assert_close(z[:, good], noise_injection_ref(y[good], W, a, s, _eps(1, 0, B, N, d)[:, good.cpu()]
+                                                 .to(device)), torch.float32)
+    with pytest.raises(IndexError, match="at position 3"):
+        check_labels()
+    dz = torch.randn(B, N, d).to(device)
+    dW = _noise_backward(dz, y, a, (m, d), torch.float32)
+    W32 = W.detach().float().requires_grad_()
+    z_good = noise_injection_ref(y[good], W32, a, s, torch.zeros(B, N - 1, d, device=device))
+    (expected,) = torch.autograd.grad(z_good, W32, dz[:, good])
+    assert_close(dW, expected, torch.float32, scale=B)

@@ -5,6 +5,8 @@
     with and without the bias, a random upstream gradient; every tile of d; strided views. The
     reference runs in fp32 on the same (rounded) inputs: the answer fp32 accumulation should reach.
 (b) Logits far beyond exp's range (h scaled by 30) stay finite and match: the online max works.
+    Classes masked by a -inf bias (a whole leading, middle or trailing chunk, all but one) match
+    the reference; a row with every class masked gives NaN where the reference does.
 (c) Neither the forward nor the backward creates a [B, N, m] tensor: no tensor saved for the
     backward, and no tensor any aten op creates, has B * N * m elements. The same checks catch the
     reference's logits, so they can fail.
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop_fast.kernels.softmax_head import MAX_D, MAX_DV, softmax_head, softmax_head_ref
-from tolerances import DTYPES, assert_close
+from tolerances import DTYPES, TOLERANCES, assert_close
 
 SETTINGS = settings(max_examples=10, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -93,6 +95,22 @@ def test_every_embedding_tile(device, dtype, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_hopper_tiles(device, dtype, monkeypatch):
+    """The sm_90 tiles (64 rows or classes leading the backward's products, for wgmma; Delta from
+    its own kernel), whatever the device at hand: the same answers. m spans several 64-class
+    chunks and ends inside one; N ends inside a 64-row tile."""
+    from noprop_fast.kernels import softmax_head as module
+
+    monkeypatch.setattr(module, "_target_arch", lambda device: 90)
+    assert module._config("bwd_dk", torch.float16, MAX_DV, 90)["BLOCK_M"] == 64
+    assert module._config("bwd_dv", torch.float16, MAX_DV, 90)["BLOCK_M"] == 64
+    assert module._config("bwd_dh", torch.float16, MAX_DV, 90)["BLOCK_N"] == 64  # + _bwd_delta
+    B, N, D, m, d = 2, 37, 128, 150, MAX_DV
+    h, k, c, v, grad = _inputs(B, N, D, m, d, True, dtype, device, seed=13)
+    _compare(*_fused_and_reference(h, k, c, v, grad), dtype, B, N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_large_logits_stay_finite(device, dtype):
     B, N, D, m, d = 2, 5, 17, 130, 10
     h, k, c, v, grad = _inputs(B, N, D, m, d, True, dtype, device, seed=7, h_scale=30.0)
@@ -101,6 +119,30 @@ def test_large_logits_stay_finite(device, dtype):
     fused, reference = _fused_and_reference(h, k, c, v, grad)
     assert torch.isfinite(fused[0]).all() and all(torch.isfinite(g).all() for g in fused[1])
     _compare(fused, reference, dtype, B, N, h_scale=30.0)
+
+
+# classes given a -inf bias: a whole first chunk (every config's BLOCK_M is at most 64), one in
+# the middle, the last chunk, every class but one, and every class of block 0 (no softmax there)
+MASKS = {"leading": lambda c: c[:, :70], "middle": lambda c: c[:, 100:200],
+         "trailing": lambda c: c[:, 230:], "all but one": lambda c: c[:, 1:],
+         "all of block 0": lambda c: c[0]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_masked_classes_match_reference(device, dtype, mask):
+    """A -inf bias masks a class; where every class of a row is masked, torch.softmax gives NaN,
+    and so must the op: o and the gradients agree with the reference, NaNs in the same places."""
+    B, N, D, m, d = 2, 37, 24, 260, 12
+    h, k, c, v, grad = _inputs(B, N, D, m, d, True, dtype, device, seed=5)
+    MASKS[mask](c).fill_(float("-inf"))
+    (out, grads), (ref_out, ref_grads) = _fused_and_reference(h, k, c, v, grad)
+    rtol, atol = TOLERANCES[dtype]
+    for name, got, ref, scale in zip(["o", "dh", "dk", "dc", "dv"], [out, *grads],
+                                     [ref_out, *ref_grads], [1, 1, N, N, B * N]):
+        assert got.isnan().any() == (mask == "all of block 0"), name
+        torch.testing.assert_close(got.float(), ref.float(), rtol=rtol, atol=atol * scale,
+                                   equal_nan=True, msg=lambda text: f"{mask}, {name}: {text}")
 
 
 class _CreatedShapes(TorchDispatchMode):
