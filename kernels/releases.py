@@ -41,6 +41,10 @@ OLDER = {
     ("softmax_head", ("bwd_dv", True, 256)): (32, 16, 8, 2),   # 16x16 s1: 32 B, sm_90
     ("softmax_head", ("bwd_dv", False, 32)): (32, 32, 4, 1),   # 32x64: 56 B, sm_80
     ("softmax_head", ("bwd_dv", False, 256)): (16, 32, 8, 2),  # w4 s2: 24 B sm_80, 16 B sm_90 aligned
+    # softmax_head's sm_90 fp16/bf16 tiles (_HOPPER_CONFIGS), key ("sm90", kernel, d's tile): the
+    # same tiles with 8 warps, as 3.6 spills them with 4
+    ("softmax_head", ("sm90", "bwd_dh", 256)): (64, 16, 8, 1),
+    ("softmax_head", ("sm90", "bwd_dk", 256)): (16, 64, 8, 1),
     # block_linear: fp32 tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), smallest last.
     # 3.6's tl.dot needs K >= 16 (3.9 takes the current tiles' BLOCK_K = 8), and at K = 16 the
     # 128-row tiles spill on sm_90 (8 B of stack) unless they pipeline less or spread over more warps.

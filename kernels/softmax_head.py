@@ -304,26 +304,17 @@ _CONFIGS = {key: for_release("softmax_head", key, config) for key, config in _CO
 # sm_90 (Hopper), fp16/bf16: the backward's tiles that lead its products with 64 rows (dH) or 64
 # classes (dK, dV), one warpgroup's wgmma (HGMMA), where _CONFIGS' smaller tiles would run on
 # mma.sync. At d = 256 (the FineWeb head) these kernels are compute-bound. Found to compile without
-# spills for sm_90 (with and without alignment hints); dH and dK need other warp counts per triton
-# release (the one per-version choice of this file: (major, minor) -> config); dH's 64 rows spill
-# if it also computes Delta (dO and fp32 O at once), so `_bwd_delta` does that first. On sm_80
-# these tiles spill, and sm_80 has no wgmma: it keeps _CONFIGS.
+# spills for sm_90 (with and without alignment hints); dH's 64 rows spill if it also computes Delta
+# (dO and fp32 O at once), so `_bwd_delta` does that first. On sm_80 these tiles spill, and sm_80
+# has no wgmma: it keeps _CONFIGS. Key (kernel, d's tile); value as _CONFIGS'.
 _HOPPER_CONFIGS = {
-    ("bwd_dh", 256): {(3, 6): (64, 16, 8, 1), (3, 9): (64, 16, 4, 1)},
-    ("bwd_dk", 256): {(3, 6): (16, 64, 8, 1), (3, 9): (16, 64, 4, 1)},
-    ("bwd_dv", 256): {(3, 6): (16, 64, 8, 1), (3, 9): (16, 64, 8, 1)},
+    ("bwd_dh", 256): (64, 16, 4, 1),
+    ("bwd_dk", 256): (16, 64, 4, 1),
+    ("bwd_dv", 256): (16, 64, 8, 1),
 }
-_TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-
-def _hopper_config(kernel: str, block_dv: int):
-    """The sm_90 fp16/bf16 tiles of `kernel` for this triton release, or None: the newest entry at
-    or before it (a release older than every entry gets the oldest)."""
-    by_release = _HOPPER_CONFIGS.get((kernel, block_dv))
-    if by_release is None:
-        return None
-    older = [release for release in by_release if release <= _TRITON_RELEASE]
-    return by_release[max(older) if older else min(by_release)]
+# measured with Triton 3.9; an older release takes the replacements listed in releases.py
+_HOPPER_CONFIGS = {key: for_release("softmax_head", ("sm90", *key), config)
+                   for key, config in _HOPPER_CONFIGS.items()}
 
 
 def _target_arch(device: torch.device) -> int:
@@ -339,7 +330,7 @@ def _config(kernel: str, dtype: torch.dtype, d: int, arch: int = 80) -> dict:
     """Tiles, warps and stages of one kernel for inputs of `dtype`, embedding width d, and the
     target `arch` (90: Hopper's wgmma tiles where _HOPPER_CONFIGS has them)."""
     block_dv = next(t for t in DV_TILES if t >= d)
-    hopper = _hopper_config(kernel, block_dv) if arch == 90 and dtype != torch.float32 else None
+    hopper = _HOPPER_CONFIGS.get((kernel, block_dv)) if arch == 90 and dtype != torch.float32 else None
     block_n, block_m, warps, stages = hopper or _CONFIGS[kernel, dtype == torch.float32, block_dv]
     cfg = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": BLOCK_D, "BLOCK_DV": block_dv,
            "num_warps": warps, "num_stages": stages}
@@ -439,7 +430,7 @@ def _aot_specs() -> list[KernelSpec]:
             signature = {a: ("*fp32" if a in ("o_ptr", "lse_ptr", "delta_ptr") else
                              f"*{name}" if a.endswith("_ptr") else "i32") for a in args}
             for block_dv in DV_TILES:
-                hopper = dtype != torch.float32 and _hopper_config(kernel, block_dv) is not None
+                hopper = dtype != torch.float32 and (kernel, block_dv) in _HOPPER_CONFIGS
                 for arch, suffix in ((80, ""), (90, ",sm90")) if hopper else ((80, ""),):
                     cfg = _config(kernel, dtype, block_dv, arch)
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -456,7 +447,7 @@ def _aot_specs() -> list[KernelSpec]:
         signature = {a: ("*fp32" if a in ("o_ptr", "delta_ptr") else f"*{name}" if a.endswith("_ptr")
                          else "i32") for a in args}
         for block_dv in DV_TILES:
-            if _hopper_config("bwd_dh", block_dv) is not None:
+            if ("bwd_dh", block_dv) in _HOPPER_CONFIGS:
                 specs.append(KernelSpec(f"softmax_head_bwd_delta[{name},d{block_dv}]", _bwd_delta,
                                         signature, {"BLOCK_N": DELTA_ROWS, "BLOCK_DV": block_dv},
                                         num_warps=4, archs=(90,)))

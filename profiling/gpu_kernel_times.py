@@ -43,6 +43,7 @@ KERNEL_FUNCTIONS = {
     "block_linear_dw": ("block_linear", "_batched_matmul_kernel"),
     "block_linear_dbias": ("block_linear", "_activation_grad_kernel"),
     "softmax_head_fwd": ("softmax_head", "_fwd"),
+    "softmax_head_bwd_delta": ("softmax_head", "_bwd_delta"),
     "softmax_head_bwd_dh": ("softmax_head", "_bwd_dh"),
     "softmax_head_bwd_dk": ("softmax_head", "_bwd_dk"),
     "softmax_head_bwd_dv": ("softmax_head", "_bwd_dv"),

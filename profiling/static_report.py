@@ -183,7 +183,7 @@ def head_calls(B, N, m, D, d):
     for kernel, formula in (("fwd", head_fwd), ("bwd_dh", head_bwd_dh), ("bwd_dk", head_bwd_dk),
                             ("bwd_dv", head_bwd_dv)):
         cfg = sh._config(kernel, torch.bfloat16, d, arch=90)  # the H100's tiles
-        sm90 = ",sm90" if sh._hopper_config(kernel, cfg["BLOCK_DV"]) else ""  # AOT_SPECS' name
+        sm90 = ",sm90" if (kernel, cfg["BLOCK_DV"]) in sh._HOPPER_CONFIGS else ""  # AOT_SPECS' name
         calls.append(Call("softmax_head", f"softmax_head_{kernel}[bf16,d{cfg['BLOCK_DV']}{sm90}]", "head",
                           f"h [{B}, {N}, {D}], k [{B}, {m}, {D}], v [{m}, {d}]",
                           f"N {cfg['BLOCK_N']} x m {cfg['BLOCK_M']}, D {cfg['BLOCK_D']}, d "
