@@ -22,10 +22,14 @@ import os
 import sys
 from pathlib import Path
 
-from . import runs
-from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, config_path,
-                     from_mapping, list_configs, read_yaml, resolve)
-from .errors import ConfigError, UserError, cli_main
+from . import threads
+
+threads.passive_wait_unless_set()  # before anything imports torch: see threads.py
+
+from . import runs  # noqa: E402
+from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments,  # noqa: E402
+                     config_path, from_mapping, list_configs, read_yaml, resolve)
+from .errors import ConfigError, UserError, cli_main  # noqa: E402
 
 
 def build_parser(task: str = "image") -> argparse.ArgumentParser:
@@ -41,6 +45,10 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
     parser.add_argument("--list-configs", action="store_true", help="list packaged configs and exit")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", metavar="N", type=threads.check_count,
+                        help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS; "
+                             "waiting threads sleep, so a core shared with other work does not "
+                             "stall the run]")
     add_config_arguments(parser, TASK_CONFIGS[task])
     return parser
 
@@ -76,7 +84,7 @@ def implied_task(config: str | None, resume: str | None) -> str:
 def config_from_args(args: argparse.Namespace):
     cls = TASK_CONFIGS[args.task]
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "config", "list_configs", "resume", "no_progress")}
+                 if k not in ("task", "config", "list_configs", "resume", "no_progress", "threads")}
     base = None
     if args.resume:
         if args.config:
@@ -119,8 +127,9 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
         run_dir = Path(same_on_every_rank(str(run_dir)))
     cfg.out = str(run_dir)
     show_progress = not args.no_progress and sys.stderr.isatty()
+    thread_note = threads.apply(args.threads)
     if cfg.task == "lm":
-        return run_lm(cfg, run_dir, args.resume, show_progress, parallel)
+        return run_lm(cfg, run_dir, args.resume, show_progress, parallel, thread_note)
     # imported here so that --help and --list-configs stay fast
     from .data import load_image_dataset
     from .trainer import Trainer, results_table
@@ -136,7 +145,7 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
         trainer.restore(runs.load_checkpoint(run_dir))
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}")
     print(f"{cfg.method} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, "
-          f"{cfg.embedding} embedding, device {runs.device_name(trainer.device)}, "
+          f"{cfg.embedding} embedding, device {device_note(trainer.device, thread_note)}, "
           f"{'reference' if trainer.ops is None else trainer.ops.name} ops, {cfg.precision}, "
           f"run {run_dir}",
           flush=True)
@@ -158,7 +167,13 @@ def load_token_data(data_dir: str | None, show_progress: bool = True):
     return TokenData.load(data_dir)
 
 
-def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None) -> dict:
+def device_note(device, thread_note: str) -> str:
+    """The header's device: "cpu (2 threads: one per core, waiting threads sleep)" on a CPU."""
+    return f"cpu ({thread_note})" if device.type == "cpu" else runs.device_name(device)
+
+
+def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None,
+           thread_note: str = "") -> dict:
     from .data.tokenizer import get_tokenizer
     from .distributed import rank_zero_first
     from .lm_trainer import LMTrainer, parameter_count
@@ -180,7 +195,7 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel
           f"width {cfg.width}, "
           f"{getattr(trainer, 'total_parameters', parameter_count(trainer.model)) / 1e6:.2f}M "
           f"parameters, device "
-          f"{runs.device_name(trainer.device)}, {'reference' if trainer.ops is None else trainer.ops.name} "
+          f"{device_note(trainer.device, thread_note)}, {'reference' if trainer.ops is None else trainer.ops.name} "
           f"ops, {cfg.precision}, run {run_dir}", flush=True)
     summary = trainer.fit()
     chains = (f"{cfg.eval_chains} chains, {cfg.inference} inference; one chain "
