@@ -47,7 +47,7 @@ MEMORY_KINDS = {
 }
 
 
-def build_parser(task: str = "image") -> argparse.ArgumentParser:
+def build_parser(task: str = "image", config: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m noprop_fast.compare",
         description="Train NoProp and its backprop baseline on the same data; write a report. The "
@@ -63,7 +63,7 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
     parser.add_argument("--threads", metavar="N", type=threads.check_count,
                         help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS; "
                              "waiting threads sleep]")
-    add_config_arguments(parser, TASK_CONFIGS[task])
+    add_config_arguments(parser, TASK_CONFIGS[task], config)
     for action in parser._actions:  # two config fields mean something else here
         if action.dest == "method" or action.dest in LM_SAMPLING:
             action.help = argparse.SUPPRESS  # method: rejected, --methods picks the runs
@@ -82,7 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     task = known.task or implied_task(known.config, None)
-    args = build_parser(task).parse_args(argv)
+    args = build_parser(task, known.config).parse_args(argv)
     args.task = task
     return args
 

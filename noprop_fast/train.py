@@ -32,7 +32,7 @@ from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, 
 from .errors import ConfigError, UserError, cli_main  # noqa: E402
 
 
-def build_parser(task: str = "image") -> argparse.ArgumentParser:
+def build_parser(task: str = "image", config: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m noprop_fast.train",
         description="Train a network with NoProp (or its backprop baseline). The config fields "
@@ -41,7 +41,8 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
                         help="image: classification on digits, MNIST, CIFAR-10/100; lm: a language "
                              "model on token shards [default image]")
     parser.add_argument("--config", metavar="NAME_OR_PATH",
-                        help="packaged config name or YAML file [default digits; lm: stdlib]")
+                        help="packaged config name or YAML file "
+                             f"[default {TASK_CONFIGS[task].DEFAULT}]")
     parser.add_argument("--list-configs", action="store_true", help="list packaged configs and exit")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,7 +50,7 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
                         help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS; "
                              "waiting threads sleep, so a core shared with other work does not "
                              "stall the run]")
-    add_config_arguments(parser, TASK_CONFIGS[task])
+    add_config_arguments(parser, TASK_CONFIGS[task], config)
     return parser
 
 
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pre.add_argument("--resume")
     known, _ = pre.parse_known_args(argv)
     task = known.task or implied_task(known.config, known.resume)
-    args = build_parser(task).parse_args(argv)
+    args = build_parser(task, known.config).parse_args(argv)
     args.task = task
     return args
 
