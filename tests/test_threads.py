@@ -80,3 +80,34 @@ def test_a_bad_thread_count_is_one_line(value, capsys):
     assert train.main([*TINY, "--threads", value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threads" in err[0] and "at least 1" in err[0]
+
+
+def test_thread_benchmark_runs_end_to_end(tmp_path):
+    """profiling/bench_threads.py at its smallest: two rules, the image workload, idle and with a
+    core kept busy; every run ok, the report has a row per rule, the spinning process is gone."""
+    out = tmp_path / "bt"
+    cmd = [sys.executable, str(ROOT / "profiling" / "bench_threads.py"), "--tiny", "--epochs", "1",
+           "--rules", "passive,one", "--workloads", "image", "--busy-seconds", "300",
+           "--out", str(out)]
+    done = subprocess.run(cmd, env=clean_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {f"{r}/image/{c}" for r in ("passive", "one")
+                                    for c in ("idle", "busy")}
+    for run in results["runs"].values():
+        assert run["status"] == "ok" and run["figure"] > 0 and run["unit"] == "s per epoch"
+    assert "1 thread: --threads" in results["runs"]["one/image/busy"]["header"]
+    assert "waiting threads sleep" in results["runs"]["passive/image/idle"]["header"] or \
+        "1 thread" in results["runs"]["passive/image/idle"]["header"]  # a one-core machine
+    rows = [line for line in (out / "report.md").read_text().splitlines()
+            if line.startswith("| passive") or line.startswith("| one")]
+    assert len(rows) == 2
+    spinners = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if "end = time.monotonic() + 300.0" in cmdline.read_bytes().decode(errors="replace"):
+                spinners.append(cmdline.parent.name)
+        except OSError:  # a process that ended meanwhile
+            pass
+    assert spinners == []
