@@ -30,9 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (TASK_CONFIGS, ImageConfig, OneLineArgumentParser, add_config_arguments,
-                     resolve)
-from .errors import UserError, cli_main
+from . import threads
+
+threads.passive_wait_unless_set()  # before anything imports torch: see threads.py
+
+from .config import (TASK_CONFIGS, ImageConfig, OneLineArgumentParser,  # noqa: E402
+                     add_config_arguments, resolve)
+from .errors import UserError, cli_main  # noqa: E402
 
 METHODS = ("noprop", "backprop")
 BASELINE = "backprop"  # the memory ratio is against this method's figure
@@ -44,7 +48,7 @@ MEMORY_KINDS = {
 }
 
 
-def build_parser(task: str = "image") -> argparse.ArgumentParser:
+def build_parser(task: str = "image", config: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m noprop_fast.compare",
         description="Train NoProp and its backprop baseline on the same data; write a report. The "
@@ -59,7 +63,10 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the runs that OUT/<method> already holds (refused without it)")
-    add_config_arguments(parser, TASK_CONFIGS[task])
+    parser.add_argument("--threads", metavar="N", type=threads.check_count,
+                        help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS; "
+                             "waiting threads sleep]")
+    add_config_arguments(parser, TASK_CONFIGS[task], config)
     for action in parser._actions:  # two config fields mean something else here
         if action.dest == "method" or action.dest in LM_SAMPLING:
             action.help = argparse.SUPPRESS  # method: rejected, --methods picks the runs
@@ -78,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     task = known.task or implied_task(known.config, None)
-    args = build_parser(task).parse_args(argv)
+    args = build_parser(task, known.config).parse_args(argv)
     args.task = task
     return args
 
@@ -260,7 +267,7 @@ def run(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "config", "methods", "no_progress", "out", "overwrite")}
+                 if k not in ("task", "config", "methods", "no_progress", "out", "overwrite", "threads")}
     if "method" in overrides:
         raise UserError("--method: compare runs every method in --methods; use --methods instead")
     methods = parse_methods(args.methods)
@@ -272,6 +279,10 @@ def run(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", "-m", "noprop_fast.compare", *argv])
     show_progress = not args.no_progress and sys.stderr.isatty()
     config_name = args.config or cls.DEFAULT
+    thread_note = threads.apply(args.threads)
+    import torch
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        print(f"CPU, {thread_note}", flush=True)
     if args.task == "lm":
         from . import compare_lm
         result = compare_lm.compare_lm(cfg, methods, out_dir, show_progress,

@@ -250,12 +250,28 @@ def load_config(name_or_path: str, cls=ImageConfig):
 
 
 def list_configs() -> list[tuple[str, str]]:
-    """(name, description) of every packaged config; the description is the file's first comment."""
+    """(name, description) of every packaged config; the description is the file's first comment,
+    after "[default, --task TASK]" for the config a task uses when none is named."""
+    defaults = {cls.DEFAULT: task for task, cls in TASK_CONFIGS.items()}
     rows = []
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         first = path.read_text().splitlines()[0] if path.read_text() else ""
-        rows.append((path.stem, first.lstrip("# ").strip()))
+        mark = f"[default, --task {defaults[path.stem]}] " if path.stem in defaults else ""
+        rows.append((path.stem, mark + first.lstrip("# ").strip()))
     return rows
+
+
+def effective_defaults(cls, config: str | None = None) -> tuple[object, str | None, set]:
+    """What a run with no field options uses: (the config, the config file's name or None, the
+    keys that file sets). `config`: the --config given, else the task's default config; one that
+    cannot be read falls back to the dataclass defaults (the run itself reports it)."""
+    name = config or cls.DEFAULT
+    try:
+        path = config_path(name)
+        values = read_yaml(path)
+        return from_mapping(values, str(path), cls=cls), name, set(values)
+    except ConfigError:
+        return cls(), None, set()
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -265,23 +281,33 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig) -> None:
-    """One `--field-name` option per config field; unset options stay out of the namespace."""
-    group = parser.add_argument_group("config fields (override the config file)")
+def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig,
+                         config: str | None = None) -> None:
+    """One `--field-name` option per config field; unset options stay out of the namespace. Each
+    help line ends in what a run without that option uses: the value of `config` (default: the
+    task's default config) where the file sets it, else the dataclass default."""
+    base, name, from_file = effective_defaults(cls, config)
+    group = parser.add_argument_group(
+        "config fields (override the config file)",
+        f"[default ...] is what a run without the option uses: the {name} config's value where it "
+        "sets one (marked), else the built-in default" if name else None)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name == "task":
             continue  # chosen with --task
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        value = getattr(base, f.name)
+        where = f", {name} config" if f.name in from_file else ""
         if hints[f.name] is bool:  # a switch: `--fused` turns it on
             group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action="store_const",
-                               const=True, help=f"{meta.get('help', '')} [default off]")
+                               const=True,
+                               help=f"{meta.get('help', '')} [default {'on' if value else 'off'}{where}]")
             continue
         extra = f" ({'|'.join(meta['choices'])})" if meta.get("choices") else ""
         metavar = typing.get_args(hints[f.name])[0].__name__.upper() if typing.get_args(hints[f.name]) \
             else hints[f.name].__name__.upper()
         group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{meta.get('help', '')}{extra} [default {f.default}]")
+                           help=f"{meta.get('help', '')}{extra} [default {value}{where}]")
 
 
 def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):

@@ -23,13 +23,17 @@ import os
 import sys
 from pathlib import Path
 
-from . import preflight, runs
-from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments, config_path,
-                     from_mapping, list_configs, read_yaml, resolve)
-from .errors import ConfigError, UserError, cli_main
+from . import threads
+
+threads.passive_wait_unless_set()  # before anything imports torch: see threads.py
+
+from . import preflight, runs  # noqa: E402
+from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments,  # noqa: E402
+                     config_path, from_mapping, list_configs, read_yaml, resolve)
+from .errors import ConfigError, UserError, cli_main  # noqa: E402
 
 
-def build_parser(task: str = "image") -> argparse.ArgumentParser:
+def build_parser(task: str = "image", config: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m noprop_fast.train",
         description="Train a network with NoProp (or its backprop baseline). The config fields "
@@ -38,13 +42,18 @@ def build_parser(task: str = "image") -> argparse.ArgumentParser:
                         help="image: classification on digits, MNIST, CIFAR-10/100; lm: a language "
                              "model on token shards [default image]")
     parser.add_argument("--config", metavar="NAME_OR_PATH",
-                        help="packaged config name or YAML file [default digits; lm: stdlib]")
+                        help="packaged config name or YAML file "
+                             f"[default {TASK_CONFIGS[task].DEFAULT}]")
     parser.add_argument("--list-configs", action="store_true", help="list packaged configs and exit")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run that --out already holds (refused without it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_arguments(parser, TASK_CONFIGS[task])
+    parser.add_argument("--threads", metavar="N", type=threads.check_count,
+                        help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS; "
+                             "waiting threads sleep, so a core shared with other work does not "
+                             "stall the run]")
+    add_config_arguments(parser, TASK_CONFIGS[task], config)
     return parser
 
 
@@ -57,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pre.add_argument("--resume")
     known, _ = pre.parse_known_args(argv)
     task = known.task or implied_task(known.config, known.resume)
-    args = build_parser(task).parse_args(argv)
+    args = build_parser(task, known.config).parse_args(argv)
     args.task = task
     return args
 
@@ -79,7 +88,7 @@ def implied_task(config: str | None, resume: str | None) -> str:
 def config_from_args(args: argparse.Namespace):
     cls = TASK_CONFIGS[args.task]
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "config", "list_configs", "resume", "no_progress", "overwrite")}
+                 if k not in ("task", "config", "list_configs", "resume", "no_progress", "overwrite", "threads")}
     base = None
     if args.resume:
         if args.config:
@@ -130,8 +139,10 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
         runs.refuse_existing_run(run_dir, args.overwrite)
     runs.check_writable(run_dir)
     show_progress = not args.no_progress and sys.stderr.isatty()
+    thread_note = threads.apply(args.threads)
     if cfg.task == "lm":
-        return run_lm(cfg, run_dir, args.resume, show_progress, parallel, args.overwrite)
+        return run_lm(cfg, run_dir, args.resume, show_progress, parallel, args.overwrite,
+                      thread_note)
     # imported here so that --help and --list-configs stay fast
     from .data import load_image_dataset
     from .trainer import Trainer, results_table
@@ -147,7 +158,7 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
     if args.resume:
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}")
     print(f"{cfg.method} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, "
-          f"{cfg.embedding} embedding, device {runs.device_name(trainer.device)}, "
+          f"{cfg.embedding} embedding, device {device_note(trainer.device, thread_note)}, "
           f"{'reference' if trainer.ops is None else trainer.ops.name} ops, {cfg.precision}, "
           f"run {run_dir}",
           flush=True)
@@ -201,8 +212,13 @@ def start_run(trainer, run_dir: Path, resume: str | None, overwrite: bool) -> No
         runs.clear_run(run_dir)
 
 
+def device_note(device, thread_note: str) -> str:
+    """The header's device: "cpu (2 threads: one per core, waiting threads sleep)" on a CPU."""
+    return f"cpu ({thread_note})" if device.type == "cpu" else runs.device_name(device)
+
+
 def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, thread_note: str = "") -> dict:
     from .distributed import rank_zero_first
     from .lm_report import closing_lines
     from .lm_trainer import LMTrainer, parameter_count
@@ -226,7 +242,7 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel
           f"width {cfg.width}, "
           f"{getattr(trainer, 'total_parameters', parameter_count(trainer.model)) / 1e6:.2f}M "
           f"parameters, device "
-          f"{runs.device_name(trainer.device)}, {'reference' if trainer.ops is None else trainer.ops.name} "
+          f"{device_note(trainer.device, thread_note)}, {'reference' if trainer.ops is None else trainer.ops.name} "
           f"ops, {cfg.precision}, run {run_dir}", flush=True)
     summary = trainer.fit()
     chains = (f"{cfg.eval_chains} chains, {cfg.inference} inference; one chain "

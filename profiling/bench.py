@@ -2,7 +2,8 @@
 fused ops against their references, and the memory of each method, in one run, on whatever device
 is present.
 
-    python profiling/bench.py                          # all sections; cuda if present, else cpu
+    python profiling/bench.py                          # all sections; cuda if present, else cpu;
+                                                       # the report in runs/bench-<device>-<time>/
     python profiling/bench.py --quick --out /tmp/b     # minutes on a 2-core CPU: the MNIST-config
                                                        # step and memory, small LM, ops and heads
     python profiling/bench.py --tiny --no-compile --out /tmp/b   # the smoke test's run
@@ -44,15 +45,20 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository: run from a checkout without installing
 sys.path.insert(0, str(HERE))         # the sections' modules and head_memory, the memory worker
 
+from noprop_fast import threads  # noqa: E402
+
+threads.passive_wait_unless_set()  # before torch loads its OpenMP runtime: see threads.py
+
+import torch  # noqa: E402
+
 import bench_report  # noqa: E402
+import bench_summary  # noqa: E402
 import head_memory  # noqa: E402
-from bench_common import ACCEPT_MEMORY_RATIO, QUICK, TINY, Sizes, load_fused  # noqa: E402
+from bench_common import HEAD_MEMORY_TARGET, QUICK, TINY, Sizes, load_fused  # noqa: E402
 from bench_lm import bench_lm, bench_lm_memory  # noqa: E402
 from bench_memory_methods import bench_memory_methods  # noqa: E402
 from bench_ops import bench_ops  # noqa: E402
@@ -83,8 +89,8 @@ def bench_memory(sizes: Sizes, device: torch.device) -> dict:
     ref, fused = result["ref"], result["fused"]
     if ref.get("status") == "ok" and fused.get("status") == "ok" and ref["peak_bytes"] > 0:
         result["fused/reference"] = fused["peak_bytes"] / ref["peak_bytes"]
-        result["meets_bar"] = result["fused/reference"] <= ACCEPT_MEMORY_RATIO
-        result["bar_applies"] = shape.classes == Sizes().memory_head.classes  # not at --quick sizes
+        result["meets_target"] = result["fused/reference"] <= HEAD_MEMORY_TARGET
+        result["target_applies"] = shape.classes == Sizes().memory_head.classes  # not at --quick sizes
     return result
 
 
@@ -105,8 +111,10 @@ def parse_args(argv):
                    help="the blocks' and ops' dtype [default fp32]")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda when present, else cpu")
-    p.add_argument("--out", help="folder for report.md and results.json "
-                   "[default profiling/results/<device>-<date>[-<precision>]]")
+    p.add_argument("--out", help="folder for report.md, results.json and bench.png [default "
+                   "runs/bench-<device>-<time>[-<precision>] in the checkout, which git ignores]")
+    p.add_argument("--threads", metavar="N", type=threads.check_count,
+                   help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS]")
     p.add_argument("--no-compile", action="store_true",
                    help="step, lm: leave out the torch.compile path")
     p.add_argument("--min-run-time", type=float,
@@ -139,24 +147,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def default_out(device: torch.device, precision: str, today: str) -> Path:
+def default_out(device: torch.device, precision: str, stamp: str) -> Path:
+    """runs/bench-<device>-<stamp>[-<precision>]: outside the tracked tree (runs/ is ignored), so a
+    benchmark leaves the checkout clean; recorded results are copied to profiling/results/ by hand."""
     kind = "cpu" if device.type == "cpu" else \
         re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     suffix = "" if precision == "fp32" else f"-{precision}"
-    return HERE / "results" / f"{kind}-{today}{suffix}"
+    return HERE.parent / "runs" / f"bench-{kind}-{stamp}{suffix}"
 
 
 def run(argv=None) -> dict:
     run_start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    thread_note = threads.apply(args.threads)
     device = resolve_device(args.device)
     size = "tiny" if args.tiny else "quick" if args.quick else None
     sizes = {"tiny": TINY, "quick": QUICK, None: Sizes()}[size]
     if args.min_run_time is not None:
         sizes = dataclasses.replace(sizes, min_run_time=args.min_run_time)
     now = datetime.datetime.now()
-    out = Path(args.out) if args.out else default_out(device, args.precision, now.strftime("%Y-%m-%d"))
+    out = Path(args.out) if args.out else default_out(device, args.precision,
+                                                      now.strftime("%Y%m%d-%H%M%S"))
     if {"step", "lm", "ops"} & set(args.sections):
         ops, ops_status, load_seconds = load_fused(device)
     else:  # the other sections run the reference path only
@@ -166,10 +178,12 @@ def run(argv=None) -> dict:
                   command=shlex.join(["python", "profiling/bench.py", *argv]),
                   fused_ops=bench_report.OPS_NAMES[ops.name] if ops is not None else ops_status,
                   fused_load_seconds=load_seconds, sections=args.sections,
-                  op_repeats=sizes.op_repeats, load_average_start=os.getloadavg()[0])
+                  op_repeats=sizes.op_repeats, load_average_start=os.getloadavg()[0],
+                  thread_rule=thread_note)
     results = {"header": header}
-    print(f"device: {header['device_name']}, {header['threads']} threads, fused ops: "
-          f"{header['fused_ops']}", file=sys.stderr, flush=True)
+    print(f"device: {header['device_name']}"
+          f"{f' ({thread_note})' if device.type == 'cpu' else ''}, fused ops: "
+          f"{header['fused_ops']}; report into {out}", file=sys.stderr, flush=True)
     rounds, steps, warmup = STEP_DEFAULTS[size or device.type]
     rounds = args.rounds or rounds
     steps = args.steps_per_round or steps
@@ -203,10 +217,10 @@ def run(argv=None) -> dict:
     except ImportError as err:  # matplotlib missing: the tables still come out
         header["plot"] = f"not written: {err}"
     header["seconds"] = time.perf_counter() - run_start
-    report = bench_report.write(results, out)
-    print(report)
-    print(f"written: {out / 'report.md'}, {out / 'results.json'}, plot: {header['plot']}",
-          file=sys.stderr)
+    bench_report.write(results, out)
+    print(bench_summary.summary(results))
+    print(f"\nthe full report (every path, shape and method): {out / 'report.md'}; figures in "
+          f"results.json, plot {header['plot']}")
     return results
 
 

@@ -385,8 +385,10 @@ def test_memory_sections_write_report_and_keys(memory_run):
     mem = results["methods-memory"]
     assert mem["paper_table2_gb"] == {"backprop": 0.87, "noprop-dt": 0.49,
                                       "noprop-dt/backprop": pytest.approx(0.49 / 0.87)}
-    assert isinstance(mem["meets_bar"], bool) and mem["bar_applies"] is False
-    assert "NoProp-sequential / backprop = " in report and "the issue's acceptance" in report
+    assert isinstance(mem["meets_target"], bool) and mem["target_applies"] is False
+    assert "NoProp-sequential / backprop = " in report
+    assert "The engine's target, at most 0.15 at T = 10, batch 128" in report
+    assert "is set for other sizes than this run." in report
 
 
 def test_sequential_memory_below_all_blocks(memory_run):
@@ -399,7 +401,7 @@ def test_sequential_memory_below_all_blocks(memory_run):
 
 def test_quick_sizes_are_the_mnist_config_at_t10():
     """--quick measures the loop ratio at the MNIST config and the methods' memory at T = 10, the
-    figures the issue asks a quick run for; --tiny is smaller in every task."""
+    figures a quick run is for; --tiny is smaller in every task."""
     load_script()
     import bench_common
     quick, full, tiny = bench_common.QUICK, bench_common.Sizes(), bench_common.TINY
@@ -409,10 +411,10 @@ def test_quick_sizes_are_the_mnist_config_at_t10():
     assert tiny.num_blocks < quick.num_blocks
 
 
-@pytest.mark.parametrize("loop_vs_reference, verdict", [([0.8, 0.7], "yes"), ([1.1, 1.2], "no")])
-def test_image_summary_states_the_acceptance_only_at_the_mnist_config(loop_vs_reference, verdict):
+@pytest.mark.parametrize("loop_vs_reference, verdict", [([0.8, 0.7], "met"), ([1.1, 1.2], "not met")])
+def test_image_summary_states_the_target_only_at_the_mnist_config(loop_vs_reference, verdict):
     """The image table's last line says whether batched / loop > 1 (the median of the per-round
-    inverses of loop / reference), and only at the MNIST config on a CPU, where the bar is set."""
+    inverses of loop / reference), and only at the MNIST config on a CPU, where the target is set."""
     load_script()
     import bench_report
     loop = {"status": "ok", "vs_reference": loop_vs_reference}
@@ -424,10 +426,11 @@ def test_image_summary_states_the_acceptance_only_at_the_mnist_config(loop_vs_re
     median = (1 / loop_vs_reference[0] + 1 / loop_vs_reference[1]) / 2  # of two rounds' inverses
     lines = "\n".join(bench_report.render_throughput(result, head, cpu=True))
     assert f"separate-modules loop = {median:.2f} " in lines
-    assert f"the issue's acceptance on a CPU: {verdict})." in lines
+    assert ("The engine's target on a CPU at this config: above 1, the batched step faster than "
+            f"T separate modules: {verdict}.") in lines
     small = dict(result, config=dict(config, num_blocks=2))
-    assert "acceptance" not in "\n".join(bench_report.render_throughput(small, head, cpu=True))
-    assert "acceptance" not in "\n".join(bench_report.render_throughput(result, head, cpu=False))
+    assert "target" not in "\n".join(bench_report.render_throughput(small, head, cpu=True))
+    assert "target" not in "\n".join(bench_report.render_throughput(result, head, cpu=False))
 
 
 def test_conv_tower_benchmark_writes_its_pairs(tmp_path):
@@ -444,3 +447,50 @@ def test_conv_tower_benchmark_writes_its_pairs(tmp_path):
     rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" not in line]
     assert [row.split(" | ")[0][2:] for row in rows] == list(timed)
     assert bench_conv_tower.main(["--out", str(tmp_path), "--repeats", "0"]) == 2
+
+
+def test_default_run_writes_outside_the_tracked_tree_and_prints_a_short_summary(capsys):
+    """Without --out, bench.py writes under the checkout's runs/ (which git ignores): `git status`
+    is the same before and after. What it prints is a short table and the report's path, in plain
+    words (no reference to how the engine's own targets were set)."""
+    import re
+    import shutil
+    import subprocess
+    root = SCRIPT.parent.parent
+
+    def status():
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip("not a git checkout")
+        return out.stdout
+
+    before = status()
+    assert load_script().main(["--tiny", "--device", "cpu", "--sections", "methods-memory"]) == 0
+    printed = capsys.readouterr().out
+    report = Path(re.search(r"the full report \(.*?\): (\S+report\.md);", printed)[1])
+    try:
+        assert report.is_file() and report.parent.parent == root / "runs"
+        assert status() == before
+    finally:
+        shutil.rmtree(report.parent)
+    lines = printed.strip().splitlines()
+    assert len(lines) <= 8 and lines[2].split() == ["section", "figure", "engine's", "target"]
+    assert lines[3].startswith("memory per method, image") and "sequential" in lines[3]
+    assert not re.search(r"\b(acceptance|bar|issue)\b", printed, re.IGNORECASE)
+
+
+def test_summary_has_one_line_per_section(quick_run):
+    """The printed summary of the --tiny run: a header, a blank line, the column names, then one
+    line per section, each naming its headline figure."""
+    load_script()
+    import bench_summary
+    _, out = quick_run
+    results = json.loads((out / "results.json").read_text())
+    lines = bench_summary.summary(results).splitlines()
+    assert lines[0].startswith("CPU numbers: ") and lines[1] == ""
+    sections = [line.split("  ")[0] for line in lines[3:]]
+    assert sections == ["image training step", "language training step", "fused ops",
+                        "head memory", "memory per method, image", "memory per method, language"]
+    assert "batched reference" in lines[3] and "images/s" in lines[3]
+    assert "tokens/s" in lines[4] and "fused / reference peak" in lines[6]

@@ -91,7 +91,47 @@ def test_list_configs_and_help(tmp_path):
     listing = run_cli("--list-configs", cwd=tmp_path)
     assert listing.returncode == 0
     assert len(listing.stdout.splitlines()) == len(list(CONFIG_DIR.glob("*.yaml")))
+    marked = [line.split()[:3] for line in listing.stdout.splitlines() if "[default" in line]
+    assert marked == [["digits", "[default,", "--task"], ["stdlib", "[default,", "--task"]]
+    assert "digits [default, --task image] A first run:" in " ".join(listing.stdout.split())
     helptext = run_cli("--help", cwd=tmp_path)
     assert helptext.returncode == 0
     for field in ("--num-blocks", "--block-schedule", "--inference", "--embedding", "--data-dir"):
         assert field in helptext.stdout
+
+
+def help_defaults(helptext: str) -> dict[str, str]:
+    """--field-name -> the text inside its help line's last [default ...], whitespace joined."""
+    import re
+    text = " ".join(helptext.split())
+    found = {}
+    for match in re.finditer(r"(--[a-z][a-z-]*) [^\[]*?(?:\[[^\]]*\][^\[]*?)*?\[default ([^\]]*)\]",
+                             text):
+        found.setdefault(match[1], match[2].replace("- ", "-"))  # argparse wraps after a hyphen
+    return found
+
+
+@pytest.mark.parametrize("task, config, epochs_key", [("image", "digits", "epochs"),
+                                                       ("lm", "stdlib", "max_steps"),
+                                                       ("image", "mnist-noprop-onehot", "epochs")])
+def test_help_shows_what_a_run_without_options_uses(tmp_path, task, config, epochs_key):
+    """Every field's [default ...] in --help is the value of the config a run with no field
+    options resolves (the task's default config over the dataclass), and says when it comes from
+    the config file; with --config NAME, that config's values."""
+    import yaml
+
+    from noprop_fast import train
+    from noprop_fast.config import TASK_CONFIGS
+    named = [] if config == TASK_CONFIGS[task].DEFAULT else ["--config", config]
+    helptext = run_cli("--task", task, *named, "--help", cwd=tmp_path)
+    assert helptext.returncode == 0
+    shown = help_defaults(helptext.stdout)
+    resolved = train.config_from_args(train.parse_args(["--task", task, *named]))
+    in_file = yaml.safe_load((CONFIG_DIR / f"{config}.yaml").read_text())
+    fields = [f for f in resolved.to_dict() if f != "task"]
+    for name in fields:
+        value = getattr(resolved, name)
+        text = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        where = f", {config} config" if name in in_file else ""
+        assert shown["--" + name.replace("_", "-")] == text + where, name
+    assert shown["--" + epochs_key.replace("_", "-")] == f"{getattr(resolved, epochs_key)}, {config} config"
