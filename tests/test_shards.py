@@ -35,7 +35,7 @@ from noprop_fast.errors import ConfigError, DataError
 
 
 def write_plain(path, ids, magic=MAGIC, version=VERSION, count=None, code=0, vocab=0):
-    """An independent writer in the speedrun's way: zeros(256, int32) header, then uint16 ids."""
+    """An independent writer in the published shards' way: zeros(256, int32) header, then uint16 ids."""
     ids = np.asarray(ids, dtype=np.uint16)
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:5] = magic, version, len(ids) if count is None else count, code, vocab

@@ -1,6 +1,6 @@
 """Command line: `python -m noprop_fast.data.prepare --out DIR [--input FILE_OR_GLOB ...]`.
 
-Tokenizes text into shards named like the GPT-2 speedrun's FineWeb shards, so the loader treats
+Tokenizes text into shards named like published FineWeb token shards, so the loader treats
 every such folder alike: `{prefix}_val_000000.bin`, then `{prefix}_train_000001.bin`, `_000002`, ...
 (the format is in `shards.py`: a 256-int32 header that records the tokenizer, then uint16 ids).
 

@@ -1,15 +1,15 @@
-"""Token shards (the GPT-2 speedrun's FineWeb format) and the batches a language model trains on.
+"""Token shards (the FineWeb token-shard format) and the batches a language model trains on.
 
 A shard is a header of 256 little-endian int32, then uint16 token ids:
 
     header[0] = 20240520    magic
     header[1] = 1           version (uint16 ids)
     header[2] = n           number of tokens; the file is exactly 1024 + 2 n bytes
-    header[3] = tokenizer   0 = gpt2, 1 = byte (this project's addition; the speedrun leaves it 0)
+    header[3] = tokenizer   0 = gpt2, 1 = byte (this project's addition; published shards leave it 0)
     header[4] = vocab size  0 = the tokenizer's default (50257 for gpt2, 257 for byte)
 
 so a shard from another writer, with zeros there, reads as GPT-2. EOT starts each document; a window
-of tokens may cross documents and shards (EOT is an ordinary token to the model), as in the speedrun.
+of tokens may cross documents and shards (EOT is an ordinary token to the model), as published FineWeb training does.
 A folder holds `*_train_*.bin` and `*_val_*.bin` (FineWeb: fineweb_train_000001.bin, ...). Every
 fault a user can cause is a one-line `DataError` naming the file and what was expected.
 

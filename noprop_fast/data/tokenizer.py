@@ -2,7 +2,7 @@
 
     byte   ids 0..255 are the bytes of the UTF-8 encoding, 256 is end-of-text (EOT): 257 ids.
            Needs nothing, works offline, and any text round-trips exactly.
-    gpt2   the GPT-2 BPE of the speedrun's FineWeb shards: 50257 ids, EOT = 50256. Loaded through
+    gpt2   the GPT-2 BPE of published FineWeb token shards: 50257 ids, EOT = 50256. Loaded through
            `tiktoken`, an optional dependency that downloads the vocabulary on first use.
 
 EOT starts each document in a shard (the writer puts it there, not `encode`). `decode` renders EOT
