@@ -9,7 +9,7 @@ A shard is a header of 256 little-endian int32, then uint16 token ids:
     header[4] = vocab size  0 = the tokenizer's default (50257 for gpt2, 257 for byte)
 
 so a shard from another writer, with zeros there, reads as GPT-2. EOT starts each document; a window
-of tokens may cross documents and shards (EOT is an ordinary token to the model), as published FineWeb training does.
+of tokens may cross documents and shards (EOT is an ordinary token to the model).
 A folder holds `*_train_*.bin` and `*_val_*.bin` (FineWeb: fineweb_train_000001.bin, ...). Every
 fault a user can cause is a one-line `DataError` naming the file and what was expected.
 
