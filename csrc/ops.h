@@ -22,12 +22,11 @@ std::vector<at::Tensor> block_loss_backward(const at::Tensor& grad, const at::Te
                                             const at::Tensor& u, const at::Tensor& w,
                                             bool need_du_hat, bool need_du);
 
-// block_linear.cpp: Y[b] = act(X[b] W[b]^T + bias[b]) and (dX, dW, dbias)
+// block_linear.cpp: Y[b] = X[b] W[b]^T + bias[b] and (dX, dW, dbias)
 at::Tensor block_linear_forward(const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, bool relu);
+                                const std::optional<at::Tensor>& bias);
 std::vector<at::Tensor> block_linear_backward(const at::Tensor& dy, const at::Tensor& x,
-                                              const at::Tensor& weight,
-                                              const std::optional<at::Tensor>& y, bool need_dx,
+                                              const at::Tensor& weight, bool need_dx,
                                               bool need_dw, bool need_dbias);
 
 // softmax_head.cpp: o = softmax(h k^T + c) v tile by tile -> (o fp32, lse, P or undefined: P

@@ -6,7 +6,7 @@ package, so it works where Triton is absent.
 
     noise.py         noise injection: z[t] = sqrt(abar) W[y] + sqrt(1 - abar) eps, Philox in-kernel
     block_loss.py    the weighted per-block denoising losses of all blocks in one pass
-    block_linear.py  Y[t] = act(X[t] W[t]^T + b[t]) over stacked per-block weights
+    block_linear.py  Y[t] = X[t] W[t]^T + b[t] over stacked per-block weights
     softmax_head.py  u_hat = softmax(H K^T + c) V with an online softmax (no N x m logits)
     aot.py           ahead-of-time compilation for sm_90 / sm_80 and the cubin's resource usage
     releases.py      the launch configurations that differ by Triton release, chosen in one place

@@ -1,23 +1,19 @@
-"""Batched multi-block linear layer with a fused bias + activation epilogue, forward and backward.
+"""Batched multi-block linear layer with a fused bias epilogue, forward and backward.
 
 For every block b of B (NoProp's T blocks, or a slice of them) one linear layer:
 
-    Y[b] = act(X[b] W[b]^T + bias[b])        X [B, N, K], W [B, M_out, K], bias [B, M_out] or None
-                                             Y [B, N, M_out] in X's dtype, act in {none, relu}
+    Y[b] = X[b] W[b]^T + bias[b]             X [B, N, K], W [B, M_out, K], bias [B, M_out] or None
+                                             Y [B, N, M_out] in X's dtype
 
-Backward, with dY given and the ReLU mask read off the saved output (Y > 0 exactly where the
-pre-activation is > 0, so Y is saved; the pre-activation is neither stored nor recomputed):
+Backward, with dY given:
 
-    G[b]     = dY[b] * (Y[b] > 0)            (G = dY without the activation)
-    dX[b]    = G[b] W[b]                     [N, M_out] @ [M_out, K]
-    dW[b]    = G[b]^T X[b]                   [M_out, N] @ [N, K]
-    dbias[b] = sum_n G[b, n, :]
+    dX[b]    = dY[b] W[b]                    [N, M_out] @ [M_out, K]
+    dW[b]    = dY[b]^T X[b]                  [M_out, N] @ [N, K]
+    dbias[b] = sum_n dY[b, n, :]
 
-The three products are one autotuned batched matmul kernel, C[b] = act(A[b] B[b] + bias[b]), whose
-operands are addressed through strides, so the transposes above cost nothing; bias and ReLU are
-its epilogue. A small column-strip kernel writes G and dbias in one pass over dY and Y. (Masking A
-inside the matmul instead would read Y twice, once per product, for the same traffic as writing G
-once, and would route A through registers, off the cp.async -> wgmma path.)
+The three products are one autotuned batched matmul kernel, C[b] = A[b] B[b] + bias[b], whose
+operands are addressed through strides, so the transposes above cost nothing; the bias is its
+epilogue. A small column-strip kernel sums dbias in one pass over dY.
 
 Constraints: X, W, bias share one dtype (fp32, fp16 or bf16) and one device; every size >= 1; any
 strides, each row/column stride < 2^23 (offsets inside a tile are int32; tile corners are int64).
@@ -35,18 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import ACTIVATIONS, check_block_linear, first_order_only
+from noprop_fast.op_checks import check_block_linear, first_order_only
 
 from .releases import for_release
 
 
-def block_linear_ref(x, weight, bias=None, activation="none"):
-    """act(x[b] @ weight[b]^T + bias[b]) in plain PyTorch. x [B, N, K], weight [B, M_out, K]."""
+def block_linear_ref(x, weight, bias=None):
+    """x[b] @ weight[b]^T + bias[b] in plain PyTorch. x [B, N, K], weight [B, M_out, K]."""
     if bias is None:
-        y = torch.bmm(x, weight.transpose(1, 2))
-    else:
-        y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # [B, N, M_out]
-    return torch.relu(y) if activation == "relu" else y
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # [B, N, M_out]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +69,7 @@ def _configs_for(configs, named_args, **kwargs):
     return _FP32_CONFIGS if named_args["a_ptr"].dtype == torch.float32 else _HALF_CONFIGS
 
 
-@triton.autotune(configs=_AUTOTUNED, key=["M", "N", "K", "HAS_BIAS", "RELU"],
+@triton.autotune(configs=_AUTOTUNED, key=["M", "N", "K", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": _configs_for})
 @triton.jit
 def _batched_matmul_kernel(
@@ -89,7 +83,6 @@ def _batched_matmul_kernel(
     stride_cb, stride_cm, stride_cn,  # C's strides: batch, row, column
     stride_biasb, stride_biasn,       # bias's strides: batch, column
     HAS_BIAS: tl.constexpr,   # add bias in the epilogue
-    RELU: tl.constexpr,       # max(., 0) in the epilogue
     BLOCK_M: tl.constexpr,    # rows of C per program
     BLOCK_N: tl.constexpr,    # columns of C per program
     BLOCK_K: tl.constexpr,    # reduction step
@@ -125,22 +118,16 @@ def _batched_matmul_kernel(
         bias = tl.load(bias_ptr + pid_b * stride_biasb + (col0 + cols) * stride_biasn, mask=in_n,
                        other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
     c_corner = c_ptr + pid_b * stride_cb + row0 * stride_cm + col0 * stride_cn
     c_tile = rows[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_corner + c_tile, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
 @triton.jit
-def _activation_grad_kernel(
+def _bias_grad_kernel(
     dy_ptr,         # dY [batch, N, C] contiguous
-    y_ptr,          # Y [batch, N, C] contiguous, the saved output (RELU), else None
-    g_ptr,          # G [batch, N, C] contiguous, written (RELU), else None
-    dbias_ptr,      # dbias [batch, C] contiguous, written (HAS_BIAS), else None
+    dbias_ptr,      # dbias [batch, C] contiguous, written: the sum over rows of dY
     N, C,           # rows (batch of the layer) and columns (out features)
-    RELU: tl.constexpr,       # G = dY * (Y > 0); without it G = dY and nothing is written
-    HAS_BIAS: tl.constexpr,   # dbias = sum over rows of G
     BLOCK_N: tl.constexpr,    # rows per step
     BLOCK_C: tl.constexpr,    # columns per program
 ):
@@ -155,79 +142,71 @@ def _activation_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         offsets = strip + (n0 + rows[:, None]).to(tl.int64) * C
         inside = (rows[:, None] < N - n0) & in_c[None, :]
-        g = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        if RELU:
-            y = tl.load(y_ptr + offsets, mask=inside, other=0.0)
-            g = tl.where(y > 0, g, 0.0)
-            tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=inside)
-        if HAS_BIAS:
-            dbias += tl.sum(g, axis=0)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + pid_b * C + cols, dbias.to(dbias_ptr.dtype.element_ty), mask=in_c)
+        dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        dbias += tl.sum(dy, axis=0)
+    tl.store(dbias_ptr + pid_b * C + cols, dbias.to(dbias_ptr.dtype.element_ty), mask=in_c)
 
 
 # [32, 64] strips: coalesced rows, 16 values a thread with 4 warps (8 warps on an older Triton)
-_GRAD_BLOCK_N, _GRAD_BLOCK_C, _GRAD_WARPS = for_release("block_linear", "activation_grad", (32, 64, 4))
+_GRAD_BLOCK_N, _GRAD_BLOCK_C, _GRAD_WARPS = for_release("block_linear", "bias_grad", (32, 64, 4))
 
 
 # ------------------------------------------------------------------------------------------------
 # Launchers
 
-def _batched_matmul(a, a_strides, b, b_strides, c, M, N, K, bias=None, relu=False):
-    """c[b] = act(a[b] @ b[b] + bias[b]) over c's batch; a and b are read through the strides."""
+def _batched_matmul(a, a_strides, b, b_strides, c, M, N, K, bias=None):
+    """c[b] = a[b] @ b[b] + bias[b] over c's batch; a and b are read through the strides."""
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), c.shape[0])
     _batched_matmul_kernel[grid](
         a, b, c, bias, M, N, K, *a_strides, *b_strides, *c.stride(),
-        *(bias.stride() if bias is not None else (0, 0)), HAS_BIAS=bias is not None, RELU=relu)
+        *(bias.stride() if bias is not None else (0, 0)), HAS_BIAS=bias is not None)
 
 
-def _check_inputs(x, weight, bias, activation):
-    tensors = check_block_linear(x, weight, bias, activation)
+def _check_inputs(x, weight, bias):
+    tensors = check_block_linear(x, weight, bias)
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"block_linear: x, weight and bias must share a device, got "
                          f"{[str(t.device) for t in tensors]}")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"block_linear runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
                          f"got {x.device}")
-    # a tile spans < 256 rows + columns, so int32 offsets inside it need strides (and M_out, G's
+    # a tile spans < 256 rows + columns, so int32 offsets inside it need strides (and M_out, dY's
     # row stride) below 2^23
     if max([weight.shape[1]] + [s for t in tensors for s in t.stride()[1:]]) >= 2**23:
         raise ValueError("block_linear: a row or column stride (or M_out) is over 2^23, too large "
                          "for the kernels' int32 offsets inside a tile")
 
 
-def block_linear_forward(x, weight, bias, relu):
-    """Y [B, N, M_out] = act(X W^T + bias), contiguous, in x's dtype."""
+def block_linear_forward(x, weight, bias):
+    """Y [B, N, M_out] = X W^T + bias, contiguous, in x's dtype."""
     blocks, n, k = x.shape
     m_out = weight.shape[1]
     y = torch.empty((blocks, n, m_out), device=x.device, dtype=x.dtype)
     # A = X [N, K]; B = W^T [K, M_out], read from W [M_out, K] by swapping its strides
     _batched_matmul(x, x.stride(), weight, (weight.stride(0), weight.stride(2), weight.stride(1)),
-                    y, n, m_out, k, bias=bias, relu=relu)
+                    y, n, m_out, k, bias=bias)
     return y
 
 
-def block_linear_backward(dy, x, weight, y, need_dx, need_dw, need_dbias):
-    """(dX, dW, dbias) from dY; y is the saved output for the ReLU mask (None: no activation)."""
+def block_linear_backward(dy, x, weight, need_dx, need_dw, need_dbias):
+    """(dX, dW, dbias) from dY; each None unless asked for."""
     blocks, n, k = x.shape
     m_out = weight.shape[1]
-    g, dbias = dy, None
-    if y is not None or need_dbias:
-        dy = dy.contiguous()  # the layout of y and of the outputs below
-        g = torch.empty_like(dy) if y is not None else dy
-        dbias = torch.empty((blocks, m_out), device=x.device, dtype=x.dtype) if need_dbias else None
+    dbias = None
+    if need_dbias:
+        dy = dy.contiguous()  # the layout of the strip kernel (and of the products below)
+        dbias = torch.empty((blocks, m_out), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(m_out, _GRAD_BLOCK_C), blocks)
-        _activation_grad_kernel[grid](dy, y, g if y is not None else None, dbias, n, m_out,
-                                      RELU=y is not None, HAS_BIAS=need_dbias,
-                                      BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=_GRAD_BLOCK_C,
-                                      num_warps=_GRAD_WARPS)
+        _bias_grad_kernel[grid](dy, dbias, n, m_out, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=_GRAD_BLOCK_C,
+                                num_warps=_GRAD_WARPS)
     dx = dw = None
-    if need_dx:  # dX = G [N, M_out] @ W [M_out, K]
+    if need_dx:  # dX = dY [N, M_out] @ W [M_out, K]
         dx = torch.empty((blocks, n, k), device=x.device, dtype=x.dtype)
-        _batched_matmul(g, g.stride(), weight, weight.stride(), dx, n, k, m_out)
-    if need_dw:  # dW = G^T [M_out, N] (G's strides swapped) @ X [N, K]
+        _batched_matmul(dy, dy.stride(), weight, weight.stride(), dx, n, k, m_out)
+    if need_dw:  # dW = dY^T [M_out, N] (dY's strides swapped) @ X [N, K]
         dw = torch.empty((blocks, m_out, k), device=x.device, dtype=x.dtype)
-        _batched_matmul(g, (g.stride(0), g.stride(2), g.stride(1)), x, x.stride(), dw, m_out, k, n)
+        _batched_matmul(dy, (dy.stride(0), dy.stride(2), dy.stride(1)), x, x.stride(), dw,
+                        m_out, k, n)
     return dx, dw, dbias
 
 
@@ -235,34 +214,31 @@ def block_linear_backward(dy, x, weight, y, need_dx, need_dw, need_dbias):
 # Autograd
 
 class BlockLinearFunction(torch.autograd.Function):
-    """Saves X, W and, with ReLU, Y (for the mask); nothing else."""
+    """Saves X and W; nothing else."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        relu = activation == "relu"
-        y = block_linear_forward(x, weight, bias, relu)
-        ctx.save_for_backward(x, weight, y if relu else None)
+    def forward(ctx, x, weight, bias):
+        y = block_linear_forward(x, weight, bias)
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @first_order_only("block_linear")
     def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, dbias = block_linear_backward(dy, x, weight, y, need_x, need_w,
-                                              need_b and ctx.has_bias)
-        return dx, dw, dbias, None
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return block_linear_backward(dy, x, weight, need_x, need_w, need_b and ctx.has_bias)
 
 
-def block_linear(x, weight, bias=None, activation="none"):
-    """act(x[b] @ weight[b]^T + bias[b]) for every block b, differentiable in x, weight and bias.
+def block_linear(x, weight, bias=None):
+    """x[b] @ weight[b]^T + bias[b] for every block b, differentiable in x, weight and bias.
 
-    x [B, N, K], weight [B, M_out, K], bias [B, M_out] or None, activation "none" or "relu";
-    returns [B, N, M_out] in x's dtype. See the module docstring for the constraints.
+    x [B, N, K], weight [B, M_out, K], bias [B, M_out] or None; returns [B, N, M_out] in x's
+    dtype. See the module docstring for the constraints.
     """
-    _check_inputs(x, weight, bias, activation)
-    return BlockLinearFunction.apply(x, weight, bias, activation)
+    _check_inputs(x, weight, bias)
+    return BlockLinearFunction.apply(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,9 +250,9 @@ def _aot_specs():
     # The launch sites as the runtime specialises them for contiguous tensors: a stride equal to 1
     # is a constexpr, a None pointer a constexpr None. No divisibility is assumed (odd sizes).
     sites = {
-        "fwd": (dict(HAS_BIAS=True, RELU=True), ("stride_ak", "stride_bk", "stride_cn", "stride_biasn")),
-        "dx": (dict(HAS_BIAS=False, RELU=False, bias_ptr=None), ("stride_ak", "stride_bn", "stride_cn")),
-        "dw": (dict(HAS_BIAS=False, RELU=False, bias_ptr=None), ("stride_am", "stride_bn", "stride_cn")),
+        "fwd": (dict(HAS_BIAS=True), ("stride_ak", "stride_bk", "stride_cn", "stride_biasn")),
+        "dx": (dict(HAS_BIAS=False, bias_ptr=None), ("stride_ak", "stride_bn", "stride_cn")),
+        "dw": (dict(HAS_BIAS=False, bias_ptr=None), ("stride_am", "stride_bn", "stride_cn")),
     }
 
     def signature(fn, constexprs, dtype):
@@ -295,9 +271,9 @@ def _aot_specs():
                     matmul, signature(matmul, constexprs, dtype),
                     constexprs, num_warps=warps, num_stages=stages,
                     expects_wgmma=dtype != "fp32"))  # fp32 is IEEE: FMA units, not tensor cores
-        constexprs = dict(RELU=True, HAS_BIAS=True, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=_GRAD_BLOCK_C)
-        specs.append(KernelSpec(f"block_linear_activation_grad_{dtype}", _activation_grad_kernel,
-                                signature(_activation_grad_kernel, constexprs, dtype), constexprs,
+        constexprs = dict(BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=_GRAD_BLOCK_C)
+        specs.append(KernelSpec(f"block_linear_bias_grad_{dtype}", _bias_grad_kernel,
+                                signature(_bias_grad_kernel, constexprs, dtype), constexprs,
                                 num_warps=_GRAD_WARPS))
     return specs
 

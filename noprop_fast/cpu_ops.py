@@ -5,7 +5,7 @@ the specification (kernels/noise.py, block_loss.py, block_linear.py, softmax_hea
 
     noise_injection(y, W, a, s, seed, offset)   z = a[b] W[y] + s[b] eps, eps = randn(seed, offset + i)
     block_loss(u_hat, u, w)                     losses[b] = w[b] mean_n ||u_hat[b, n] - u[n]||^2
-    block_linear(x, weight, bias, activation)   Y[b] = act(X[b] W[b]^T + bias[b])
+    block_linear(x, weight, bias)               Y[b] = X[b] W[b]^T + bias[b]
     softmax_head(h, k, c, v)                    o = softmax(h k^T + c) v, logits in tiles
 
 What differs from the GPU side: every op is deterministic (no atomics; fixed reduction orders, so
@@ -180,8 +180,8 @@ def _check_block_loss(u_hat, u, w):
     _check_cpu("block_loss", u_hat=u_hat, u=u, w=w)
 
 
-def _check_block_linear(x, weight, bias, activation):
-    op_checks.check_block_linear(x, weight, bias, activation)
+def _check_block_linear(x, weight, bias):
+    op_checks.check_block_linear(x, weight, bias)
     _check_cpu("block_linear", x=x, weight=weight, bias=bias)
 
 
@@ -230,25 +230,24 @@ class _BlockLoss(torch.autograd.Function):
 
 
 class _BlockLinear(torch.autograd.Function):
-    """Saves X, W and, with ReLU, Y (for the mask); nothing else."""
+    """Saves X and W; nothing else."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        relu = activation == "relu"
+    def forward(ctx, x, weight, bias):
         x, weight = x.contiguous(), weight.contiguous()
-        y = load().block_linear_forward(x, weight, None if bias is None else bias.contiguous(), relu)
-        ctx.save_for_backward(x, weight, y if relu else None)
+        y = load().block_linear_forward(x, weight, None if bias is None else bias.contiguous())
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @op_checks.first_order_only("block_linear")
     def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, dbias = load().block_linear_backward(dy, x, weight, y, need_x, need_w,
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dx, dw, dbias = load().block_linear_backward(dy, x, weight, need_x, need_w,
                                                      need_b and ctx.has_bias)
-        return dx, dw, dbias, None
+        return dx, dw, dbias
 
 
 class _SoftmaxHead(torch.autograd.Function):
@@ -292,11 +291,11 @@ def block_loss(u_hat, u, w):
     return _BlockLoss.apply(u_hat, u, w)
 
 
-def block_linear(x, weight, bias=None, activation="none"):
-    """act(x[b] @ weight[b]^T + bias[b]): x [B, N, K], weight [B, M_out, K], bias [B, M_out] or
-    None, activation "none" or "relu" -> [B, N, M_out] in x's dtype; differentiable in all three."""
-    _check_block_linear(x, weight, bias, activation)
-    return _BlockLinear.apply(x, weight, bias, activation)
+def block_linear(x, weight, bias=None):
+    """x[b] @ weight[b]^T + bias[b]: x [B, N, K], weight [B, M_out, K], bias [B, M_out] or None
+    -> [B, N, M_out] in x's dtype; differentiable in all three."""
+    _check_block_linear(x, weight, bias)
+    return _BlockLinear.apply(x, weight, bias)
 
 
 def softmax_head(h, k, c, v):

@@ -40,7 +40,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 class FusedOps:
     name: str                 # "triton" or "cpp"
     noise_injection: Callable  # (y, W, a, s, seed, offset) -> z [B, N, d] in W's dtype
-    block_linear: Callable    # (x, weight, bias, activation) -> [B, N, out]
+    block_linear: Callable    # (x, weight, bias) -> [B, N, out]
     softmax_head: Callable    # (h, k, c, v) -> [B, N, d] in h's dtype
     block_loss: Callable      # (u_hat, u, w) -> [B] fp32, weighted
     causal_attention: Callable | None = None  # (q, k, v) [Z, H, L, Dh] -> o; None: torch's SDPA

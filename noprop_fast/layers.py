@@ -86,8 +86,8 @@ class BlockLinear(nn.Module):
         if x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
             raise ValueError(f"BlockLinear expects [{weight.shape[0]}, N, {self.in_features}], "
                              f"got {list(x.shape)}")
-        if self.fused is not None:  # no ReLU epilogue: in these models a BatchNorm (image) or a
-            return self.fused.block_linear(x, weight, bias, "none")  # GELU (LM) follows each one
+        if self.fused is not None:
+            return self.fused.block_linear(x, weight, bias)
         return _BatchedLinear.apply(x, weight, bias)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,6 @@ import functools
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATIONS = ("none", "relu")
 
 
 def check_noise_injection(y, W, a, s, seed, offset) -> None:
@@ -49,10 +48,8 @@ def check_block_loss(u_hat, u, w) -> None:
         raise ValueError(f"block_loss needs fp32 weights w; got {w.dtype}")
 
 
-def check_block_linear(x, weight, bias, activation) -> list:
+def check_block_linear(x, weight, bias) -> list:
     """Returns the tensors given ([x, weight] and bias if any) for the backend's own checks."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"block_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if x.dim() != 3 or weight.dim() != 3:
         raise ValueError(f"block_linear expects x [B, N, K] and weight [B, M_out, K], got "
                          f"{list(x.shape)} and {list(weight.shape)}")

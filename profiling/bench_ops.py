@@ -109,7 +109,7 @@ def op_cases(sizes: Sizes, device: torch.device, dtype: torch.dtype, ops) -> lis
         cases.append(OpCase(
             "block_linear", f"[{T},{N},{k_in}]->{k_out} ({', '.join(names)})",
             linear_call(block_linear_ref),
-            ops and linear_call(lambda x, weight, bias: ops.block_linear(x, weight, bias, "none")),
+            ops and linear_call(ops.block_linear),
             {"x": rand(T, N, k_in), "weight": parameter(T, k_out, k_in, scale=k_in ** -0.5),
              "bias": parameter(T, k_out)},
             "flops", {"forward": flops, "forward+backward": 3 * flops},

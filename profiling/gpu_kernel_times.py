@@ -41,7 +41,7 @@ KERNEL_FUNCTIONS = {
     "block_linear_fwd": ("block_linear", "_batched_matmul_kernel"),
     "block_linear_dx": ("block_linear", "_batched_matmul_kernel"),
     "block_linear_dw": ("block_linear", "_batched_matmul_kernel"),
-    "block_linear_dbias": ("block_linear", "_activation_grad_kernel"),
+    "block_linear_bias_grad": ("block_linear", "_bias_grad_kernel"),
     "softmax_head_fwd": ("softmax_head", "_fwd"),
     "softmax_head_bwd_delta": ("softmax_head", "_bwd_delta"),
     "softmax_head_bwd_dh": ("softmax_head", "_bwd_dh"),
@@ -112,12 +112,11 @@ def group_runner(builder: str, a: dict, device, dtype, check_only=False):
 
     if builder == "linear_calls":
         B, N, K, M = a["B"], a["N"], a["K"], a["M"]
-        activation = a.get("activation", "none")
         x, w, b = rand(B, N, K, grad=a.get("need_dx", True)), rand(B, M, K, grad=True), rand(B, M, grad=True)
         if check_only:
-            return op_checks.check_block_linear(x, w, b, activation)
+            return op_checks.check_block_linear(x, w, b)
         from noprop_fast.kernels.block_linear import block_linear
-        leaves, run = [t for t in (x, w, b) if t.requires_grad], lambda: block_linear(x, w, b, activation)
+        leaves, run = [t for t in (x, w, b) if t.requires_grad], lambda: block_linear(x, w, b)
     elif builder == "head_calls":
         B, N, m, D, d = a["B"], a["N"], a["m"], a["D"], a["d"]
         h, k = rand(B, N, D, grad=True), rand(B, m, D, grad=True)

@@ -147,7 +147,7 @@ def _tile_estimate(tile, batch, M, N, K):
 
 
 def linear_calls(layer, B, N, K, M, count=1, need_dx=True):
-    """block_linear's kernels for X [B, N, K] -> Y [B, N, M] (no activation, with bias)."""
+    """block_linear's kernels for X [B, N, K] -> Y [B, N, M] (with bias)."""
     from noprop_fast.kernels import block_linear as bl
     calls, shape = [], f"X [{B}, {N}, {K}], W [{B}, {M}, {K}]"
     sites = [("fwd", (N, M, K), linear_fwd(B, N, K, M, BF16)),
@@ -162,16 +162,10 @@ def linear_calls(layer, B, N, K, M, count=1, need_dx=True):
                           f"{site}: [{pm}x{pk}] @ [{pk}x{pn}] x{B}; {shape}",
                           f"{m}x{n}x{k} w{w} s{s} (autotuned; best tile estimate)", count, flops,
                           nbytes, _aligned(N, K, M)))
-    # dbias only (no activation: G = dY): the launcher passes y = g = None, RELU=False
-    from noprop_fast.kernels.aot import KernelSpec
-    fn, consts = bl._activation_grad_kernel, dict(y_ptr=None, g_ptr=None, RELU=False, HAS_BIAS=True,
-                                                  BLOCK_N=bl._GRAD_BLOCK_N, BLOCK_C=bl._GRAD_BLOCK_C)
-    sig = {a: "constexpr" if a in consts else "*bf16" if a.endswith("_ptr") else "i32"
-           for a in fn.arg_names}
-    spec = KernelSpec("block_linear_dbias_bf16", fn, sig, consts)
-    calls.append(Call("block_linear", spec.name, layer, f"dY [{B}, {N}, {M}]",
-                      f"{bl._GRAD_BLOCK_N}x{bl._GRAD_BLOCK_C} w4", count,
-                      *linear_dbias(B, N, M, BF16), _aligned(N, M), spec))
+    # dbias = the sum over rows of dY: the bias gradient kernel, as its AOT spec compiles it
+    calls.append(Call("block_linear", "block_linear_bias_grad_bf16", layer, f"dY [{B}, {N}, {M}]",
+                      f"{bl._GRAD_BLOCK_N}x{bl._GRAD_BLOCK_C} w{bl._GRAD_WARPS}", count,
+                      *linear_dbias(B, N, M, BF16), _aligned(N, M)))
     return calls
 
 

@@ -150,8 +150,8 @@ def test_kernel_rows_are_matched_by_name_and_launch_order():
     calls = [SimpleNamespace(kernel=k) for k in ("block_linear_fwd_bf16[128x128x32,w8,s3]",
                                                   "block_linear_dx_bf16[64x64x32,w4,s4]",
                                                   "block_linear_dw_bf16[64x64x32,w4,s4]",
-                                                  "block_linear_dbias_bf16")]
-    one = [("_batched_matmul_kernel", 5.0), ("void at::native::fill", 1.0), ("_activation_grad_kernel", 2.0),
+                                                  "block_linear_bias_grad_bf16")]
+    one = [("_batched_matmul_kernel", 5.0), ("void at::native::fill", 1.0), ("_bias_grad_kernel", 2.0),
            ("_batched_matmul_kernel", 7.0), ("_batched_matmul_kernel_0d1d2d", 9.0)]
     events = one + [(n, d + 1) for n, d in one]
     assert times.assign_durations(calls, events, iters=2) == [[5, 6], [7, 8], [9, 10], [2, 3]]

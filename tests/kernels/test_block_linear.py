@@ -1,4 +1,4 @@
-"""block_linear (batched multi-block linear + bias + ReLU, forward and backward) against its
+"""block_linear (batched multi-block linear + bias, forward and backward) against its
 plain-PyTorch reference: the output and every gradient, over odd shapes, with and without bias."""
 import math
 
@@ -21,14 +21,14 @@ def _inputs(blocks, n, k, m_out, has_bias, dtype, device, seed):
     return x, weight, bias, dy
 
 
-def _check_against_reference(x, weight, bias, dy, activation, dtype):
+def _check_against_reference(x, weight, bias, dy, dtype):
     """Kernel vs reference (fp32 copies of the same values): Y, dX, dW and dbias."""
     leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
-    y = block_linear(leaves[0], leaves[1], leaves[2] if bias is not None else None, activation)
+    y = block_linear(leaves[0], leaves[1], leaves[2] if bias is not None else None)
     y.backward(dy)
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     y_ref = block_linear_ref(ref_leaves[0], ref_leaves[1],
-                             ref_leaves[2] if bias is not None else None, activation)
+                             ref_leaves[2] if bias is not None else None)
     y_ref.backward(dy.float())
 
     _, n, k = x.shape
@@ -43,23 +43,21 @@ def _check_against_reference(x, weight, bias, dy, activation, dtype):
         assert leaf.grad.dtype == dtype
 
 
-@pytest.mark.parametrize("activation", ["none", "relu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blocks=st.sampled_from([1, 2, 3]), n=st.sampled_from([1, 2, 7, 17]),
        k=st.sampled_from([1, 3, 16, 33]), m_out=st.sampled_from([1, 5, 16, 31]),
        has_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_forward_and_gradients_match_reference(device, dtype, activation, blocks, n, k, m_out,
-                                               has_bias, seed):
+def test_forward_and_gradients_match_reference(device, dtype, blocks, n, k, m_out, has_bias, seed):
     x, weight, bias, dy = _inputs(blocks, n, k, m_out, has_bias, dtype, device, seed)
-    _check_against_reference(x, weight, bias, dy, activation, dtype)
+    _check_against_reference(x, weight, bias, dy, dtype)
 
 
 def test_ten_blocks_larger_than_a_tile_in_every_dimension(device):
     # The interpreter's tile is 64 x 32 x 16 (fp32): N = 70, K = 40 and M_out = 67 cross a tile
     # edge, with a partial tile, in every role of every product (dW's rows are M_out).
     x, weight, bias, dy = _inputs(10, 70, 40, 67, True, torch.float32, device, seed=0)
-    _check_against_reference(x, weight, bias, dy, "relu", torch.float32)
+    _check_against_reference(x, weight, bias, dy, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -70,7 +68,7 @@ def test_every_autotune_config(device, dtype, monkeypatch):
     x, weight, bias, dy = _inputs(2, 131, 137, 133, True, dtype, device, seed=1)
     for config in configs:
         monkeypatch.setattr(module._batched_matmul_kernel, "configs", [config])
-        _check_against_reference(x, weight, bias, dy, "relu", dtype)
+        _check_against_reference(x, weight, bias, dy, dtype)
 
 
 def test_matches_block_linear_layer_on_strided_inputs(device):
@@ -92,20 +90,16 @@ def test_matches_block_linear_layer_on_strided_inputs(device):
 
 
 _BAD_INPUTS = {
-    "x not 3-d": lambda d: (torch.randn(4, 5, device=d), torch.randn(1, 3, 5, device=d), None, "none"),
-    "block count": lambda d: (torch.randn(2, 4, 5, device=d), torch.randn(3, 3, 5, device=d), None,
-                              "none"),
-    "in features": lambda d: (torch.randn(2, 4, 5, device=d), torch.randn(2, 3, 6, device=d), None,
-                              "none"),
+    "x not 3-d": lambda d: (torch.randn(4, 5, device=d), torch.randn(1, 3, 5, device=d), None),
+    "block count": lambda d: (torch.randn(2, 4, 5, device=d), torch.randn(3, 3, 5, device=d), None),
+    "in features": lambda d: (torch.randn(2, 4, 5, device=d), torch.randn(2, 3, 6, device=d), None),
     "bias shape": lambda d: (torch.randn(2, 4, 5, device=d), torch.randn(2, 3, 5, device=d),
-                             torch.randn(2, 4, device=d), "none"),
+                             torch.randn(2, 4, device=d)),
     "mixed dtypes": lambda d: (torch.randn(2, 4, 5, device=d),
-                               torch.randn(2, 3, 5, device=d, dtype=torch.float16), None, "none"),
+                               torch.randn(2, 3, 5, device=d, dtype=torch.float16), None),
     "integer dtype": lambda d: (torch.ones(2, 4, 5, device=d, dtype=torch.int32),
-                                torch.ones(2, 3, 5, device=d, dtype=torch.int32), None, "none"),
-    "empty": lambda d: (torch.randn(2, 0, 5, device=d), torch.randn(2, 3, 5, device=d), None, "none"),
-    "activation": lambda d: (torch.randn(2, 4, 5, device=d), torch.randn(2, 3, 5, device=d), None,
-                             "gelu"),
+                                torch.ones(2, 3, 5, device=d, dtype=torch.int32), None),
+    "empty": lambda d: (torch.randn(2, 0, 5, device=d), torch.randn(2, 3, 5, device=d), None),
 }
 
 
