@@ -50,11 +50,6 @@ OLDER = {
     # 128-row tiles spill on sm_90 (8 B of stack) unless they pipeline less or spread over more warps.
     ("block_linear", "fp32_tiles"): [(128, 128, 16, 8, 2), (128, 64, 16, 8, 3), (64, 64, 16, 4, 3),
                                      (64, 32, 16, 4, 3)],
-    # block_linear's bias gradient: (BLOCK_N, BLOCK_C, num_warps). Set when the strip kernel also
-    # wrote a masked copy of dY: then 4 warps kept 24 B of stack at 80 registers for fp16 on
-    # sm_90 with 3.6. The sum alone compiles without stack with 4 warps (32 registers) or 8 (40),
-    # sm_80 and sm_90, every dtype, with 3.6 as with 3.9.
-    ("block_linear", "bias_grad"): (32, 64, 8),
 }
 
 
