@@ -237,7 +237,7 @@ def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool =
     "report": path of report.md}.
     """
     from .data import load_image_dataset  # imported here so that --help stays fast
-    from .trainer import Trainer
+    from .loop import Run
 
     out_dir = Path(out_dir)
     refuse_existing_runs(out_dir, methods, overwrite)
@@ -250,7 +250,7 @@ def compare(cfg: ImageConfig, methods: list[str], out_dir, show_progress: bool =
         run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
         print(f"== {m} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, run {out_dir / m}",
               flush=True)
-        trainer = Trainer(run_cfg, data, out_dir / m, show_progress=show_progress)
+        trainer = Run(run_cfg, data, out_dir / m, show_progress=show_progress)
         start_clean(out_dir / m, overwrite)
         runs[m] = trainer.fit()
         histories[m] = trainer.progress.history

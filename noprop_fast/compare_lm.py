@@ -118,9 +118,9 @@ def compare_lm(cfg: LMConfig, methods: list[str], out_dir, show_progress: bool =
     Returns {"config", "runs": {method: LMTrainer summary}, "history": {method: [eval records]},
     "report": path of report.md}.
     """
-    from .lm_trainer import LMTrainer  # imported here so that --help stays fast
+    from .loop import Run  # imported here so that --help stays fast
     from .preflight import check_token_data
-    from .train import load_token_data
+    from .tasks import load_token_data
 
     out_dir = Path(out_dir)
     if BASELINE in methods and cfg.embed_init != "learned":
@@ -136,7 +136,7 @@ def compare_lm(cfg: LMConfig, methods: list[str], out_dir, show_progress: bool =
     for m in methods:
         run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
         print(f"== {m} LM on {data_name(cfg)}, run {out_dir / m}", flush=True)
-        trainer = LMTrainer(run_cfg, data, out_dir / m, show_progress=show_progress)
+        trainer = Run(run_cfg, data, out_dir / m, show_progress=show_progress)
         start_clean(out_dir / m, overwrite)
         runs[m] = trainer.fit()
         histories[m] = trainer.progress.history

@@ -25,10 +25,11 @@ from .schedule import NoiseSchedule
 
 
 def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-            noise=None) -> tuple[torch.Tensor, dict]:
-    """(loss, parts): NoProp's block, CE and KL terms over all positions, or the GPT's CE."""
+            noise=None, shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
+    """(loss, parts): NoProp's block, CE and KL terms over all positions, or the GPT's CE.
+    noise, shared_terms: as in `methods.noprop_loss`."""
     if model.method == "noprop":
-        return noprop_loss(model, schedule, x, y.reshape(-1), ALL_BLOCKS, noise)
+        return noprop_loss(model, schedule, x, y.reshape(-1), ALL_BLOCKS, noise, shared_terms)
     with phase("forward"):
         hidden = model.hidden(x)                              # [N*L, D]
     with phase("loss"):  # the vocabulary head is part of the loss: chunked on the fused path
@@ -65,7 +66,7 @@ def position_logits(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic:
 
 @torch.no_grad()
 def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = True,
-                    seed: int = 0, chains: int = 1, chain=chain_from_features) -> dict:
+                    seed: int = 0, chains: int = 1, transport=None) -> dict:
     """The validation loss over the (x, y) batches, in eval mode, with the chains' noise drawn from
     `seed` (the same numbers at every evaluation). Returns {"val_loss", "val_loss_one_chain",
     "val_tokens"}, losses in nats per token.
@@ -75,8 +76,7 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
     -log of that mean over `chains` independent chains per position (in expectation an upper bound
     on the model's loss, tightening as chains grow); `val_loss_one_chain` is the first chain's
     cross-entropy alone (docs/method.md section 7's recipe with one chain). The GPT has no chain: both
-    are its cross-entropy. `chain`: `chain_from_features` or one with its signature (a
-    multi-process run's chain across the processes that hold the blocks, distributed.py).
+    are its cross-entropy. `transport`: see `methods.chain_from_features`.
     """
     was_training = model.training
     model.eval()
@@ -89,8 +89,9 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
         if model.method == "noprop":
             features = model.blocks.features(x)               # [T, N*L, D], shared by the chains
             losses = torch.stack([
-                cross_entropy_rows(chain(model, schedule, features, stochastic,
-                                         generator).float(), weight, bias, target)
+                cross_entropy_rows(chain_from_features(model, schedule, features, stochastic,
+                                                       generator, transport).float(),
+                                   weight, bias, target)
                 for _ in range(chains)])                      # [K, N*L]: -log p(y | z_T^k)
             mixture = math.log(chains) - torch.logsumexp(-losses, dim=0)
             part = torch.stack([mixture.sum(), losses[0].sum()])
@@ -110,9 +111,9 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
 @torch.no_grad()
 def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, stochastic: bool = True,
-           generator: torch.Generator | None = None, chain=chain_from_features) -> list[int]:
+           generator: torch.Generator | None = None, transport=None) -> list[int]:
     """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token
-    (`chain`: as in `validation_loss`)."""
+    (`transport`: see `methods.chain_from_features`)."""
     if not prompt:
         raise ValueError("sample: the prompt needs at least one token")
     device = next(model.parameters()).device
@@ -124,7 +125,7 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
         x = torch.tensor([ids[-model.max_len:]], device=device)
         if model.method == "noprop":
             last = model.blocks.features(x)[:, -1:]              # [T, 1, D]: the last position
-            state = chain(model, schedule, last, stochastic, generator)
+            state = chain_from_features(model, schedule, last, stochastic, generator, transport)
         else:
             state = model.hidden(x)[-1:]
         logits = F.linear(state.float(), weight, bias)[0] / temperature   # [V]

@@ -14,7 +14,7 @@ from noprop_fast.data import load_image_dataset
 from noprop_fast.fused import PRECISIONS, PhiloxNoise, fused_ops
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
-from noprop_fast.trainer import build_model, train_step
+from noprop_fast.tasks import build_model, train_step
 
 # Relative tolerances. FIRST_STEP: the first step's losses and every parameter's gradient, from
 # identical weights: only the ops' rounding differs (fp32: 2e-7 seen on the losses). STEP: the

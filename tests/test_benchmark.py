@@ -201,7 +201,7 @@ def test_loop_objective_equals_noprop_loss():
 def test_loop_and_batched_steps_update_every_block():
     from noprop_fast.layers import block_parameters
     from noprop_fast.optim import make_optimizer
-    from noprop_fast.trainer import train_step
+    from noprop_fast.tasks import train_step
     bench_loop, cfg, model, x, y, schedule, loop = loop_setup()
     batched = copy.deepcopy(model)
     stacked_before = [p.detach().clone() for p in block_parameters(batched)]
