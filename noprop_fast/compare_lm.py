@@ -120,7 +120,7 @@ def compare_lm(cfg: LMConfig, methods: list[str], out_dir, show_progress: bool =
     """
     from .loop import Run  # imported here so that --help stays fast
     from .preflight import check_token_data
-    from .tasks import load_token_data
+    from .tasks.language import load_token_data
 
     out_dir = Path(out_dir)
     if BASELINE in methods and cfg.embed_init != "learned":

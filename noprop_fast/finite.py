@@ -6,7 +6,7 @@ running variances overflow, say, and only the evaluation shows it), so before ev
 `check_state` looks at every parameter, buffer and optimiser-state tensor: one `isfinite().all()`
 per tensor on the device, stacked, and one host read (the checkpoint that follows syncs anyway).
 A run whose state is not finite stops there, writes no checkpoint for it, and names the last good
-one. Both tasks' trainers use these helpers.
+one. The run loop (loop.py) uses these helpers for both tasks.
 """
 import math
 

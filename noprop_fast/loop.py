@@ -35,10 +35,11 @@ from .layers import ALL_BLOCKS
 from .memory import SavedTensorBytes, reset_peak
 from .nvtx_ranges import phase, phase_iter
 from .optim import make_optimizer, set_hyperparameters
-from .progress import RunClock, progress_bar
+from .progress import RunClock, evaluations_between, progress_bar
 from .schedule import NoiseSchedule
 from .strategy import ManyProcesses, OneProcess
-from .tasks import TASKS, parameter_count
+from .tasks import TASKS
+from .tasks.base import parameter_count
 
 LOG_EVERY = 10  # CUDA: steps between reads of the loss buffer (each read is one host sync)
 
@@ -205,15 +206,23 @@ class Run:
         with phase("evaluation"):
             return self.task.evaluate(self.model, self.schedule, self.strategy.transport)
 
+    def position(self) -> int:
+        """Epochs or steps trained."""
+        return getattr(self.progress, self.task.unit)
+
     def fit(self) -> dict:
-        task, p = self.task, self.progress
+        task, p, every = self.task, self.progress, self.cfg.eval_every
         reset_peak(self.device)
-        self.clock = task.clock(p)
-        while task.position(p) < task.length:
+        # the time estimate of the rest (progress.py): steps and evaluations to come
+        self.clock = RunClock((task.length - self.position()) * task.steps_per_unit,
+                              evaluations_between(self.position(), task.length, every))
+        while self.position() < task.length:
             record = self.train_round()
             self.clock.pause()  # evaluation and checkpoint: not in the training-time estimate
-            check_state(self.model, self.optimizer, task.state_when(p), self.last_checkpoint())
-            evaluated = task.evaluation_due(p)
+            done = self.position()
+            check_state(self.model, self.optimizer, f"{task.state_when} {done}",
+                        self.last_checkpoint())
+            evaluated = done % every == 0 or done == task.length
             if evaluated:
                 start = time.perf_counter()
                 record.update(task.eval_fields(self.evaluate()))
@@ -253,7 +262,7 @@ def train(cfg, resume: str | None = None, overwrite: bool = False, show_progress
     if resume:  # the checkpoint, and a length it has not passed yet
         run.restore(runs.load_checkpoint(run_dir))
         preflight.check_resume_progress(cfg, run.progress)
-        print(f"resuming {run_dir} after {run.task.unit} {run.task.position(run.progress)}")
+        print(f"resuming {run_dir} after {run.task.unit} {run.position()}")
     elif overwrite:  # the old run's files go now, the last check before the first step
         runs.clear_run(run_dir)
     print(f"{run.task.header(run)}, device {device_note(run.device, thread_note)}, "

@@ -20,7 +20,7 @@ from .errors import ConfigError, UserError
 from .fused import compute_dtype
 from .layers import ALL_BLOCKS, BlockBatchNorm
 from .schedule import NoiseSchedule
-from .tasks import apply_gradients
+from .tasks.base import apply_gradients
 
 # The differentiable all-reduce (its backward all-reduces the gradient) has no public successor yet;
 # its deprecation notice would print on every rank of every run.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import noprop_fast.loop as loop_module
-import noprop_fast.tasks as tasks_module
+import noprop_fast.tasks.image as image_module
 from noprop_fast import train
 from noprop_fast.config import ImageConfig, LMConfig
 from noprop_fast.data import load_image_dataset
@@ -335,7 +335,7 @@ def test_the_guard_catches_a_planted_host_read(planted):
 
 def test_the_guard_catches_a_host_read_planted_in_a_training_step(digits, tmp_path, monkeypatch):
     force_staged(monkeypatch)
-    real = tasks_module.noprop_loss
+    real = image_module.noprop_loss
 
     def planted(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
@@ -344,7 +344,7 @@ def test_the_guard_catches_a_host_read_planted_in_a_training_step(digits, tmp_pa
     step = STEPS["image-noprop-all"](tmp_path, digits, True)
     with no_host_sync():
         step()  # the unpatched step passes
-    monkeypatch.setattr(tasks_module, "noprop_loss", planted)
+    monkeypatch.setattr(image_module, "noprop_loss", planted)
     with pytest.raises(HostSync, match="item"):
         with no_host_sync():
             step()

@@ -16,7 +16,7 @@ from noprop_fast.loop import Run  # noqa: E402
 from noprop_fast.nvtx_ranges import phase, phase_iter, set_enabled  # noqa: E402
 from noprop_fast.optim import make_optimizer  # noqa: E402
 from noprop_fast.schedule import NoiseSchedule  # noqa: E402
-from noprop_fast.tasks import build_model, train_step  # noqa: E402
+from noprop_fast.tasks.image import build_model, train_step  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -68,15 +68,15 @@ def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path, extra):
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    import noprop_fast.tasks as tasks_module
-    real, calls = tasks_module.noprop_loss, {"n": 0}
+    import noprop_fast.tasks.image as image_module
+    real, calls = image_module.noprop_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 9 else loss), parts  # digits: 6 steps/epoch
 
-    monkeypatch.setattr(tasks_module, "noprop_loss", poisoned)
+    monkeypatch.setattr(image_module, "noprop_loss", poisoned)
     code = train.main([*TINY, "--epochs", "3", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
