@@ -181,7 +181,11 @@ class LanguageTask(Task):
     unit, none_yet, state_when, Progress = "step", "none (no evaluation reached)", "at step", \
         LMProgress
     keeps_streams = True  # the batch stream, the global generator and the Philox offset
-    loss = staticmethod(lm_loss)
+
+    @staticmethod
+    def loss(model, schedule: NoiseSchedule, x, y, blocks: slice = ALL_BLOCKS, noise=None,
+             shared_terms: bool = True):
+        return lm_loss(model, schedule, x, y, noise, shared_terms)
 
     def __init__(self, cfg, data: TokenData, device: torch.device, data_share=(0, 1)):
         """data_share: (this process's data index, data processes): its windows of each batch."""
