@@ -1,24 +1,18 @@
-"""The training loop of both tasks, in one process or several: `train` (the entry the CLI calls)
-and `Run`.
+"""The training loop of both tasks, in one process or several: `train`, the entry the CLI calls,
+and `Run`. A run is a sequence of rounds (tasks/: an image epoch, made of block passes; a
+language model's `eval_every` steps), each ending in the evaluation when due, a check of the
+state, a checkpoint, a metrics record and a printed line. The strategy (strategy.py), one process
+or several, is set up once.
 
-A run is a sequence of rounds (tasks.py: an image epoch, made of block passes; a language
-model's `eval_every` steps), each ending in the evaluation when due, a check of the state, a
-checkpoint, a metrics record and one printed line. The task supplies the model, the batches, the
-loss and the evaluation; the strategy (strategy.py), set up once, one process or several.
+`--fused` picks the fused ops for the device (`fused.resolve_ops`: a one-line notice and the
+reference ops where they cannot be loaded), their noise from a Philox stream; `--precision` sets
+the blocks' compute dtype, fp16 with dynamic loss scaling (a step that overflows is skipped).
 
-Fused path and precision: `--fused` picks the fused ops for the device (`fused.resolve_ops`; a
-one-line notice and the reference ops where they cannot be loaded), whose noise comes from a
-Philox stream. `--precision` sets the blocks' compute dtype; fp16 adds dynamic loss scaling (a
-step whose gradients overflow is skipped).
-
-Host syncs: the per-step losses go into a device buffer read every `LOG_EVERY` steps on CUDA
-(every step on a CPU, where a read costs nothing) to update the progress bar and to stop on a
-non-finite loss, naming its step; before every checkpoint, one read says whether every
-parameter, buffer and optimiser-state tensor is finite (finite.py: a run that is not stops
-without writing that checkpoint).
-
-CUDA graphs (`--cuda-graphs`, graphs.py): with --fused on CUDA each block slice's step is captured
-once on its first batch and replayed; elsewhere one line says why not and the steps run uncaptured.
+Host syncs: the per-step losses go into a device buffer read every `LOG_EVERY` steps on CUDA (every
+step on a CPU, where a read costs nothing) for the progress bar and to stop on a non-finite loss,
+naming its step; before every checkpoint one read says whether the whole state is finite
+(finite.py). CUDA graphs (graphs.py): with --fused on CUDA each block slice's step is captured once
+and replayed; elsewhere one line says why not.
 """
 import sys
 import time
@@ -50,20 +44,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
-
-
-def load_states(run_dir: Path, state: dict, **targets) -> None:
-    """Load state[key] into each target's `load_state_dict` (a None target, or a scaler's missing
-    state, is skipped); a checkpoint that does not fit is one line naming the run."""
-    try:
-        for key, target in targets.items():
-            if target is not None and state.get(key) is not None:
-                target.load_state_dict(state[key])
-            elif target is not None and key != "scaler":
-                raise KeyError(f"no {key!r} in the checkpoint")
-    except (RuntimeError, ValueError, KeyError) as err:
-        msg = " ".join(str(err).split())[:200]
-        raise UserError(f"{run_dir}: checkpoint does not fit this config ({msg})") from None
 
 
 class Run:
@@ -116,8 +96,18 @@ class Run:
 
     def restore(self, state: dict) -> None:
         state, streams = self.strategy.slice(state), self.task.keeps_streams
-        load_states(self.run_dir, state, model=self.model, optimizer=self.optimizer,
-                    scaler=self.scaler, batches=self.task.batches if streams else None)
+        targets = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
+                   "batches": self.task.batches if streams else None}
+        try:  # a missing scaler state (a run without fp16) is not an error
+            for key, target in targets.items():
+                if target is not None and state.get(key) is not None:
+                    target.load_state_dict(state[key])
+                elif target is not None and key != "scaler":
+                    raise KeyError(f"no {key!r} in the checkpoint")
+        except (RuntimeError, ValueError, KeyError) as err:
+            msg = " ".join(str(err).split())[:200]
+            raise UserError(f"{self.run_dir}: checkpoint does not fit this config ({msg})") \
+                from None
         if streams:
             torch.set_rng_state(state["rng"]["cpu"])
             if "cuda" in state["rng"] and self.device.type == "cuda":

@@ -126,7 +126,7 @@ def chain_from_features(model, schedule: NoiseSchedule, features: torch.Tensor,
     """`noprop_chain` given the z-independent features [T_local, N, F] of the blocks this process
     holds (a language model samples from the last position's row alone).
 
-    transport: None in one process; in several (strategy.ChainTransport), this process holds
+    transport: None in one process; in several (strategy.ManyProcesses), this process holds
     blocks span = (start, stop) of the `num_blocks` with its slice of `schedule`: it receives z
     before its first block, sends it after its last, and z_T is broadcast at the end. Every process
     draws z_0 and every eps_t, so the numbers are one process's."""

@@ -1,12 +1,6 @@
 """One process or several, set up once per run: `OneProcess`, or `ManyProcesses` launched by
-torchrun (the design, layout and collectives are in distributed.py).
-
-`ManyProcesses` trains this rank's block slice, loaded from the single-process initialisation,
-with its slice of the schedule and BatchNorm over all data ranks; each step on this rank's rows
-of the global batch with the single-process noise cut to them, the gradients all-reduced before
-the optimiser steps; the Eq. 3 chain's latent passed from block rank to block rank; checkpoints
-in the single-process format (gathered to rank 0, cut to a rank's slice on resume), so that a
-checkpoint of any world size resumes in any other. Rank 0 alone prints and writes.
+torchrun, which trains this rank's share of the model and of each batch (the design, the layout
+and the collectives are in distributed.py). Rank 0 alone prints and writes.
 """
 import dataclasses
 import warnings
@@ -57,11 +51,17 @@ class OneProcess:
 
 
 class ManyProcesses:
-    """This rank's share of a run over layout.world_size processes."""
+    """This rank's block slice (loaded from the single-process initialisation, with its slice of
+    the schedule and BatchNorm over the data ranks), trained on its rows of each global batch
+    with the single-process noise cut to them, the gradients all-reduced before the optimiser
+    steps; the Eq. 3 chain passed from block rank to block rank; checkpoints in the
+    single-process format (gathered to rank 0, cut to a rank's slice on resume), so that a
+    checkpoint of any world size resumes in any other."""
 
     def __init__(self, layout: Layout, groups: Groups):
         self.layout, self.groups = layout, groups
-        self.transport = ChainTransport(layout, groups)
+        self.transport = self  # the Eq. 3 chain's transport: receive, send, broadcast below
+        self.span, self.num_blocks = layout.span, layout.num_blocks
         self.data_share = (layout.data_index, layout.data_ranks)
         self.prints = layout.rank == 0
 
@@ -171,15 +171,7 @@ class ManyProcesses:
         return {"parallel": cfg.parallel, "block_ranks": self.layout.block_ranks,
                 "data_ranks": self.layout.data_ranks}
 
-
-class ChainTransport:
-    """The Eq. 3 chain's latent z [N, d] along the block ranks (methods.chain_from_features):
-    received from the previous block rank, sent to the next, z_T broadcast to the block peers."""
-
-    def __init__(self, layout: Layout, groups: Groups):
-        self.layout, self.group = layout, groups.blocks
-        self.span, self.num_blocks = layout.span, layout.num_blocks
-
+    # the Eq. 3 chain's latent z [N, d] along the block ranks (methods.chain_from_features)
     def receive(self, z: torch.Tensor) -> None:
         lay = self.layout
         if lay.block_index > 0:
@@ -191,10 +183,11 @@ class ChainTransport:
             dist.send(z.contiguous(), dst=lay.rank_of(lay.block_index + 1, lay.data_index))
 
     def broadcast(self, z: torch.Tensor) -> torch.Tensor:
+        """z_T from the last block rank to its block peers."""
         lay = self.layout
         if lay.block_ranks > 1:
             dist.broadcast(z, src=lay.rank_of(lay.block_ranks - 1, lay.data_index),
-                           group=self.group)
+                           group=self.groups.blocks)
         return z
 
 

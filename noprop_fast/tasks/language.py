@@ -1,20 +1,14 @@
-"""The language task, NoProp-LM and the GPT baseline (docs/method.md section 7): the loss,
-the validation loss, sampling, and `LanguageTask`, whose run is counted in optimiser steps (a token
-budget, not epochs) with a round of `eval_every` steps.
+"""The language task, NoProp-LM and the GPT baseline (docs/method.md section 7): the loss, the
+validation loss, sampling, and `LanguageTask`, whose run is counted in optimiser steps (a token
+budget), a round being `eval_every` steps ending in the validation loss on the first `eval_tokens`
+tokens of the val split (the same tokens every time). The batch stream, the global generator and
+the Philox offset are in the checkpoint, so a resumed run replays its steps exactly.
 
 A batch is x, y [N, L] token ids with y the next tokens (y[:, i] = x[:, i + 1] within a window).
 Every position is one row of the image task's maths: the NoProp loss is `methods.noprop_loss` with
-the N*L positions as its examples, the targets u = W_embed[y].
-
-Validation loss (nats per token): the Eq. 3 chain at every position with the context teacher-forced,
-the classifier's vocabulary probabilities on z_T, averaged over K chains, -log of the probability
-of y: the same quantity as the GPT's validation loss on the same tokens. y is read only after the
-chains ran. Sampling: the chain at the last position of the context, the classifier's logits
-scaled by 1 / temperature, the top k kept, one token drawn, appended; repeated.
-
-Every `eval_every` steps, the validation loss on the first `eval_tokens` tokens of the val split
-(the same tokens every time, so the curve compares like with like). The batch stream, the global
-generator and the Philox offset are in the checkpoint, so a resumed run replays its steps exactly.
+the N*L positions as its examples, the targets u = W_embed[y]. The validation loss and the
+samples come from the Eq. 3 chain at every position (the context teacher-forced; sampling: at
+the last position), y read only after the chains ran.
 """
 import math
 from dataclasses import dataclass, field
@@ -50,16 +44,6 @@ def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
     return ce, {"ce": ce.detach()}
 
 
-@torch.no_grad()
-def final_states(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """The input of the vocabulary classifier at every position, [N*L, d or D]: NoProp's z_T from
-    the chain, or the GPT's last hidden states. Row n*L + i depends on x[n, :i+1] only."""
-    if model.method == "noprop":
-        return noprop_chain(model, schedule, x, stochastic, generator)
-    return model.hidden(x)
-
-
 def _classifier(model) -> tuple[torch.Tensor, torch.Tensor]:
     if model.method == "noprop":
         return model.classifier.weight, model.classifier.bias
@@ -69,9 +53,14 @@ def _classifier(model) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def position_logits(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Vocabulary logits at every position, [N*L, V] (small inputs only: tests and sampling)."""
+    """Vocabulary logits at every position, [N*L, V] (small inputs only: tests and sampling), of
+    NoProp's z_T from the chain or the GPT's last hidden states. Row n*L + i depends on
+    x[n, :i+1] only."""
     weight, bias = _classifier(model)
-    return F.linear(final_states(model, schedule, x, stochastic, generator).float(), weight, bias)
+    if model.method == "noprop":
+        return F.linear(noprop_chain(model, schedule, x, stochastic, generator).float(), weight,
+                        bias)
+    return F.linear(model.hidden(x), weight, bias)
 
 
 @torch.no_grad()
@@ -163,7 +152,7 @@ def build_lm(cfg, vocab_size: int, device: torch.device):
 def load_token_data(data_dir: str | None, show_progress: bool = True) -> TokenData:
     """The shards of `data_dir`, or the embedded corpus (built and cached on first use)."""
     if data_dir is None:
-        from .data.corpus import embedded_corpus_dir
+        from ..data.corpus import embedded_corpus_dir
         data_dir = embedded_corpus_dir(progress=show_progress)
     return TokenData.load(data_dir)
 
@@ -198,14 +187,14 @@ class LanguageTask(Task):
 
     @staticmethod
     def load_data(cfg, show_progress: bool) -> TokenData:
-        from .preflight import check_token_data
+        from ..preflight import check_token_data
         data = load_token_data(cfg.data_dir, show_progress)
         check_token_data(cfg, data)
         return data
 
     @staticmethod
     def sampler(cfg, data):
-        from .preflight import sampling_tokenizer
+        from ..preflight import sampling_tokenizer
         return sampling_tokenizer(cfg, data)
 
     def build_model(self, cfg):
@@ -217,7 +206,7 @@ class LanguageTask(Task):
         cfg = self.cfg
         if cfg.embed_init == "mlm":
             if pretrain:
-                from .mlm import pretrain_embeddings
+                from ..mlm import pretrain_embeddings
                 stream = TokenBatches(self.data.train, cfg.batch_size, cfg.seq_len, self.device,
                                       seed=cfg.seed + 2)
                 weight = pretrain_embeddings(stream, self.data.vocab_size, cfg.embed_dim,
@@ -304,7 +293,7 @@ class LanguageTask(Task):
 
     def notes(self, run, summary: dict) -> list[str]:
         """How to read the numbers (lm_report.py); rank 0 alone."""
-        from .lm_report import closing_lines
+        from ..lm_report import closing_lines
         cfg = self.cfg
         if not runs.is_writer():
             return []
