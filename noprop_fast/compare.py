@@ -1,21 +1,12 @@
-"""Command line: `python -m noprop_fast.compare [--task {image,lm}] [--config NAME] [--field value ...]
-[--methods LIST] [--out DIR]`.
+"""Command line: `python -m noprop_fast.compare [--task {image,lm}] [--config NAME]
+[--field value ...] [--methods LIST] [--out DIR]` (options: --help).
 
 Trains NoProp and the backprop baseline of the same architecture (image: the same blocks; lm: a GPT
-of the same width and depth) on the same data, loaded once and given to every trainer, each method
-from the same config in its own run folder, and writes a side-by-side report (reports.py):
-
-    OUT/report.md      data, config, device, torch version, command; one row per method; per epoch
-                       (image) or every evaluation's val loss at equal tokens seen (lm)
-    OUT/summary.json   {"config": ..., "runs": {method: summary}, "history": {method: [records]}}
-    OUT/loss.png, accuracy.png, time.png, memory.png (image); OUT/val_loss.png (lm)
-    OUT/<method>/      each method's own run folder (config, metrics, checkpoint, summary)
-
-    --task image|lm  chosen first: it decides which config fields exist [default image]
-    --config NAME_OR_PATH, --<field> VALUE   as in `noprop_fast.train` (but not --method)
-    --methods LIST   comma-separated, from noprop,backprop [default noprop,backprop]
-    --out DIR        [default reports/compare-<dataset>-<time>; lm: reports/compare-lm-<time>]
-    --overwrite      replace the runs that OUT/<method> already holds (refused without it)
+of the same width and depth) from one config on the same data, loaded once, each method in its own
+run folder OUT/<method>, and writes a side-by-side report (reports.py) into OUT: report.md (data,
+config, device, torch version, command; one row per method; each epoch, or each evaluation at
+equal tokens seen), summary.json ({"config", "runs": {method: summary}, "history": {method:
+[records]}}) and the charts: loss, accuracy, time, memory (image) or val_loss (lm), as PNGs.
 """
 import argparse
 import dataclasses
@@ -53,8 +44,9 @@ def build_parser(task: str = "image", config: str | None = None) -> argparse.Arg
         if action.dest == "method" or action.dest in LM_SAMPLING:
             action.help = argparse.SUPPRESS  # method: rejected, --methods picks the runs
         elif action.dest == "out":
-            action.help = "report folder; each method runs in OUT/<method> " \
-                          f"[default reports/compare-{'<dataset>' if task == 'image' else 'lm'}-<time>]"
+            name = "<dataset>" if task == "image" else "lm"
+            action.help = ("report folder; each method runs in OUT/<method> "
+                           f"[default reports/compare-{name}-<time>]")
     return parser
 
 

@@ -26,7 +26,8 @@ def _opt(default, help: str, choices: tuple | None = None, minimum: float | None
 
 def _task_default(name: str, default, **meta):
     """A `TaskConfig` field again, with this task's default (and help or minimum, if given)."""
-    return field(default=default, metadata={**TaskConfig.__dataclass_fields__[name].metadata, **meta})
+    return field(default=default,
+                 metadata={**TaskConfig.__dataclass_fields__[name].metadata, **meta})
 
 
 @dataclass
@@ -37,43 +38,45 @@ class TaskConfig:
     method: str = _opt("noprop", "noprop: NoProp-DT (image) or NoProp-LM (lm); backprop: the same "
                        "blocks trained end to end (lm: a GPT of the same width and total depth)",
                        ("noprop", "backprop"))
-    data_dir: str | None = _opt(None, "image: a folder with a datasets save or the original files "
-                                "(none: the hub, for mnist and cifar); lm: a folder of token shards "
-                                "(*_train_*.bin, *_val_*.bin, e.g. fineweb10B; none: the embedded "
-                                "corpus, built on first use)")
+    data_dir: str | None = _opt(None, "image: a folder with a datasets save or the original "
+                                "files (none: the hub, for mnist and cifar); lm: a folder of token "
+                                "shards (*_train_*.bin, *_val_*.bin, e.g. fineweb10B; none: the "
+                                "embedded corpus, built on first use)")
     num_blocks: int = _opt(10, "T, the number of blocks (denoising steps)", minimum=1)
-    embed_dim: int = _opt(20, "d of learned embeddings (one-hot: d = classes; prototype: d = pixels)",
-                          minimum=1)
+    embed_dim: int = _opt(20, "d of learned embeddings (one-hot: d = classes; prototype: d = "
+                          "pixels)", minimum=1)
     snr_max: float = _opt(100.0, "abar is clamped to snr_max / (1 + snr_max), so SNR(T) is finite",
                           minimum=1e-6)
     eta: float = _opt(0.1, "scale of the SNR-weighted denoising loss", minimum=1e-12)
     batch_size: int = _opt(128, "minibatch size", minimum=2)
     lr: float = _opt(1e-3, "AdamW learning rate (constant, as in the paper)", minimum=0.0)
     weight_decay: float = _opt(1e-3, "AdamW decoupled weight decay", minimum=0.0)
-    inference: str = _opt("stochastic", "Eq. 3 with its noise, or the noise-free variant (eps_t = 0)",
-                          ("stochastic", "noise-free"))
+    inference: str = _opt("stochastic", "Eq. 3 with its noise, or the noise-free variant "
+                          "(eps_t = 0)", ("stochastic", "noise-free"))
     eval_every: int = _opt(1, "evaluate test accuracy every this many epochs (and at the end)",
                            minimum=1)
     fused: bool = _opt(False, "fused ops: Triton kernels on CUDA, C++ ops on CPU (built on first "
                        "use); image: convs and BatchNorm stay in PyTorch; lm: a chunked vocabulary "
                        "cross-entropy")
-    precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay fp32; "
-                          "fp16 adds loss scaling); bf16 is what a GPU run should use; fp16 (image: "
-                          "its convs) is slow on most CPUs", ("fp32", "bf16", "fp16"))
-    cuda_graphs: str = _opt("auto", "capture each training step in a CUDA graph (graphs.py); auto: "
-                            "where it can be (CUDA, --fused, not fp16), else one line says why; on: "
-                            "as auto, the line also on a CPU; off: never", ("auto", "on", "off"))
+    precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay "
+                          "fp32; fp16 adds loss scaling); bf16 is what a GPU run should use; fp16 "
+                          "(image: its convs) is slow on most CPUs", ("fp32", "bf16", "fp16"))
+    cuda_graphs: str = _opt("auto", "capture each training step in a CUDA graph (graphs.py); "
+                            "auto: where it can be (CUDA, --fused, not fp16), else one line says "
+                            "why; on: as auto, the line also on a CPU; off: never",
+                            ("auto", "on", "off"))
     seed: int = _opt(0, "seeds weights, noise, the batch order and evaluation")
     device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
     # multi-process training (distributed.py), launched with torchrun
-    parallel: str = _opt("none", "multi-process training under torchrun: blocks: the T blocks split "
-                         "across the processes; data: each process a share of every batch; "
+    parallel: str = _opt("none", "multi-process training under torchrun: blocks: the T blocks "
+                         "split across the processes; data: each process a share of every batch; "
                          "blocks+data: both (--block-ranks x data ranks = processes)",
                          ("none", "blocks", "data", "blocks+data"))
-    block_ranks: int = _opt(0, "processes that split the blocks (blocks+data: required; blocks: 0 = "
-                            "all of them; data: 0 or 1)", minimum=0)
-    dist_timeout: float = _opt(300.0, "seconds a process waits in a collective before the run stops "
-                               "(a process that failed or hangs ends the others)", minimum=1.0)
+    block_ranks: int = _opt(0, "processes that split the blocks (blocks+data: required; blocks: "
+                            "0 = all of them; data: 0 or 1)", minimum=0)
+    dist_timeout: float = _opt(300.0, "seconds a process waits in a collective before the run "
+                               "stops (a process that failed or hangs ends the others)",
+                               minimum=1.0)
     out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time> (lm: "
                            "runs/lm-<method>-<time>)")
 
@@ -108,9 +111,9 @@ class ImageConfig(TaskConfig):
     dataset: str = _opt("digits", "digits ships with scikit-learn, so it runs offline",
                         ("digits", "mnist", "cifar10", "cifar100"))
     embedding: str = _opt("onehot", "class embedding W_embed", ("onehot", "learned", "prototype"))
-    classifier_init: str = _opt("embedding", "embedding: the classifier starts as a matched filter on "
-                                "W_embed (row y = u_y / ||u_y||^2); random: nn.Linear's default",
-                                ("embedding", "random"))
+    classifier_init: str = _opt("embedding", "embedding: the classifier starts as a matched filter "
+                                "on W_embed (row y = u_y / ||u_y||^2); random: nn.Linear's "
+                                "default", ("embedding", "random"))
     block_schedule: str = _opt("all", "all: every block on every minibatch (one pass per epoch); "
                                "sequential: the paper's one block per pass, one block in memory",
                                ("all", "sequential"))
@@ -174,29 +177,21 @@ TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}
 
 def _coerce(name: str, value, annotation):
     """YAML or command-line value -> the field's type, or a ConfigError naming the field."""
-    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     if value is None:
         if type(None) in typing.get_args(annotation):
             return None
         raise ConfigError(f"{name}: a value is required")
-    kind = kinds[0]
+    kind = (typing.get_args(annotation) or (annotation,))[0]
     try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
+        if kind is bool and isinstance(value, str):  # a command line's text, or YAML's "yes"
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                     "no": False}[value.lower()]
+        if kind is not str and isinstance(value, bool) != (kind is bool):
+            raise ValueError  # True is no number, and 1 no switch
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (KeyError, TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
 
 
@@ -278,14 +273,6 @@ def config_text(cfg) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def save_config(cfg, path: Path) -> None:
-    from .runs import is_writer, write_atomic
-    if not is_writer():  # a multi-process run: rank 0 alone writes
-        return
-    text = config_text(cfg)
-    write_atomic(path, lambda f: f.write(text.encode()))  # a failed write leaves the old file
-
-
 # -- the command lines' parsers (train, compare, data.prepare) ---------------------------------
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse prints its usage and exits on a bad option; the CLIs want a one-line ConfigError."""
@@ -326,8 +313,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig,
 def task_parser(prog: str, description: str, task: str, task_help: str) -> OneLineArgumentParser:
     """--task and --config, which every command that trains a task's config has; the command adds
     its own options, then `add_run_arguments`."""
-    parser = OneLineArgumentParser(
-        prog=prog, description=f"{description} The config fields listed are those of --task {task}.")
+    parser = OneLineArgumentParser(prog=prog, description=f"{description} The config fields "
+                                   f"listed are those of --task {task}.")
     parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image",
                         help=f"{task_help} [default image]")
     parser.add_argument("--config", metavar="NAME_OR_PATH", help="packaged config name or YAML "

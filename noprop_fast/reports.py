@@ -1,20 +1,12 @@
-"""What a run prints at its end and what `python -m noprop_fast.compare` writes, for both tasks.
+"""What a run prints at its end and what `python -m noprop_fast.compare` writes, for both tasks:
+an image run's closing table (`results_table`), a language-model run's closing lines on how to read
+its numbers (`closing_lines`), a comparison's tables, charts and report.md (`write_report`).
 
-    results_table     an image run's closing table, one row per epoch
-    closing_lines     a language-model run's closing lines: how to read its numbers
-    results_markdown  a comparison's table, one row per method
-    write_plots       a comparison's charts (plots.py); write_report: its report.md
-
-The image memory figure is what `Trainer.summary` reports: on CUDA the allocator's peak, on CPU the
-bytes autograd saved for backward in the first step of an epoch, activations only (memory.py). The
-LM's val loss is comparable across the methods: -log of the model's probability of the next token,
-in nats per token, on the same val tokens; for NoProp-LM the mean of p(y | z_T) over K chains of
-Eq. 3 (`eval_chains`), for the GPT its softmax.
-
-A GPT's figure in the closing lines is never assumed: it comes from this run (when it is the GPT),
-or from the newest `summary.json` of a `compare --task lm` report under `reports/` whose GPT has the
-same data, width, depth, heads, context and val tokens; otherwise the lines give the command that
-measures it.
+The image memory figure is the trainer's: on CUDA the allocator's peak, on CPU the bytes autograd
+saved for backward in the first step of an epoch (memory.py). The LM's val loss is comparable
+across the methods: -log of the probability of the next token, nats per token, on the same val
+tokens; NoProp-LM's is the mean of p(y | z_T) over K chains of Eq. 3, the GPT's its softmax. A
+GPT's figure in the closing lines is never assumed (`gpt_reference`).
 """
 import datetime
 import json
@@ -89,10 +81,10 @@ def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPO
     val, entropy = summary["val_loss"], summary["unigram_entropy"]
     gap = entropy - val
     lines = [
-        f"reading the val loss: lower is better. A model that knows only how often each token "
-        f"occurs scores the unigram entropy of these val tokens, {entropy:.4f} nats/token; this run "
-        + (f"is {gap:.4f} below it." if gap > 0 else
-           f"is {-gap:.4f} above it, not yet better than counting tokens.")]
+        "reading the val loss: lower is better. A model that knows only how often each token "
+        f"occurs scores the unigram entropy of these val tokens, {entropy:.4f} nats/token; "
+        + (f"this run is {gap:.4f} below it." if gap > 0 else
+           f"this run is {-gap:.4f} above it, not yet better than counting tokens.")]
     gpt = gpt_reference(cfg, summary, reports)
     if gpt is None:
         lines.append("A GPT of the same width and depth on the same tokens: "
@@ -105,9 +97,9 @@ def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPO
                      f"val tokens after {gpt['tokens_seen']:,} tokens ({gpt['source']}).")
     if cfg.method == "noprop":
         lines.append("train loss (in the lines above) is the NoProp objective: the blocks' "
-                     "SNR-weighted denoising errors, plus the classifier's cross-entropy on a noisy "
-                     "copy of the true token's embedding, plus a KL term. It is not a cross-entropy "
-                     "of predicted tokens and is not comparable with the val loss.")
+                     "SNR-weighted denoising errors, plus the classifier's cross-entropy on a "
+                     "noisy copy of the true token's embedding, plus a KL term. It is not a "
+                     "cross-entropy of predicted tokens and is not comparable with the val loss.")
     else:
         lines.append("train loss (in the lines above) is the GPT's cross-entropy on its training "
                      "batches, in nats/token like the val loss.")
@@ -196,29 +188,15 @@ def write_plots(runs: dict[str, dict], histories: dict[str, list[dict]], out_dir
                 data_dir: str | None = None) -> None:
     """image: loss.png and accuracy.png per epoch, time.png and memory.png one bar per method;
     lm: val_loss.png against tokens seen, the unigram entropy dashed (`data_dir`: for the title)."""
-    from .plots import bar_chart, line_chart, token_data_name
+    from .plots import bar_chart, curves
 
     first, methods = next(iter(runs.values())), list(runs)
-    if first.get("task") == "lm":
-        series = {m: [(r["tokens_seen"], r["val_loss"]) for r in h if r.get("val_loss") is not None]
-                  for m, h in histories.items()}
-        entropy = first["unigram_entropy"]
-        line_chart(series, "tokens seen", "val loss (nats/token)",
-                   f"Validation loss: {token_data_name(data_dir)}, {first['device']}",
-                   out_dir / "val_loss.png", reference=(entropy, f"unigram entropy {entropy:.3f}"))
+    if first.get("task") == "lm":  # the two train losses are not comparable: no chart of them
+        curves(histories, first, out_dir, None, data_dir)
         return
+    # log scale: NoProp's objective (denoising + CE + KL) and backprop's cross-entropy differ
+    curves(histories, first, out_dir, "each method's own objective")
     where = f"{first['dataset']}, {first['device']}"
-
-    def per_epoch(key: str, scale: float = 1.0) -> dict:
-        return {m: [(r["epoch"], scale * r[key]) for r in histories[m] if r.get(key) is not None]
-                for m in methods}  # unevaluated epochs: gaps
-
-    # log scale: NoProp's objective (denoising + CE + KL) and backprop's cross-entropy differ in scale
-    line_chart(per_epoch("train_loss"), "epoch", "train loss (each method's own objective)",
-               f"Train loss: {where}", out_dir / "loss.png", log=True, integer_x=True)
-    line_chart(per_epoch("test_accuracy", 100), "epoch",
-               f"test accuracy (%, {first['inference']} inference)", f"Test accuracy: {where}",
-               out_dir / "accuracy.png", integer_x=True)
     seconds = [runs[m]["seconds_per_epoch"] for m in methods]
     bar_chart(methods, seconds, [f"{s:.2f} s" for s in seconds], "train seconds per epoch",
               f"Time per epoch: {where}", out_dir / "time.png")
@@ -243,8 +221,8 @@ def _image_sections(cfg, data, runs, histories, config_name: str) -> tuple[list,
     about = [f"# NoProp vs backprop on {cfg.dataset}", "",
              f"- dataset: {cfg.dataset} ({first['data_source']})",
              f"- config: {config_name}; T={cfg.num_blocks}, {cfg.embedding} embedding, block "
-             f"schedule {cfg.block_schedule} (NoProp), {cfg.epochs} epochs, batch {cfg.batch_size}, "
-             f"lr {cfg.lr}, seed {cfg.seed}",
+             f"schedule {cfg.block_schedule} (NoProp), {cfg.epochs} epochs, batch "
+             f"{cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}",
              f"- device: {first['device']}"]
     body = [f"Test accuracy uses {cfg.inference} inference, after the last epoch. "
             "With the sequential block schedule an epoch is T passes over the data.", "",

@@ -1,15 +1,10 @@
-"""Command line: `python -m noprop_fast.train --task {image,lm} [--config NAME] [--field value ...]`.
+"""Command line: `python -m noprop_fast.train --task {image,lm} [--config NAME] [--field VALUE]`.
 
 With no arguments it trains NoProp-DT on scikit-learn's digits (the `digits` config), which needs
 no download and finishes in a few minutes on a laptop CPU. `--task lm` trains NoProp-LM on the
 embedded corpus (the `stdlib` config: English text from the Python standard library's docs, built
 into shards on first use), also offline and in minutes on a CPU; `--data-dir` points it at shards
-such as FineWeb's.
-
-    --config NAME_OR_PATH   a packaged config (see --list-configs) or a YAML file
-    --resume DIR            continue the run in DIR from its last checkpoint
-    --overwrite             replace the run already in --out (refused without it)
-    --<field> VALUE         override any config field (see --help)
+such as FineWeb's. `--resume DIR` continues a run from its last checkpoint; `--help` lists the rest.
 
 Errors a user can cause (bad config, missing data, corrupt files, a loss that turns NaN) end in one
 line on stderr and a non-zero exit.
@@ -38,8 +33,10 @@ def build_parser(task: str = "image", config: str | None = None) -> argparse.Arg
         "python -m noprop_fast.train", "Train a network with NoProp (or its backprop baseline).",
         task, "image: classification on digits, MNIST, CIFAR-10/100; lm: a language model on token "
         "shards")
-    parser.add_argument("--list-configs", action="store_true", help="list packaged configs and exit")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    parser.add_argument("--list-configs", action="store_true",
+                        help="list packaged configs and exit")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR from its checkpoint")
     return add_run_arguments(parser, task, config,
                              "replace the run that --out already holds (refused without it)")
 
