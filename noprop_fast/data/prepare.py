@@ -4,12 +4,10 @@ Tokenizes text into shards named like published FineWeb token shards, so the loa
 every such folder alike: `{prefix}_val_000000.bin`, then `{prefix}_train_000001.bin`, `_000002`, ...
 (the format is in `shards.py`: a 256-int32 header that records the tokenizer, then uint16 ids).
 
-    (no --input)            stream FineWeb (HuggingFaceFW/fineweb, --fineweb-name) from the Hub;
-                            needs network access; prefix `fineweb`
-    --input FILE_OR_GLOB    local files instead: .txt/.md (a whole file is one document),
-                            .jsonl/.json (one document per record, field --text-field),
-                            .parquet (column --text-field); prefix `data`
-    --tokenizer gpt2|byte   gpt2 (tiktoken) by default; byte needs nothing
+Without --input it streams FineWeb (--fineweb-name) from the Hub (network access; prefix
+`fineweb`); --input reads local files: .txt/.md (a whole file is one document), .jsonl/.json (one
+document per record) or .parquet, the text in --text-field (prefix `data`). Tokenizer: gpt2
+(tiktoken) by default; byte needs nothing.
 
 EOT starts each document. The val shard takes the first documents, whole, until it holds at least
 --val-tokens tokens, so no document is in both splits; the rest fill train shards of exactly

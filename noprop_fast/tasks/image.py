@@ -156,15 +156,10 @@ class ImageTask(Task):
 
     def closing(self, run, s: dict) -> list[str]:
         """The closing table (one row per epoch) and the result."""
-        lines = ["epoch  train loss  test acc  seconds  img/s",
-                 "-----  ----------  --------  -------  -----"]
-        for r in run.progress.history:
-            acc = "-" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}"
-            lines.append(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {acc:>8}  "
-                         f"{r['epoch_seconds']:>7.2f}  {r['images_per_second']:>5.0f}")
+        from ..reports import results_table
         acc = s["test_accuracy"]
-        return lines + [
-            f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({self.cfg.inference} "
-            f"inference), train {s['train_seconds']:.1f}s, memory "
-            f"{s['peak_memory_bytes'] / 2**20:.1f} MiB ({s['memory_kind']}); summary in "
-            f"{run.run_dir / 'summary.json'}"]
+        return [results_table(run.progress.history),
+                f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({self.cfg.inference} "
+                f"inference), train {s['train_seconds']:.1f}s, memory "
+                f"{s['peak_memory_bytes'] / 2**20:.1f} MiB ({s['memory_kind']}); summary in "
+                f"{run.run_dir / 'summary.json'}"]

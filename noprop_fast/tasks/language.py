@@ -149,14 +149,6 @@ def build_lm(cfg, vocab_size: int, device: torch.device):
     return model.to(device)
 
 
-def load_token_data(data_dir: str | None, show_progress: bool = True) -> TokenData:
-    """The shards of `data_dir`, or the embedded corpus (built and cached on first use)."""
-    if data_dir is None:
-        from ..data.corpus import embedded_corpus_dir
-        data_dir = embedded_corpus_dir(progress=show_progress)
-    return TokenData.load(data_dir)
-
-
 @dataclass
 class LMProgress:
     """What a checkpoint carries besides the model, the optimiser and the random streams."""
@@ -187,6 +179,7 @@ class LanguageTask(Task):
 
     @staticmethod
     def load_data(cfg, show_progress: bool) -> TokenData:
+        from ..data.corpus import load_token_data
         from ..preflight import check_token_data
         data = load_token_data(cfg.data_dir, show_progress)
         check_token_data(cfg, data)
@@ -292,8 +285,8 @@ class LanguageTask(Task):
                 f"{s['train_seconds']:.1f}s; summary in {run.run_dir / 'summary.json'}"]
 
     def notes(self, run, summary: dict) -> list[str]:
-        """How to read the numbers (lm_report.py); rank 0 alone."""
-        from ..lm_report import closing_lines
+        """How to read the numbers (reports.py); rank 0 alone."""
+        from ..reports import closing_lines
         cfg = self.cfg
         if not runs.is_writer():
             return []
