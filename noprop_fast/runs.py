@@ -5,7 +5,7 @@ exact resume needs after the last finished epoch) and summary.json.
 Every file is written to a temporary file beside it and renamed over the old one; a write that
 fails removes its temporary file and ends in one line (`RunFolderError`), the last good checkpoint
 kept. In a multi-process run only rank 0 writes: `set_writer(False)` on every other rank turns the
-writers here (and `config.save_config`) into no-ops.
+writers here into no-ops.
 """
 import json
 import os
@@ -124,10 +124,10 @@ def save_checkpoint(run_dir: Path, state: dict, cfg=None) -> Path:
     if not _writer:
         return path
     if cfg is not None:
-        from .config import config_text, save_config
-        saved = run_dir / "config.yaml"
-        if not saved.is_file() or saved.read_text() != config_text(cfg):
-            save_config(cfg, saved)
+        from .config import config_text
+        saved, text = run_dir / "config.yaml", config_text(cfg)
+        if not saved.is_file() or saved.read_text() != text:  # a failed write leaves the old file
+            write_atomic(saved, lambda f: f.write(text.encode()))
     try:
         write_atomic(path, lambda f: _torch_save(state, f))
     except RunFolderError as err:

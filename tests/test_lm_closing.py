@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from noprop_fast import compare
-from noprop_fast.lm_report import closing_lines
+from noprop_fast.reports import closing_lines
 from noprop_fast.train import main
 
 TINY = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--num-blocks", "2",

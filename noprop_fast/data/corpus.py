@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .shards import write_shard
+from .shards import TokenData, write_shard
 from .tokenizer import get_tokenizer
 
 CORPUS_FORMAT = 1  # bump when the documents or the shard layout change: the cache key hashes it
@@ -146,3 +146,10 @@ def embedded_corpus_dir(cache_dir: str | Path | None = None, progress: bool = Tr
               f"{val_tokens:,} val tokens (bytes) in {folder} ({time.perf_counter() - start:.1f}s)",
               file=sys.stderr, flush=True)
     return folder
+
+
+def load_token_data(data_dir: str | None, show_progress: bool = True) -> TokenData:
+    """The shards of `data_dir`, or the embedded corpus (built and cached on first use)."""
+    if data_dir is None:
+        data_dir = embedded_corpus_dir(progress=show_progress)
+    return TokenData.load(data_dir)
