@@ -19,7 +19,7 @@ TINY = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from test_lm_train import text_shards
+    from helpers import text_shards
     return text_shards(tmp_path_factory.mktemp("shards"), "lower is better, said the loss. " * 80)
 
 

@@ -128,6 +128,6 @@ def test_image_progress_line_ignores_an_hour_of_evaluation(tmp_path, capsys, mon
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from test_lm_train import text_shards
+    from helpers import text_shards
     return text_shards(tmp_path_factory.mktemp("shards"),
                        "an evaluation is not a training step. " * 80)

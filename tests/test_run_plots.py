@@ -18,7 +18,7 @@ IMAGE_PLOTS, LM_PLOTS = ("loss.png", "accuracy.png"), ("train_loss.png", "val_lo
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from test_lm_train import text_shards
+    from helpers import text_shards
     text = "the blocks denoise a label; the classifier reads the last one. " * 60
     return text_shards(tmp_path_factory.mktemp("shards"), text)
 
