@@ -46,7 +46,7 @@ def graph_unavailable_reason(device: torch.device, cfg, fused_loaded: bool = Tru
     """Why this run's steps are not captured, in a few words; None when they are.
 
     cfg: an ImageConfig or LMConfig (reads cuda_graphs, fused, precision, parallel). fused_loaded: False
-    where --fused fell back to the reference ops (fused.resolve_ops said why)."""
+    where --fused fell back to the reference ops (ops.resolve_ops said why)."""
     if cfg.cuda_graphs == "off":
         return "--cuda-graphs off"
     if device.type != "cuda":

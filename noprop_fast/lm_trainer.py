@@ -29,7 +29,7 @@ from .config import LMConfig
 from .data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from .errors import UserError
 from .finite import check_losses, check_restored_state, check_state
-from .fused import PhiloxNoise, compute_dtype, resolve_ops
+from .ops import PhiloxNoise, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, once
 from .language import lm_loss, sample, validation_loss
 from .memory import cuda_peak, memory_kind, reset_peak
@@ -84,13 +84,13 @@ class LMTrainer:
         # CUDA graphs (graphs.py): the step after the batch fetch is captured on its first batch;
         # use_graphs False runs every step uncaptured (the tests compare both)
         self.graph_warn = once()
-        reason = graph_unavailable_reason(self.device, cfg, self.ops is not None)
+        reason = graph_unavailable_reason(self.device, cfg, self.ops.fused)
         announce_uncaptured(self.device, cfg, reason, self.graph_warn)
         self.use_graphs, self.captured = reason is None, None
         self.optimizer = make_optimizer(self.model, cfg, capturable=self.use_graphs)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, self.device)
-        self.noise = PhiloxNoise(cfg.seed, self.device) if self.ops is not None else None
+        self.noise = PhiloxNoise(cfg.seed, self.device) if self.ops.fused else None
         self.batches = TokenBatches(data.train, cfg.batch_size, cfg.seq_len, self.device, seed=cfg.seed)
         self.progress = LMProgress()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ class LMTrainer:
             "val_tokens": last.get("val_tokens"), "unigram_entropy": self.unigram_entropy(),
             "train_seconds": p.train_seconds,
             "tokens_per_second": p.tokens_seen / p.train_seconds if p.train_seconds else None,
-            "ops": "reference" if self.ops is None else self.ops.name, "precision": cfg.precision,
+            "ops": self.ops.name, "precision": cfg.precision,
             # the CUDA allocator's peak; a CPU run has no such figure (null)
             "peak_memory_bytes": cuda_peak(self.device) if self.device.type == "cuda" else None,
             "memory_kind": memory_kind(self.device) if self.device.type == "cuda" else None,

@@ -21,7 +21,7 @@ from . import runs
 from .data.shards import TokenBatches
 from .distributed import Groups, Layout, communication_volume, describe_volume, reduce_gradients
 from .errors import ConfigError, UserError
-from .fused import compute_dtype
+from .ops import compute_dtype
 from .language import lm_loss, sample, validation_loss
 from .layers import ALL_BLOCKS
 from .lm_trainer import LMTrainer, build_lm, parameter_count

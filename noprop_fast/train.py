@@ -159,7 +159,7 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}")
     print(f"{cfg.method} on {cfg.dataset} ({data.source}), T={cfg.num_blocks}, "
           f"{cfg.embedding} embedding, device {device_note(trainer.device, thread_note)}, "
-          f"{'reference' if trainer.ops is None else trainer.ops.name} ops, {cfg.precision}, "
+          f"{trainer.ops.name} ops, {cfg.precision}, "
           f"run {run_dir}",
           flush=True)
     summary = trainer.fit()
@@ -242,7 +242,7 @@ def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel
           f"width {cfg.width}, "
           f"{getattr(trainer, 'total_parameters', parameter_count(trainer.model)) / 1e6:.2f}M "
           f"parameters, device "
-          f"{device_note(trainer.device, thread_note)}, {'reference' if trainer.ops is None else trainer.ops.name} "
+          f"{device_note(trainer.device, thread_note)}, {trainer.ops.name} "
           f"ops, {cfg.precision}, run {run_dir}", flush=True)
     summary = trainer.fit()
     chains = (f"{cfg.eval_chains} chains, {cfg.inference} inference; one chain "

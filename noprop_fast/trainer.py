@@ -4,7 +4,7 @@ Reproducibility: the weights are drawn from `seed`; every epoch reseeds the glob
 (noise, dropout) and the shuffling generator from (seed, epoch). A run resumed from the checkpoint
 of epoch k therefore replays epochs k+1.. exactly as the uninterrupted run does (a test checks).
 
-Fused path and precision: `--fused` picks the fused ops for the device (`fused.resolve_ops`; a
+Fused path and precision: `--fused` picks the fused ops for the device (`ops.resolve_ops`; a
 one-line notice and the reference ops where they cannot be loaded), and their noise comes from a
 Philox stream reseeded every epoch like the global generator. `--precision` sets the blocks'
 compute dtype; fp16 adds dynamic loss scaling (a step whose gradients overflow is skipped).
@@ -29,7 +29,7 @@ from .config import ImageConfig
 from .data import ImageData, batches
 from .errors import UserError
 from .finite import check_losses, check_restored_state, check_state
-from .fused import PhiloxNoise, compute_dtype, resolve_ops
+from .ops import PhiloxNoise, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, new_pool, once
 from .layers import ALL_BLOCKS
 from .memory import SavedTensorBytes, cuda_peak, memory_kind, reset_peak
@@ -135,7 +135,7 @@ class Trainer:
         # CUDA graphs (graphs.py): one captured step per block slice, made on the slice's first
         # batch; use_graphs False runs every step uncaptured (the tests compare both)
         self.graph_warn = once()
-        reason = graph_unavailable_reason(self.device, cfg, self.ops is not None)
+        reason = graph_unavailable_reason(self.device, cfg, self.ops.fused)
         announce_uncaptured(self.device, cfg, reason, self.graph_warn)
         self.use_graphs, self.captured, self.graph_pool = reason is None, {}, None
         self.optimizer = make_optimizer(self.model, cfg, capturable=self.use_graphs)
@@ -168,7 +168,7 @@ class Trainer:
         cfg, data, device = self.cfg, self.data, self.device
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         shuffle = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch))
-        if self.ops is not None:
+        if self.ops.fused:
             if self.noise is None:
                 self.noise = PhiloxNoise(epoch_seed(cfg.seed, epoch), device)
             else:  # in place: a captured step holds these tensors' addresses
@@ -293,7 +293,7 @@ class Trainer:
             "embedding": cfg.embedding, "num_blocks": cfg.num_blocks,
             "block_schedule": cfg.block_schedule if cfg.method == "noprop" else None,
             "inference": cfg.inference, "epochs": p.epoch,
-            "ops": "reference" if self.ops is None else self.ops.name, "precision": cfg.precision,
+            "ops": self.ops.name, "precision": cfg.precision,
             "test_accuracy": accs[-1] if accs else None,
             "train_seconds": p.train_seconds,
             "seconds_per_epoch": p.train_seconds / max(p.epoch, 1),
