@@ -1,8 +1,9 @@
 """Run configuration: one dataclass per task, YAML files mapped onto it, a CLI generated from it.
 
 Precedence: the dataclass defaults (the paper's hyperparameters), then the YAML config
-(`--config NAME_OR_PATH`; `digits` when none is named), then command-line overrides. An unknown
-key, a value of the wrong type or outside its choices is a `ConfigError`: one line, non-zero exit.
+(`--config NAME_OR_PATH`; the task's `DEFAULT` when none is named), then command-line overrides.
+An unknown key, a value of the wrong type or outside its choices is a `ConfigError`: one line,
+non-zero exit. `TaskConfig` holds every field both tasks have; a task's class adds its own.
 """
 import argparse
 import dataclasses
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from . import threads
+from .errors import ConfigError, UserError
 from .schedule import NoiseSchedule, cosine_alpha_bar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -22,128 +24,134 @@ def _opt(default, help: str, choices: tuple | None = None, minimum: float | None
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
 
 
-_CUDA_GRAPHS_HELP = ("capture each training step in a CUDA graph (graphs.py); auto: where it "
-                     "can be (CUDA, --fused, not fp16), else one line says why; on: as auto, the "
-                     "line also on a CPU; off: never")
+def _task_default(name: str, default, **meta):
+    """A `TaskConfig` field again, with this task's default (and help or minimum, if given)."""
+    return field(default=default,
+                 metadata={**TaskConfig.__dataclass_fields__[name].metadata, **meta})
 
 
-# multi-process training (distributed.py), launched with torchrun
-_PARALLEL_HELP = ("multi-process training under torchrun: blocks: the T blocks split across the "
-                  "processes; data: each process a share of every batch; blocks+data: both "
-                  "(--block-ranks x data ranks = processes)")
-_BLOCK_RANKS_HELP = ("processes that split the blocks (blocks+data: required; blocks: 0 = all of "
-                     "them; data: 0 or 1)")
-_DIST_TIMEOUT_HELP = ("seconds a process waits in a collective before the run stops (a process "
-                      "that failed or hangs ends the others)")
-
-
+@dataclass
 class TaskConfig:
-    """What every task's config dataclass shares; `DEFAULT` names the config used when none is."""
-    DEFAULT: str
+    """The fields both tasks have. Defaults: the image task's (the paper's); `LMConfig` redeclares
+    the few whose default differs there. `DEFAULT` names the config used when none is."""
+    task: str = _opt("image", "which task this config is for", ("image",))
+    method: str = _opt("noprop", "noprop: NoProp-DT (image) or NoProp-LM (lm); backprop: the same "
+                       "blocks trained end to end (lm: a GPT of the same width and total depth)",
+                       ("noprop", "backprop"))
+    data_dir: str | None = _opt(None, "image: a folder with a datasets save or the original "
+                                "files (none: the hub, for mnist and cifar); lm: a folder of token "
+                                "shards (*_train_*.bin, *_val_*.bin, e.g. fineweb10B; none: the "
+                                "embedded corpus, built on first use)")
+    num_blocks: int = _opt(10, "T, the number of blocks (denoising steps)", minimum=1)
+    embed_dim: int = _opt(20, "d of learned embeddings (one-hot: d = classes; prototype: d = "
+                          "pixels)", minimum=1)
+    snr_max: float = _opt(100.0, "abar is clamped to snr_max / (1 + snr_max), so SNR(T) is finite",
+                          minimum=1e-6)
+    eta: float = _opt(0.1, "scale of the SNR-weighted denoising loss", minimum=1e-12)
+    batch_size: int = _opt(128, "minibatch size", minimum=2)
+    lr: float = _opt(1e-3, "AdamW learning rate (constant, as in the paper)", minimum=0.0)
+    weight_decay: float = _opt(1e-3, "AdamW decoupled weight decay", minimum=0.0)
+    inference: str = _opt("stochastic", "Eq. 3 with its noise, or the noise-free variant "
+                          "(eps_t = 0)", ("stochastic", "noise-free"))
+    eval_every: int = _opt(1, "evaluate test accuracy every this many epochs (and at the end)",
+                           minimum=1)
+    fused: bool = _opt(False, "fused ops: Triton kernels on CUDA, C++ ops on CPU (built on first "
+                       "use); image: convs and BatchNorm stay in PyTorch; lm: a chunked vocabulary "
+                       "cross-entropy")
+    precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay "
+                          "fp32; fp16 adds loss scaling); bf16 is what a GPU run should use; fp16 "
+                          "(image: its convs) is slow on most CPUs", ("fp32", "bf16", "fp16"))
+    cuda_graphs: str = _opt("auto", "capture each training step in a CUDA graph (graphs.py); "
+                            "auto: where it can be (CUDA, --fused, not fp16), else one line says "
+                            "why; on: as auto, the line also on a CPU; off: never",
+                            ("auto", "on", "off"))
+    seed: int = _opt(0, "seeds weights, noise, the batch order and evaluation")
+    device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
+    # multi-process training (distributed.py), launched with torchrun
+    parallel: str = _opt("none", "multi-process training under torchrun: blocks: the T blocks "
+                         "split across the processes; data: each process a share of every batch; "
+                         "blocks+data: both (--block-ranks x data ranks = processes)",
+                         ("none", "blocks", "data", "blocks+data"))
+    block_ranks: int = _opt(0, "processes that split the blocks (blocks+data: required; blocks: "
+                            "0 = all of them; data: 0 or 1)", minimum=0)
+    dist_timeout: float = _opt(300.0, "seconds a process waits in a collective before the run "
+                               "stops (a process that failed or hangs ends the others)",
+                               minimum=1.0)
+    out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time> (lm: "
+                           "runs/lm-<method>-<time>)")
+
+    DEFAULT: typing.ClassVar[str]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self):
+        """Choices and minimums of every field, and a schedule that exists for (num_blocks,
+        snr_max); then the task's own checks (`check`)."""
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}")
+            if meta.get("minimum") is not None and value < meta["minimum"]:
+                raise ConfigError(f"{f.name}: {value!r} is below its minimum {meta['minimum']}")
+        try:
+            cosine_alpha_bar(self.num_blocks, self.snr_max)
+            NoiseSchedule.cosine(self.num_blocks, self.snr_max, self.eta)
+        except ValueError as err:
+            raise ConfigError(f"snr_max / num_blocks: {err}") from None
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """What a task's fields must satisfy together."""
+
 
 @dataclass
 class ImageConfig(TaskConfig):
-    task: str = _opt("image", "which task this config is for", ("image",))
-    method: str = _opt("noprop", "noprop: NoProp-DT; backprop: the same blocks trained end to end",
-                       ("noprop", "backprop"))
     dataset: str = _opt("digits", "digits ships with scikit-learn, so it runs offline",
                         ("digits", "mnist", "cifar10", "cifar100"))
-    data_dir: str | None = _opt(None, "folder with a datasets save or the original files; "
-                                "none: the hub (mnist, cifar)")
     embedding: str = _opt("onehot", "class embedding W_embed", ("onehot", "learned", "prototype"))
-    embed_dim: int = _opt(20, "d of learned embeddings (one-hot: d = classes; prototype: d = pixels)",
-                          minimum=1)
-    classifier_init: str = _opt("embedding", "embedding: the classifier starts as a matched filter on "
-                                "W_embed (row y = u_y / ||u_y||^2); random: nn.Linear's default",
-                                ("embedding", "random"))
-    num_blocks: int = _opt(10, "T, the number of blocks (denoising steps)", minimum=1)
-    snr_max: float = _opt(100.0, "abar is clamped to snr_max / (1 + snr_max), so SNR(T) is finite",
-                          minimum=1e-6)
-    eta: float = _opt(0.1, "scale of the SNR-weighted denoising loss", minimum=1e-12)
+    classifier_init: str = _opt("embedding", "embedding: the classifier starts as a matched filter "
+                                "on W_embed (row y = u_y / ||u_y||^2); random: nn.Linear's "
+                                "default", ("embedding", "random"))
     block_schedule: str = _opt("all", "all: every block on every minibatch (one pass per epoch); "
                                "sequential: the paper's one block per pass, one block in memory",
                                ("all", "sequential"))
     epochs: int = _opt(100, "passes over the training data (sequential: T passes each)", minimum=1)
-    batch_size: int = _opt(128, "minibatch size", minimum=2)
-    lr: float = _opt(1e-3, "AdamW learning rate (no schedule, as in the paper)", minimum=0.0)
-    weight_decay: float = _opt(1e-3, "AdamW decoupled weight decay", minimum=0.0)
     dropout: float = _opt(0.2, "dropout in the conv branch", minimum=0.0)
-    inference: str = _opt("stochastic", "Eq. 3 with its noise, or the noise-free variant (eps_t = 0)",
-                          ("stochastic", "noise-free"))
-    eval_every: int = _opt(1, "evaluate test accuracy every this many epochs (and at the end)",
-                           minimum=1)
-    fused: bool = _opt(False, "fused ops: Triton kernels on CUDA, C++ ops on CPU (built on first "
-                       "use); convs and BatchNorm stay in PyTorch")
-    precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay fp32; "
-                          "fp16 adds loss scaling); bf16 is what a GPU run should use; fp16 convs are slow on most CPUs",
-                          ("fp32", "bf16", "fp16"))
-    cuda_graphs: str = _opt("auto", _CUDA_GRAPHS_HELP, ("auto", "on", "off"))
-    seed: int = _opt(0, "seeds weights, noise, shuffling and evaluation")
-    device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
-    parallel: str = _opt("none", _PARALLEL_HELP, ("none", "blocks", "data", "blocks+data"))
-    block_ranks: int = _opt(0, _BLOCK_RANKS_HELP, minimum=0)
-    dist_timeout: float = _opt(300.0, _DIST_TIMEOUT_HELP, minimum=1.0)
-    out: str | None = _opt(None, "run folder; default runs/<dataset>-<method>-<time>")
 
     DEFAULT = "digits"  # the config --task image uses when none is named
 
-    def validate(self) -> "ImageConfig":
-        validate_fields(self)
+    def check(self) -> None:
         if self.dropout >= 1:
             raise ConfigError(f"dropout: {self.dropout} must be below 1")
-        return self
-
-
-def validate_fields(cfg) -> None:
-    """Choices and minimums of every field, and a schedule that exists for (num_blocks, snr_max)."""
-    for f in dataclasses.fields(cfg):
-        value, meta = getattr(cfg, f.name), f.metadata
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}")
-        if meta.get("minimum") is not None and value < meta["minimum"]:
-            raise ConfigError(f"{f.name}: {value!r} is below its minimum {meta['minimum']}")
-    try:
-        cosine_alpha_bar(cfg.num_blocks, cfg.snr_max)
-        NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta)
-    except ValueError as err:
-        raise ConfigError(f"snr_max / num_blocks: {err}") from None
 
 
 @dataclass
 class LMConfig(TaskConfig):
     """The language task. The defaults are the CPU config (`stdlib`): the embedded corpus, bytes."""
-    task: str = _opt("lm", "which task this config is for", ("lm",))
-    method: str = _opt("noprop", "noprop: NoProp-LM; backprop: a GPT of the same width and total "
-                       "depth", ("noprop", "backprop"))
-    data_dir: str | None = _opt(None, "folder of token shards (*_train_*.bin, *_val_*.bin, e.g. "
-                                "fineweb10B); none: the embedded corpus, built on first use")
-    num_blocks: int = _opt(6, "T, the number of blocks (denoising steps); the GPT has T x "
-                           "layers_per_block layers", minimum=1)
+    # the defaults that differ from the image task's (one task per class; the CPU config's size),
+    # and what the field means here: a GPT's depth, tokens, windows, steps
+    task: str = _task_default("task", "lm", choices=("lm",))
+    num_blocks: int = _task_default("num_blocks", 6, help="T, the number of blocks (denoising "
+                                    "steps); the GPT has T x layers_per_block layers")
+    embed_dim: int = _task_default("embed_dim", 64, help="d of the token embedding W_embed (the "
+                                   "denoising targets)")
+    batch_size: int = _task_default("batch_size", 32, minimum=1, help="windows per step (batch_size"
+                                    " x seq_len tokens)")  # minimum 1: no BatchNorm here
+    eval_every: int = _task_default("eval_every", 200, help="steps between validation losses (and "
+                                    "checkpoints)")
     layers_per_block: int = _opt(1, "causal transformer layers in each block", minimum=1)
     width: int = _opt(128, "D, every block's (and the GPT's) model width", minimum=8)
     heads: int = _opt(4, "attention heads (width / heads is the head size)", minimum=1)
-    embed_dim: int = _opt(64, "d of the token embedding W_embed (the denoising targets)", minimum=1)
     embed_init: str = _opt("learned", "learned: W_embed trained jointly; mlm: pre-trained with a "
                            "masked-LM phase, then frozen; onehot: the fixed identity (d = V, small "
                            "vocabularies only)", ("learned", "mlm", "onehot"))
     mlm_steps: int = _opt(300, "steps of the masked-LM phase (embed_init mlm)", minimum=1)
     seq_len: int = _opt(128, "L, tokens of context per window", minimum=2)
-    batch_size: int = _opt(32, "windows per step (batch_size x seq_len tokens)", minimum=1)
     max_steps: int = _opt(800, "optimiser steps in the run", minimum=1)
-    lr: float = _opt(1e-3, "AdamW learning rate (constant, as in the paper)", minimum=0.0)
-    weight_decay: float = _opt(1e-3, "AdamW decoupled weight decay", minimum=0.0)
-    snr_max: float = _opt(100.0, "abar is clamped to snr_max / (1 + snr_max), so SNR(T) is finite",
-                          minimum=1e-6)
-    eta: float = _opt(0.1, "scale of the SNR-weighted denoising loss", minimum=1e-12)
-    eval_every: int = _opt(200, "steps between validation losses (and checkpoints)", minimum=1)
     eval_tokens: int = _opt(65536, "validation tokens per evaluation (from the start of the val "
                             "split; the final evaluation uses the same ones)", minimum=1)
-    inference: str = _opt("stochastic", "Eq. 3 with its noise, or the noise-free variant (eps_t = 0)",
-                          ("stochastic", "noise-free"))
     eval_chains: int = _opt(8, "K, chains per position in the validation loss: -log of the mean "
                             "over K chains of p(y | z_T) (K = 1: one chain's cross-entropy, also "
                             "reported)", minimum=1)
@@ -153,28 +161,15 @@ class LMConfig(TaskConfig):
     num_samples: int = _opt(2, "continuations printed", minimum=1)
     temperature: float = _opt(0.8, "sampling temperature", minimum=1e-6)
     top_k: int = _opt(40, "sample from the k most likely tokens; 0: all", minimum=0)
-    fused: bool = _opt(False, "fused ops: Triton kernels on CUDA, C++ ops on CPU; chunked "
-                       "vocabulary cross-entropy")
-    precision: str = _opt("fp32", "the blocks' compute dtype (weights and optimiser state stay fp32)",
-                          ("fp32", "bf16", "fp16"))
-    cuda_graphs: str = _opt("auto", _CUDA_GRAPHS_HELP, ("auto", "on", "off"))
-    seed: int = _opt(0, "seeds weights, noise, batches and evaluation")
-    device: str = _opt("auto", "auto: cuda when present, else cpu", ("auto", "cpu", "cuda"))
-    parallel: str = _opt("none", _PARALLEL_HELP, ("none", "blocks", "data", "blocks+data"))
-    block_ranks: int = _opt(0, _BLOCK_RANKS_HELP, minimum=0)
-    dist_timeout: float = _opt(300.0, _DIST_TIMEOUT_HELP, minimum=1.0)
-    out: str | None = _opt(None, "run folder; default runs/lm-<method>-<time>")
 
     DEFAULT = "stdlib"  # the config --task lm uses when none is named
 
-    def validate(self) -> "LMConfig":
-        validate_fields(self)
+    def check(self) -> None:
         if self.width % self.heads:
             raise ConfigError(f"width: {self.width} is not a multiple of heads ({self.heads})")
         if (self.width // self.heads) not in (16, 32, 64, 128):
             raise ConfigError(f"heads: the head size width / heads = {self.width // self.heads} "
                               "must be one of 16, 32, 64, 128")
-        return self
 
 
 TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}
@@ -182,29 +177,21 @@ TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}
 
 def _coerce(name: str, value, annotation):
     """YAML or command-line value -> the field's type, or a ConfigError naming the field."""
-    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     if value is None:
         if type(None) in typing.get_args(annotation):
             return None
         raise ConfigError(f"{name}: a value is required")
-    kind = kinds[0]
+    kind = (typing.get_args(annotation) or (annotation,))[0]
     try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
+        if kind is bool and isinstance(value, str):  # a command line's text, or YAML's "yes"
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                     "no": False}[value.lower()]
+        if kind is not str and isinstance(value, bool) != (kind is bool):
+            raise ValueError  # True is no number, and 1 no switch
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (KeyError, TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
 
 
@@ -215,7 +202,8 @@ def from_mapping(values: dict, source: str, base=None, cls=ImageConfig):
     known = {f.name for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown key {key!r} in {source} (valid keys: {', '.join(sorted(known))})")
+            raise ConfigError(f"unknown key {key!r} in {source} (valid keys: "
+                              f"{', '.join(sorted(known))})")
         setattr(cfg, key, _coerce(key, value, hints[key]))
     return cfg
 
@@ -274,6 +262,18 @@ def effective_defaults(cls, config: str | None = None) -> tuple[object, str | No
         return cls(), None, set()
 
 
+def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):
+    """The final config: base (a resumed run's) or the named config file, then the overrides."""
+    if base is None:
+        base = load_config(config or cls.DEFAULT, cls)
+    return from_mapping(overrides, "the command line", base=base, cls=cls).validate()
+
+
+def config_text(cfg) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# -- the command lines' parsers (train, compare, data.prepare) ---------------------------------
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse prints its usage and exits on a bad option; the CLIs want a one-line ConfigError."""
 
@@ -300,30 +300,67 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig,
         where = f", {name} config" if f.name in from_file else ""
         if hints[f.name] is bool:  # a switch: `--fused` turns it on
             group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action="store_const",
-                               const=True,
-                               help=f"{meta.get('help', '')} [default {'on' if value else 'off'}{where}]")
+                               const=True, help=f"{meta.get('help', '')} "
+                               f"[default {'on' if value else 'off'}{where}]")
             continue
         extra = f" ({'|'.join(meta['choices'])})" if meta.get("choices") else ""
-        metavar = typing.get_args(hints[f.name])[0].__name__.upper() if typing.get_args(hints[f.name]) \
-            else hints[f.name].__name__.upper()
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+        kind = (typing.get_args(hints[f.name]) or (hints[f.name],))[0]
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                           metavar=kind.__name__.upper(),
                            help=f"{meta.get('help', '')}{extra} [default {value}{where}]")
 
 
-def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):
-    """The final config: base (a resumed run's) or the named config file, then the overrides."""
-    if base is None:
-        base = load_config(config or cls.DEFAULT, cls)
-    return from_mapping(overrides, "the command line", base=base, cls=cls).validate()
+def task_parser(prog: str, description: str, task: str, task_help: str) -> OneLineArgumentParser:
+    """--task and --config, which every command that trains a task's config has; the command adds
+    its own options, then `add_run_arguments`."""
+    parser = OneLineArgumentParser(prog=prog, description=f"{description} The config fields "
+                                   f"listed are those of --task {task}.")
+    parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image",
+                        help=f"{task_help} [default image]")
+    parser.add_argument("--config", metavar="NAME_OR_PATH", help="packaged config name or YAML "
+                        f"file [default {TASK_CONFIGS[task].DEFAULT}]")
+    return parser
 
 
-def config_text(cfg) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def add_run_arguments(parser, task: str, config: str | None, overwrite_help: str):
+    """--overwrite, --no-progress, --threads, then the config fields of `task` (over `config`)."""
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", metavar="N", type=threads.check_count,
+                        help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS; "
+                             "waiting threads sleep, so a core shared with other work does not "
+                             "stall the run]")
+    add_config_arguments(parser, TASK_CONFIGS[task], config)
+    return parser
 
 
-def save_config(cfg, path: Path) -> None:
-    from .runs import is_writer, write_atomic
-    if not is_writer():  # a multi-process run: rank 0 alone writes
-        return
-    text = config_text(cfg)
-    write_atomic(path, lambda f: f.write(text.encode()))  # a failed write leaves the old file
+def parse_task_args(argv: list[str] | None, build_parser, resume: bool = False):
+    """The task first (it decides which config fields exist), then everything against that task
+    with `build_parser(task, config)`. Without --task, the task is that of the --config file (or,
+    where the command has `resume`, of the --resume run), else image."""
+    pre = OneLineArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=sorted(TASK_CONFIGS))
+    pre.add_argument("--config")
+    if resume:
+        pre.add_argument("--resume")
+    known, _ = pre.parse_known_args(argv)
+    task = known.task or implied_task(known.config, getattr(known, "resume", None))
+    args = build_parser(task, known.config).parse_args(argv)
+    args.task = task
+    return args
+
+
+def implied_task(config: str | None, resume: str | None) -> str:
+    """The `task` key of the named config or of the resumed run's config.yaml (image if none)."""
+    try:
+        path = Path(resume) / "config.yaml" if resume else config_path(config) if config else None
+    except UserError:
+        return "image"  # the full parse reports the missing config
+    task = read_yaml(path).get("task") if path is not None and path.is_file() else None
+    return task if task in TASK_CONFIGS else "image"
+
+
+def field_overrides(args: argparse.Namespace) -> dict:
+    """The config fields given on the command line (but --task): {field: text}."""
+    names = {f.name for f in dataclasses.fields(TASK_CONFIGS[args.task])} - {"task"}
+    return {k: v for k, v in vars(args).items() if k in names}

@@ -1,9 +1,5 @@
-"""Errors a user can cause.
-
-A `UserError` is a mistake in what the user asked for (a bad config key, a missing data folder, a
-corrupt file). The CLI prints its message as one line and exits non-zero; anything else is a bug
-and keeps its traceback.
-"""
+"""Errors a user can cause: a `UserError` (a bad config key, a missing data folder, a corrupt file)
+is one line and a non-zero exit (`cli_main`); anything else is a bug and keeps its traceback."""
 import signal
 
 

@@ -1,12 +1,8 @@
-"""Non-finite values: the loss at its usual read points, the whole training state before a checkpoint.
-
-A loss is read on the host anyway (every step on a CPU, every `LOG_EVERY` steps on CUDA), so its
-check costs nothing more. The state can go non-finite while the loss still looks finite (BatchNorm
-running variances overflow, say, and only the evaluation shows it), so before every checkpoint
-`check_state` looks at every parameter, buffer and optimiser-state tensor: one `isfinite().all()`
-per tensor on the device, stacked, and one host read (the checkpoint that follows syncs anyway).
-A run whose state is not finite stops there, writes no checkpoint for it, and names the last good
-one. Both tasks' trainers use these helpers.
+"""Non-finite values: the loss at its usual host reads, the whole training state before a
+checkpoint (docs/usage.md, "A run's folder"). The state can go non-finite while the loss looks
+finite (BatchNorm running variances overflow, say), so `check_state` checks every parameter, buffer
+and optimiser-state tensor on the device, with one host read; a run that fails writes no checkpoint
+and names the last good one.
 """
 import math
 

@@ -1,39 +1,14 @@
-"""CUDA-graph-captured training steps (`--cuda-graphs`).
+"""CUDA-graph-captured training steps (`--cuda-graphs`; docs/performance.md, "CUDA graphs").
 
-Why: a training step of these small models is hundreds of short kernels; launched one by one from
-Python, the GPU waits on the launches. Captured once in a CUDA graph, the whole step (every
-block's forward and backward, the loss, the optimiser) is one launch per batch.
-
-What a step must satisfy to be captured, and how this codebase meets it:
-
-    static inputs    a graph reads fixed addresses: each batch is copied into buffers made once
-                     (`copy_`, non-blocking), and the outputs are the same tensors every replay
-    device counters  the optimiser's step counts and (capturable) learning rate, the Philox seed
-                     and offset of the fused noise, BatchNorm's statistics: device tensors updated in
-                     place, so every replay moves them on; the dropout generator is graph-safe
-    no host sync     no `.item()`, no Python branch on a tensor's value (tests/test_graphs.py runs
-                     every step under a guard that raises on these); fp16's GradScaler reads an
-                     overflow flag on the host every step, so fp16 runs uncaptured
-    warm before      Triton autotunes on a kernel's first call (benchmarks and syncs); the first
-                     `warmup_steps` calls run uncaptured on a side stream, as PyTorch's
-                     whole-network recipe does, so every kernel is tuned and every lazily made
-                     state (optimiser moments, cuBLAS workspaces) exists before capture
-
-A `CapturedStep` trains every batch exactly once. Calls 1..warmup_steps are the run's first real
-steps, run uncaptured on the real batches; call warmup_steps + 1 copies its batch in, captures
-the step (capture records kernels and runs none of them) and replays the graph once: that replay
-is this batch's step. Every later call copies and replays. A step's results are the same as the
-uncaptured step's from the same state: the same kernels in the same order on the same numbers.
-
-A run with several step functions (the image task's sequential schedule: one block slice per
-pass) captures one graph per slice, lazily, all in one memory pool. Graphs sharing a pool may
-reuse each other's freed temporaries, which is safe here because no two replay at once and each
-step's outputs are read (copied into the loss buffer) before the next replay of any graph.
-
-On a CPU device `CapturedStep` runs "staged": the same input buffers and the same function, run
-eagerly, so the CPU tests exercise the buffers, counters and capturable optimiser that a capture
-relies on. A batch of another shape (an epoch's last partial batch) does not fit the buffers: the
-caller checks `fits` and runs that batch uncaptured.
+A captured step reads its batch from static buffers (copied in with `copy_`), keeps every counter
+on the device (the optimiser's steps and capturable lr, the Philox seed and offset, BatchNorm's
+statistics), never syncs with the host (tests/test_graphs.py guards every step), and runs its first
+`warmup_steps` calls uncaptured on a side stream, so Triton has autotuned and every lazily made
+state exists before capture. Every batch trains exactly once: call warmup_steps + 1 captures and
+replays once, later calls copy and replay. The image task's sequential schedule captures one graph
+per block slice, lazily, in one shared pool (safe: no two replay at once, and each step's outputs
+are read before the next replay). On a CPU `CapturedStep` runs "staged": the same buffers and
+function, eagerly. A batch of another shape does not fit the buffers: callers check `fits`.
 """
 import sys
 
@@ -43,10 +18,8 @@ from .nvtx_ranges import phase
 
 
 def graph_unavailable_reason(device: torch.device, cfg, fused_loaded: bool = True) -> str | None:
-    """Why this run's steps are not captured, in a few words; None when they are.
-
-    cfg: an ImageConfig or LMConfig (reads cuda_graphs, fused, precision, parallel). fused_loaded: False
-    where --fused fell back to the reference ops (ops.resolve_ops said why)."""
+    """Why this run's steps are not captured, in a few words; None when they are. fused_loaded:
+    False where --fused fell back to the reference ops (ops.resolve_ops said why)."""
     if cfg.cuda_graphs == "off":
         return "--cuda-graphs off"
     if device.type != "cuda":
@@ -90,13 +63,12 @@ def new_pool(device: torch.device):
 
 
 class CapturedStep:
-    """`fn(*static_inputs) -> outputs`, replayed from a CUDA graph (see the module docstring).
+    """`fn(*static_inputs) -> outputs`, replayed from a CUDA graph (the module docstring).
 
-    fn: the whole step, host-sync free, reading its batch only from its arguments.
-    example_inputs: tensors of the batch's shapes, dtypes and device (only those are read).
-    warmup_steps: uncaptured calls before the capture (CUDA; 0 on a CPU, which never captures).
-    pool: a `new_pool` handle shared with other CapturedSteps. warn: where the one line of a failed
-    capture goes (stderr by default); that step, and every later one, then runs uncaptured.
+    fn: the whole step, host-sync free, reading its batch only from its arguments. example_inputs:
+    tensors of the batch's shapes, dtypes and device. pool: a `new_pool` handle shared with other
+    CapturedSteps. warn: where the one line of a failed capture goes (default stderr); that step
+    and every later one then run uncaptured.
     """
 
     def __init__(self, fn, example_inputs: tuple[torch.Tensor, ...], device, warmup_steps: int = 3,

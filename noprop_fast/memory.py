@@ -1,11 +1,8 @@
-"""Memory figures: the CUDA allocator's peak, or on CPU the bytes saved for backward.
+"""Memory figures: the CUDA allocator's peak, or on a CPU the bytes saved for backward.
 
-A CPU has no allocator peak worth quoting, but the memory NoProp saves is activation memory: what
-autograd keeps from the forward pass for the backward pass. `SavedTensorBytes` counts it with
-saved-tensor hooks, each storage once (a tensor saved by several ops, or views of one buffer, are
-one allocation). The model's parameters and buffers are left out: ops save them too (often as a
-view, such as one block's slice of a stacked weight), but they are resident under every method and
-schedule, so counting them would hide the difference that is there to measure.
+NoProp saves activation memory, which autograd keeps from the forward for the backward:
+`SavedTensorBytes` counts it with saved-tensor hooks, each storage once. The model's parameters and
+buffers are left out: resident under every method and schedule, they would hide the difference.
 """
 import torch
 
@@ -17,7 +14,7 @@ class SavedTensorBytes:
         """exclude: tensors (a model's parameters and buffers) whose storages are not counted."""
         self._storages: dict[tuple, int] = {}
         self._excluded = {self._key(t) for t in exclude}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     @staticmethod
     def _key(tensor: torch.Tensor) -> tuple:
@@ -28,10 +25,6 @@ class SavedTensorBytes:
         key = self._key(tensor)
         if key not in self._excluded:
             self._storages[key] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    @staticmethod
-    def _unpack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
     @property

@@ -1,18 +1,13 @@
-"""Masked-LM pre-training of the token embedding W_embed (`--embed-init mlm`).
-
-NoProp-LM's targets are token embeddings. Learned jointly, they start random and move while the
-blocks chase them; pre-trained and frozen, the blocks denoise towards fixed points that already
-place tokens used alike near each other (the option the existing NoProp-LM project offers).
-
-The phase: a small bidirectional encoder reads windows whose tokens are masked at a 15% rate
-(a masked position's input is a learned mask vector instead of its embedding) and predicts the
-masked tokens with logits z W_embed^T + b, so W_embed is both the input and the output table:
+"""Masked-LM pre-training of the token embedding W_embed (`--embed-init mlm`; docs/language.md):
+pre-trained and frozen, the targets the blocks denoise towards are fixed and place tokens used
+alike near each other. A small bidirectional encoder reads windows with 15% of tokens masked (a
+learned mask vector for their embedding) and predicts them, W_embed being the input and the output
+table:
 
     e_i = mask ? m : W_embed[x_i];   h = Encoder(FC_D(e) + pos);   logits_i = FC_d(h_i) W_embed^T + b
 
 After `steps` AdamW steps the rows are rescaled to mean norm 1 (the scale the noise schedule is set
-for, the same as the jointly learned embedding's initialisation) and returned; the encoder is
-dropped. Nothing of the validation split is read.
+for) and returned; the encoder is dropped. Nothing of the validation split is read.
 """
 import sys
 

@@ -1,51 +1,15 @@
-"""NVTX ranges around the phases of a training step, for Nsight Systems / Nsight Compute.
+"""NVTX ranges around the phases of a training step, for Nsight (docs/performance.md, "NVTX and
+Nsight"). `with phase("forward"): ...` opens the range `forward` in the NVTX domain "noprop_fast"
+with the phase's colour (PHASES) and closes it on the way out; ranges nest.
 
-    with phase("forward"):
-        ...
-
-opens the range `forward` in the NVTX domain "noprop_fast", with one fixed colour per
-phase, and closes it on the way out (also when the body raises). The phases of a step:
-
-    data        the batch fetch
-    noise       the noisy latents (torch.randn or the Philox draws)
-    forward     the blocks' forward: features and denoise (GPT: the hidden states)
-    loss        block losses, CE, KL
-    backward    zero_grad and loss.backward()
-    optimizer   the optimiser step (and the fp16 loss scaler)
-    evaluation  a whole evaluation (test accuracy, validation loss)
-    replay      a CUDA-graph replay of a whole captured step (graphs.CapturedStep)
-
-Ranges nest: the CE's draw of z_T is a `noise` range inside the `loss` range.
-
-When it is on. Decided once at import, from the environment:
-
-    NOPROP_FAST_NVTX=1 / =0          forces it on / off;
-    otherwise on where a profiler is attached: Nsight Systems sets NSYS_PROFILING_SESSION_ID,
-    and an NVTX tool injected by Nsight Systems or Nsight Compute sets NVTX_INJECTION64_PATH;
-
-and only where a library to emit them is present. `set_enabled(bool)` changes it afterwards (tests).
-
-Who emits them (`BACKEND`, decided once at import):
-
-    "nvtx"             the `nvtx` package (a dependency of the project): ranges in the domain above,
-                       with their colours;
-    "torch.cuda.nvtx"  where the package is absent, torch's own NVTX binding (a CUDA build of torch
-                       has it): the same names and nesting in NVTX's default domain, without
-                       colours, so Nsight still shows every phase (in Nsight Compute's
-                       `--nvtx-include`, write `forward/` instead of `noprop_fast@forward/`);
-    None               neither (a CPU build of torch without the package): the ranges stay off.
-
-Cost when off: `phase(name)` is one dict lookup and returns a shared no-op context object; nothing
-is allocated and nothing calls into the nvtx library. CPU numbers from the development machine
-(Python 3.11.7, shared cores, OMP_NUM_THREADS=1), 1e5 iterations, best of 5, three runs:
-
-    for _ in range(n): pass                          10 ns per iteration
-    for _ in range(n): with phase("data"): pass     135-138 ns per iteration  (~125 ns per use)
-
-(`python -m noprop_fast.nvtx_ranges` repeats the measurement.) A step opens about ten ranges:
-about a microsecond per step, against tens of microseconds of kernel launches at least.
-When on, a range is an nvtx.push_range / pop_range pair; what that costs depends on the tool.
+On: NOPROP_FAST_NVTX=1 / =0 forces it on / off; otherwise on where a profiler set
+NSYS_PROFILING_SESSION_ID or NVTX_INJECTION64_PATH; decided once at import (`set_enabled` changes
+it). BACKEND emits them: the `nvtx` package; else torch.cuda.nvtx (default domain, no colours: in
+Nsight Compute's `--nvtx-include` write `forward/`); None on a CPU build of torch without it.
+Off, `phase(name)` is one dict lookup returning a shared no-op object (about 125 ns per use on
+the development CPU: `python -m noprop_fast.nvtx_ranges` measures it).
 """
+import contextlib
 import os
 import timeit
 
@@ -59,13 +23,10 @@ def _torch_nvtx():
     """torch.cuda.nvtx where it can emit ranges, else None: a CPU build of torch has only stubs
     that raise, and no `torch._C._nvtx`."""
     try:
-        import torch
+        import torch.cuda.nvtx
     except ImportError:
         return None
-    if not hasattr(torch._C, "_nvtx"):
-        return None
-    import torch.cuda.nvtx
-    return torch.cuda.nvtx
+    return torch.cuda.nvtx if hasattr(torch._C, "_nvtx") else None
 
 
 torch_nvtx = None if nvtx is not None else _torch_nvtx()
@@ -75,13 +36,13 @@ DOMAIN = "noprop_fast"
 
 # One fixed colour per phase (ARGB), so a phase looks the same on every timeline.
 PHASES = {
-    "data": 0xFF9E9E9E,        # grey
-    "noise": 0xFFAB47BC,       # purple
-    "forward": 0xFF42A5F5,     # blue
-    "loss": 0xFFFFA726,        # orange
-    "backward": 0xFFEF5350,    # red
-    "optimizer": 0xFF66BB6A,   # green
-    "evaluation": 0xFF26C6DA,  # cyan
+    "data": 0xFF9E9E9E,        # grey: the batch fetch
+    "noise": 0xFFAB47BC,       # purple: the noisy latents (torch.randn or the Philox draws)
+    "forward": 0xFF42A5F5,     # blue: the blocks' forward (GPT: the hidden states)
+    "loss": 0xFFFFA726,        # orange: block losses, CE, KL
+    "backward": 0xFFEF5350,    # red: zero_grad and loss.backward()
+    "optimizer": 0xFF66BB6A,   # green: the optimiser step (and the fp16 loss scaler)
+    "evaluation": 0xFF26C6DA,  # cyan: a whole evaluation
     "replay": 0xFFFFEE58,      # yellow: the CUDA-graph replay of a step
 }
 
@@ -96,47 +57,30 @@ def enabled_by_environment(environ=os.environ, nvtx_available: bool = BACKEND is
     return bool(environ.get("NSYS_PROFILING_SESSION_ID") or environ.get("NVTX_INJECTION64_PATH"))
 
 
-class _NoRange:
-    """The shared context object of a disabled phase."""
-    __slots__ = ()
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, exc_type, exc, tb):
-        return False
-
-
 class _Range:
-    """One phase's range; stateless, so one object per phase serves nested and repeated uses."""
+    """One phase's range; stateless, so one object per phase serves nested and repeated uses.
+    Through torch.cuda.nvtx: the default domain, no colour."""
     __slots__ = ("message", "color")
 
     def __init__(self, name: str, color: int):
         self.message, self.color = name, color  # the domain says whose range it is
 
     def __enter__(self):
-        nvtx.push_range(self.message, color=self.color, domain=DOMAIN)
+        if BACKEND == "nvtx":
+            nvtx.push_range(self.message, color=self.color, domain=DOMAIN)
+        else:
+            torch_nvtx.range_push(self.message)
 
     def __exit__(self, exc_type, exc, tb):
-        nvtx.pop_range(domain=DOMAIN)
+        if BACKEND == "nvtx":
+            nvtx.pop_range(domain=DOMAIN)
+        else:
+            torch_nvtx.range_pop()
         return False  # an exception in the body propagates
 
 
-class _TorchRange(_Range):
-    """A phase's range through torch.cuda.nvtx: the default domain, no colour."""
-    __slots__ = ()
-
-    def __enter__(self):
-        torch_nvtx.range_push(self.message)
-
-    def __exit__(self, exc_type, exc, tb):
-        torch_nvtx.range_pop()
-        return False
-
-
-_NO_RANGE = _NoRange()
-_RANGES = {name: (_TorchRange if BACKEND == "torch.cuda.nvtx" else _Range)(name, color)
-           for name, color in PHASES.items()}
+_NO_RANGE = contextlib.nullcontext()  # the shared context object of a disabled phase
+_RANGES = {name: _Range(name, color) for name, color in PHASES.items()}
 _OFF = {name: _NO_RANGE for name in PHASES}
 _active = _OFF  # the table phase() reads: _RANGES when on, _OFF when off
 

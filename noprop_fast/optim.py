@@ -1,24 +1,14 @@
-"""AdamW over stacked per-block parameters, with a step count per block.
+"""AdamW over stacked per-block parameters [T, ...], with a step count per block.
 
-AdamW is elementwise, so one AdamW over parameters stacked [T, ...] is exactly T independent
-AdamWs while every block is updated on every step (a test compares it with torch.optim.AdamW).
-That stops being true when only some blocks train, as in the paper's sequential schedule (block 1
-for a pass over the data, then block 2, ...): a plain AdamW would keep moving the idle blocks'
-slices with their momentum and weight decay, and would count their steps for bias correction.
-`BlockAdamW.step(blocks)` updates only the given blocks' slices of the block parameters and keeps
-one step count per block; shared parameters (class embedding, classifier) update on every step.
-
-The update (decoupled weight decay, as torch.optim.AdamW):
+Why one optimiser over stacked parameters: docs/method.md section 2. `step(blocks)` updates only
+those blocks' slices, one step count per block (shared parameters: every step):
 
     p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     p <- p - lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)       (k = that block's steps)
 
-The step counts are device tensors and nothing reads their values on the host. The learning rate is
-a Python float by default (the paper uses no schedule). `capturable=True` holds it in a 0-dim fp64
-tensor on the parameters' device instead, so a step captured in a CUDA graph (graphs.py) reads it
-at every replay and `set_lr` can change it without a new capture. The capturable update divides by
-lr where the plain one multiplies (`addcdiv_` takes only a Python number), so the two agree to
-rounding, not bitwise; a captured run is compared bitwise with an uncaptured capturable one.
+The step counts are device tensors. `capturable=True` also holds the lr in a 0-dim fp64 device
+tensor, so a CUDA-graph replay reads it and `set_lr` needs no new capture; that update divides by
+lr where the plain one multiplies, so the two agree to rounding, not bitwise.
 """
 import torch
 

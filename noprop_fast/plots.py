@@ -1,15 +1,9 @@
-"""Plots: the charts of `compare`'s reports and of a single run's folder, in one look.
+"""Plots: the charts of a run's folder and of `compare`'s reports (reports.py), in one look.
 
-    line_chart   one line per series (train loss per epoch, val loss against tokens seen, ...)
-    bar_chart    one bar per method (time per epoch, memory), with an optional note under it
-    write_run_plots  what `train` leaves in a run folder at the end of a run (and of a resumed run):
-                 image task  loss.png (train loss per epoch), accuracy.png (test accuracy per epoch)
-                 lm task     train_loss.png and val_loss.png against tokens seen (the unigram
-                             entropy of the val tokens dashed on the latter)
-
-matplotlib is imported when a chart is drawn, never at import, so the CLIs' --help stays fast.
-A run's plots never fail the run: `write_run_plots` turns a missing matplotlib or a failing chart
-into one line and returns.
+`line_chart` draws one line per series, `bar_chart` one bar per method; `curves` a run's (or a
+comparison's) training curves, `write_run_plots` what `train` leaves in a run folder at the end of
+a run: loss.png, accuracy.png (image) or train_loss.png, val_loss.png (lm). matplotlib is imported
+when a chart is drawn, so the CLIs' --help stays fast; a run's plots never fail the run.
 """
 import textwrap
 from pathlib import Path
@@ -101,35 +95,32 @@ def bar_chart(labels: list[str], values: list[float], bar_labels: list[str], yla
     return _save(plt, fig, ax, title, path, note)
 
 
-def _points(history: list[dict], x: str, y: str, scale: float = 1.0) -> list[tuple[float, float]]:
-    return [(r[x], scale * r[y]) for r in history if r.get(y) is not None]  # unevaluated: gaps
+def curves(histories: dict[str, list[dict]], summary: dict, out_dir: Path, loss: str | None,
+           data_dir: str | None = None) -> list[Path]:
+    """The curves of a run or of a comparison's runs ({label: history}; `summary`: the first run's,
+    `loss`: what the train loss is). image: loss.png (log scale) and accuracy.png per epoch; lm:
+    train_loss.png (not when `loss` is None) and val_loss.png against tokens seen, the unigram
+    entropy dashed (`data_dir`: the shard folder, for the titles)."""
+    def series(x: str, y: str, scale: float = 1.0) -> dict:
+        return {label: [(r[x], scale * r[y]) for r in history if r.get(y) is not None]
+                for label, history in histories.items()}  # unevaluated: gaps
 
-
-def image_run_plots(summary: dict, history: list[dict], run_dir: Path) -> list[Path]:
-    method, where = summary["method"], f"{summary['dataset']}, {summary['device']}"
-    label = method if summary.get("block_schedule") in (None, "all") else \
-        f"{method} ({summary['block_schedule']})"
-    loss = line_chart({label: _points(history, "epoch", "train_loss")}, "epoch",
-                      f"train loss ({LOSS_NAMES['image', method]})", f"Train loss: {where}",
-                      run_dir / "loss.png", log=True, integer_x=True)
-    accuracy = line_chart({label: _points(history, "epoch", "test_accuracy", 100)}, "epoch",
-                          f"test accuracy (%, {summary['inference']} inference)",
-                          f"Test accuracy: {where}", run_dir / "accuracy.png", integer_x=True)
-    return [loss, accuracy]
-
-
-def lm_run_plots(summary: dict, history: list[dict], run_dir: Path,
-                 data_dir: str | None = None) -> list[Path]:
-    method, where = summary["method"], f"{token_data_name(data_dir)}, {summary['device']}"
-    train = line_chart({method: _points(history, "tokens_seen", "train_loss")}, "tokens seen",
-                       f"train loss ({LOSS_NAMES['lm', method]})", f"Train loss: {where}",
-                       run_dir / "train_loss.png")
-    entropy = summary.get("unigram_entropy")
-    val = line_chart({method: _points(history, "tokens_seen", "val_loss")}, "tokens seen",
-                     "val loss (nats/token)", f"Validation loss: {where}", run_dir / "val_loss.png",
-                     reference=None if entropy is None else
-                     (entropy, f"unigram entropy {entropy:.3f}"))
-    return [train, val]
+    if summary.get("task") == "lm":
+        where = f"{token_data_name(data_dir)}, {summary['device']}"
+        entropy = summary.get("unigram_entropy")
+        train = [] if loss is None else [line_chart(
+            series("tokens_seen", "train_loss"), "tokens seen", f"train loss ({loss})",
+            f"Train loss: {where}", out_dir / "train_loss.png")]
+        return [*train, line_chart(series("tokens_seen", "val_loss"), "tokens seen",
+                                   "val loss (nats/token)", f"Validation loss: {where}",
+                                   out_dir / "val_loss.png", reference=None if entropy is None
+                                   else (entropy, f"unigram entropy {entropy:.3f}"))]
+    where = f"{summary['dataset']}, {summary['device']}"
+    return [line_chart(series("epoch", "train_loss"), "epoch", f"train loss ({loss})",
+                       f"Train loss: {where}", out_dir / "loss.png", log=True, integer_x=True),
+            line_chart(series("epoch", "test_accuracy", 100), "epoch",
+                       f"test accuracy (%, {summary['inference']} inference)",
+                       f"Test accuracy: {where}", out_dir / "accuracy.png", integer_x=True)]
 
 
 def write_run_plots(summary: dict, history: list[dict], run_dir: Path, warn=print,
@@ -138,9 +129,10 @@ def write_run_plots(summary: dict, history: list[dict], run_dir: Path, warn=prin
     titles); [] and one line through `warn` if they cannot be drawn (a run that trained is never
     failed by its pictures)."""
     try:
-        if summary.get("task") == "lm":
-            return lm_run_plots(summary, history, Path(run_dir), data_dir)
-        return image_run_plots(summary, history, Path(run_dir))
+        method, schedule = summary["method"], summary.get("block_schedule")
+        label = method if schedule in (None, "all") else f"{method} ({schedule})"
+        return curves({label: history}, summary, Path(run_dir),
+                      LOSS_NAMES[summary.get("task", "image"), method], data_dir)
     except ImportError as err:
         warn(f"no plots: matplotlib cannot be imported ({err}); the run's figures are in "
              "metrics.jsonl")

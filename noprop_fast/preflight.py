@@ -1,14 +1,8 @@
-"""Checks made before the first training step, so that a mistake costs no training time.
-
-Resume: a resumed run continues the checkpoint's training, so it keeps the fields that define the
-model, the data, the objective and the random streams; `RESUMABLE` lists what it may change (how
-long to train, how and how often to evaluate, the optimiser's lr and weight decay, which the
-trainers apply to the restored optimiser, and where and how the steps run). Anything else is
-refused in one line, before the run folder is touched.
-
-Language data: the validation split must hold one window, the shards' vocabulary must be their
-tokenizer's, and a tokenizer that the closing samples need must load now, not after the run.
-(The image task's empty-split checks live in `data.image.load_image_dataset`.)
+"""Checks made before the first training step, so that a mistake costs no training time
+(docs/usage.md, "A run's folder"): the fields a resume may change (RESUMABLE; anything else is
+refused in one line before the run folder is touched), and the language data (a validation window,
+the shards' vocabulary, a tokenizer the closing samples need). The image task's empty-split checks
+live in `data.image.load_image_dataset`.
 """
 import dataclasses
 

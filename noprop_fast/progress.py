@@ -1,14 +1,11 @@
-"""The progress line's estimate of the time left in a run, from training time alone.
-
-tqdm's own estimate divides the steps left by a smoothed recent rate. An evaluation (and the
-checkpoint after it) happens between two updates, so the update after it looks like one very slow
-step and the estimate jumps to hours, then creeps back. `RunClock` keeps the two apart:
+"""The progress line's estimate of the time left, from training time alone (docs/usage.md, "Plots
+and the progress line"): tqdm's smoothed rate counts an evaluation as one very slow step, so
+`RunClock` keeps the two apart:
 
     train left = steps left x (training seconds / steps trained)      evaluations excluded
     eval left  = evaluations left x (evaluation seconds / evaluations) shown beside it
 
-both measured in this process (a resumed run starts its own measurement). `progress_bar` is tqdm
-with its rate and estimate replaced by the clock's: `update(n)` also tells the clock that n steps
+`progress_bar` is tqdm with the clock's estimate: `update(n)` tells the clock that n steps
 finished; the trainer calls `pause()` before an evaluation and `resume()` after it.
 """
 import time

@@ -1,29 +1,11 @@
-"""The run folder: resolved config, per-epoch metrics, checkpoint, summary.
+"""The run folder (docs/usage.md, "A run's folder"): config.yaml (the resolved config, what
+`--resume DIR` starts from), metrics.jsonl (one JSON object per epoch), checkpoint.pt (what an
+exact resume needs after the last finished epoch) and summary.json.
 
-    DIR/config.yaml      the resolved config (what `--resume DIR` starts from)
-    DIR/metrics.jsonl    one JSON object per epoch
-    DIR/checkpoint.pt    what an exact resume needs after the last finished epoch (see below)
-    DIR/summary.json     the closing figures of a finished run
-
-A folder that holds any of these holds a run: a new run there is refused (`refuse_existing_run`)
-unless `--overwrite` asks to replace it (`clear_run`), and `check_writable` finds a folder that
-cannot be written before any work is done.
-
-Every file is written to a temporary file in the same folder and renamed over the old one, so a
-crash mid-write leaves the previous file intact; a write that fails (a full disk, a folder made
-read-only) removes its temporary file and ends in one line naming the path and the OS error
-(`RunFolderError`), the last good checkpoint kept.
-
-The checkpoint holds the model's state_dict (parameters and BatchNorm running statistics), the
-optimiser's (AdamW's two moments per parameter, per-block step counts, the param groups), the
-progress (epoch or step, timings, the metrics history) and the config; the language task adds the
-batch stream's position, the random generators' states and the fused path's noise offset. Nothing
-is stored twice. AdamW's moments are as large as the parameters, so the file is about three times
-the fp32 parameter bytes: that is what a bitwise-exact resume needs (`checkpoint_bytes` in the
-summary gives its size).
-
-In a multi-process run (distributed.py) only rank 0 writes: `set_writer(False)` on every other
-rank turns the writers here (and `config.save_config`) into no-ops.
+Every file is written to a temporary file beside it and renamed over the old one; a write that
+fails removes its temporary file and ends in one line (`RunFolderError`), the last good checkpoint
+kept. In a multi-process run only rank 0 writes: `set_writer(False)` on every other rank turns the
+writers here into no-ops.
 """
 import json
 import os
@@ -82,9 +64,8 @@ def clear_run(run_dir: Path) -> None:
 
 
 def check_writable(run_dir: Path) -> None:
-    """A probe file written and removed in the folder, or in its nearest existing parent if it
-    does not exist yet (nothing is created): one line now rather than a traceback after the data
-    load and the first epoch."""
+    """A probe file written and removed in the folder, or in its nearest existing parent (nothing
+    is created): one line now rather than a traceback after the first epoch."""
     if not _writer:
         return
     run_dir = Path(run_dir)
@@ -125,8 +106,7 @@ def _removed_on_failure(tmp: Path, always: bool = False):
 
 def write_atomic(path: Path, write) -> None:
     """write(file) into a temporary file beside `path`, then rename it over `path` (atomic on
-    POSIX: readers see the old or the new file, never half). A failure removes the temporary file
-    and is one line (RunFolderError)."""
+    POSIX); a failure removes the temporary file and is one line (RunFolderError)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with _one_line(path), _removed_on_failure(tmp):
@@ -139,16 +119,15 @@ def write_atomic(path: Path, write) -> None:
 
 def save_checkpoint(run_dir: Path, state: dict, cfg=None) -> Path:
     """The checkpoint, after `cfg` into config.yaml where that changed: the config beside a
-    checkpoint is the one it was trained with, and a run (or a resume with new values) that fails
-    before its first checkpoint leaves config.yaml as it was."""
+    checkpoint is the one it was trained with."""
     path = run_dir / CHECKPOINT
     if not _writer:
         return path
     if cfg is not None:
-        from .config import config_text, save_config
-        saved = run_dir / "config.yaml"
-        if not saved.is_file() or saved.read_text() != config_text(cfg):
-            save_config(cfg, saved)
+        from .config import config_text
+        saved, text = run_dir / "config.yaml", config_text(cfg)
+        if not saved.is_file() or saved.read_text() != text:  # a failed write leaves the old file
+            write_atomic(saved, lambda f: f.write(text.encode()))
     try:
         write_atomic(path, lambda f: _torch_save(state, f))
     except RunFolderError as err:

@@ -1,25 +1,11 @@
 """How many intra-op threads a CPU run uses, and how its OpenMP threads wait (train, compare and
-profiling/bench.py all go through here).
-
-torch starts one intra-op thread per core, and its OpenMP runtime lets a thread that has finished
-its share of an op spin (busy-wait) for a while before it sleeps. On an idle machine that saves a
-wake-up per op. On a machine whose cores are shared with other work it is a collapse: a parallel
-region ends only when its last thread does, that thread may have been taken off its core by the
-scheduler, and the threads waiting for it spin on the very cores it needs. Measured on a busy
-2-core CPU: an image epoch of the default job took 131.6 s with two threads, 14.7 s with one.
-
-The rule, with no options: one thread per core (torch's own count, fixed for a machine, so a run's
-numbers do not depend on how busy the machine was when it started: another thread count picks
-other conv algorithms and the weights differ in their last bits), and OpenMP threads that sleep
-while they wait (`OMP_WAIT_POLICY=PASSIVE`). The wait policy is read once, when torch loads the
-OpenMP runtime, so the command-line entry points call `passive_wait_unless_set()` before anything
-imports torch; a program that imported torch first keeps the runtime's own policy.
-profiling/bench_threads.py measures this rule against one thread, a lower spin count, a count from
-the load at start-up and the runtime's default, idle and with another core busy.
-
-Overrides: `--threads N`; `OMP_NUM_THREADS` or `MKL_NUM_THREADS` (torch reads them at start-up);
-`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` (the runtime reads them), which this module then leaves alone.
-A run is deterministic for a given thread count (the same seed and count replay exactly).
+profiling/bench.py all go through here; the rule and its measurements: docs/performance.md,
+"Threads on a CPU"): one thread per core (torch's own count, fixed for a machine: another count
+picks other conv algorithms and the weights differ in their last bits), and OpenMP threads that
+sleep while they wait (OMP_WAIT_POLICY=PASSIVE; spinning collapses on cores shared with other
+work). The runtime reads the policy once, when torch loads it, so the entry points call
+`passive_wait_unless_set()` before anything imports torch. Overrides: `--threads N`,
+OMP_NUM_THREADS / MKL_NUM_THREADS (torch reads them), OMP_WAIT_POLICY / GOMP_SPINCOUNT (left alone).
 """
 import os
 import sys

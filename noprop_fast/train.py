@@ -1,15 +1,10 @@
-"""Command line: `python -m noprop_fast.train --task {image,lm} [--config NAME] [--field value ...]`.
+"""Command line: `python -m noprop_fast.train --task {image,lm} [--config NAME] [--field VALUE]`.
 
 With no arguments it trains NoProp-DT on scikit-learn's digits (the `digits` config), which needs
 no download and finishes in a few minutes on a laptop CPU. `--task lm` trains NoProp-LM on the
 embedded corpus (the `stdlib` config: English text from the Python standard library's docs, built
 into shards on first use), also offline and in minutes on a CPU; `--data-dir` points it at shards
-such as FineWeb's.
-
-    --config NAME_OR_PATH   a packaged config (see --list-configs) or a YAML file
-    --resume DIR            continue the run in DIR from its last checkpoint
-    --overwrite             replace the run already in --out (refused without it)
-    --<field> VALUE         override any config field (see --help)
+such as FineWeb's. `--resume DIR` continues a run from its last checkpoint; `--help` lists the rest.
 
 Errors a user can cause (bad config, missing data, corrupt files, a loss that turns NaN) end in one
 line on stderr and a non-zero exit.
@@ -28,67 +23,32 @@ from . import threads
 threads.passive_wait_unless_set()  # before anything imports torch: see threads.py
 
 from . import preflight, runs  # noqa: E402
-from .config import (TASK_CONFIGS, OneLineArgumentParser, add_config_arguments,  # noqa: E402
-                     config_path, from_mapping, list_configs, read_yaml, resolve)
+from .config import (TASK_CONFIGS, add_run_arguments, field_overrides, from_mapping,  # noqa: E402
+                     list_configs, parse_task_args, read_yaml, resolve, task_parser)
 from .errors import ConfigError, UserError, cli_main  # noqa: E402
 
 
 def build_parser(task: str = "image", config: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(
-        prog="python -m noprop_fast.train",
-        description="Train a network with NoProp (or its backprop baseline). The config fields "
-                    "listed are those of --task " + task + ".")
-    parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image",
-                        help="image: classification on digits, MNIST, CIFAR-10/100; lm: a language "
-                             "model on token shards [default image]")
-    parser.add_argument("--config", metavar="NAME_OR_PATH",
-                        help="packaged config name or YAML file "
-                             f"[default {TASK_CONFIGS[task].DEFAULT}]")
-    parser.add_argument("--list-configs", action="store_true", help="list packaged configs and exit")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run that --out already holds (refused without it)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", metavar="N", type=threads.check_count,
-                        help="intra-op threads on a CPU [default one per core, or OMP_NUM_THREADS; "
-                             "waiting threads sleep, so a core shared with other work does not "
-                             "stall the run]")
-    add_config_arguments(parser, TASK_CONFIGS[task], config)
-    return parser
+    parser = task_parser(
+        "python -m noprop_fast.train", "Train a network with NoProp (or its backprop baseline).",
+        task, "image: classification on digits, MNIST, CIFAR-10/100; lm: a language model on token "
+        "shards")
+    parser.add_argument("--list-configs", action="store_true",
+                        help="list packaged configs and exit")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR from its checkpoint")
+    return add_run_arguments(parser, task, config,
+                             "replace the run that --out already holds (refused without it)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The task first (it decides which config fields exist), then everything against that task.
-    Without --task, the task is that of the --config file or of the --resume run, else image."""
-    pre = OneLineArgumentParser(add_help=False)
-    pre.add_argument("--task", choices=sorted(TASK_CONFIGS))
-    pre.add_argument("--config")
-    pre.add_argument("--resume")
-    known, _ = pre.parse_known_args(argv)
-    task = known.task or implied_task(known.config, known.resume)
-    args = build_parser(task, known.config).parse_args(argv)
-    args.task = task
-    return args
-
-
-def implied_task(config: str | None, resume: str | None) -> str:
-    """The `task` key of the named config or of the resumed run's config.yaml (image if none)."""
-    path = Path(resume) / "config.yaml" if resume else None
-    if path is None and config:
-        try:
-            path = config_path(config)
-        except UserError:
-            return "image"  # the full parse reports the missing config
-    if path is None or not path.is_file():
-        return "image"
-    task = read_yaml(path).get("task", "image")
-    return task if task in TASK_CONFIGS else "image"
+    """Without --task, the task is that of the --config file or of the --resume run, else image."""
+    return parse_task_args(argv, build_parser, resume=True)
 
 
 def config_from_args(args: argparse.Namespace):
     cls = TASK_CONFIGS[args.task]
-    overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "config", "list_configs", "resume", "no_progress", "overwrite", "threads")}
+    overrides = field_overrides(args)
     base = None
     if args.resume:
         if args.config:
@@ -145,7 +105,8 @@ def train_config(cfg, args: argparse.Namespace, parallel=None) -> dict:
                       thread_note)
     # imported here so that --help and --list-configs stay fast
     from .data import load_image_dataset
-    from .trainer import Trainer, results_table
+    from .reports import results_table
+    from .trainer import Trainer
 
     with rank_zero_first(parallel and parallel[0]):  # a download or cache: built once
         data = load_image_dataset(cfg.dataset, cfg.data_dir)
@@ -193,15 +154,6 @@ def checkpoint_line(summary: dict, run_dir: Path) -> str:
             f"moments, progress; resume with --resume {run_dir})")
 
 
-def load_token_data(data_dir: str | None, show_progress: bool = True):
-    """The shards of `data_dir`, or the embedded corpus (built and cached on first use)."""
-    from .data.shards import TokenData
-    if data_dir is None:
-        from .data.corpus import embedded_corpus_dir
-        data_dir = embedded_corpus_dir(progress=show_progress)
-    return TokenData.load(data_dir)
-
-
 def start_run(trainer, run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """Resume: the checkpoint into `trainer`, and a length it has not passed yet. --overwrite:
     the old run's files go now, the last check before the first step."""
@@ -219,9 +171,10 @@ def device_note(device, thread_note: str) -> str:
 
 def run_lm(cfg, run_dir: Path, resume: str | None, show_progress: bool, parallel=None,
            overwrite: bool = False, thread_note: str = "") -> dict:
+    from .data.corpus import load_token_data
     from .distributed import rank_zero_first
-    from .lm_report import closing_lines
     from .lm_trainer import LMTrainer, parameter_count
+    from .reports import closing_lines
 
     with rank_zero_first(parallel and parallel[0]):  # the embedded corpus: built once
         data = load_token_data(cfg.data_dir, show_progress)

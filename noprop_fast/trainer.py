@@ -305,12 +305,3 @@ class Trainer:
         runs.write_summary(self.run_dir, summary)
         return summary
 
-
-def results_table(history: list[dict]) -> str:
-    """The closing table: one row per epoch."""
-    lines = ["epoch  train loss  test acc  seconds  img/s", "-----  ----------  --------  -------  -----"]
-    for r in history:
-        acc = "-" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}"
-        lines.append(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {acc:>8}  "
-                     f"{r['epoch_seconds']:>7.2f}  {r['images_per_second']:>5.0f}")
-    return "\n".join(lines)

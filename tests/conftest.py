@@ -7,6 +7,8 @@ modules are imported, so the kernel tests in tests/kernels/ run in a process of 
 """
 import os
 
+import pytest
+
 collect_ignore = []
 if os.environ.get("TRITON_INTERPRET") != "1":
     try:
@@ -16,3 +18,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
         has_gpu = False
     if not has_gpu:
         collect_ignore.append("kernels")
+
+
+@pytest.fixture(scope="session")
+def word_shards(tmp_path_factory):
+    """Byte shards of 3000 random words (a fifth held out for validation); tests only read them."""
+    from helpers import text_shards, word_text
+    return text_shards(tmp_path_factory.mktemp("shards"), word_text(3000))

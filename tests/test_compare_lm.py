@@ -7,12 +7,10 @@ on the CPU), run once per module through the CLI's `main`, serves the report tes
 import json
 import re
 
-import numpy as np
 import pytest
 
 from noprop_fast.compare import main, parse_args
-from noprop_fast.data.shards import write_shard
-from noprop_fast.data.tokenizer import ByteTokenizer
+from helpers import text_shards, word_text
 
 TINY = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--num-blocks", "2",
         "--seq-len", "16", "--batch-size", "4", "--eval-tokens", "64", "--eval-chains", "2",
@@ -22,14 +20,7 @@ METHODS = ("noprop", "backprop")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["alpha ", "beta ", "gamma ", "delta ", "noprop ", "blocks ", "train "]
-    ids = ByteTokenizer().encode("".join(words[i] for i in rng.integers(0, len(words), 2000)))
-    folder = tmp_path_factory.mktemp("shards")
-    cut = len(ids) // 5
-    write_shard(folder / "demo_val_000000.bin", ids[:cut], tokenizer="byte")
-    write_shard(folder / "demo_train_000001.bin", ids[cut:], tokenizer="byte")
-    return folder
+    return text_shards(tmp_path_factory.mktemp("shards"), word_text(2000))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop_fast.ops import cpp as cpu_ops
 from noprop_fast.ops.reference import block_linear as block_linear_ref
@@ -25,12 +24,8 @@ from noprop_fast.ops.reference import block_loss as block_loss_ref
 from noprop_fast.ops.reference import noise_injection as noise_injection_ref
 from noprop_fast.ops.reference import philox_randn as philox_randn_ref
 from noprop_fast.ops.reference import softmax_head as softmax_head_ref
+from helpers import TOLERANCES, CreatedTensors, assert_close, philox_noise
 
-TOLERANCES = {  # dtype: (rtol, atol), as tests/kernels/tolerances.py
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (2e-2, 2e-3),
-    torch.bfloat16: (5e-2, 1e-2),
-}
 DTYPES = list(TOLERANCES)
 SETTINGS = settings(deadline=None, max_examples=12, derandomize=True)
 
@@ -41,11 +36,6 @@ def extension():
     if not ok and ("no C++ compiler" in reason or "ninja is not installed" in reason):
         pytest.skip(reason)
     assert ok, reason  # a compile error fails
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * scale)
 
 
 def _draw(gen, *shape, dtype=torch.float32, scale=1.0):
@@ -79,10 +69,6 @@ def _with_threads(count, fn):
 
 def _one(value):
     return torch.tensor([value], dtype=torch.int64)
-
-
-def _eps(seed, offset, B, N, d):
-    return philox_randn_ref(seed, offset + torch.arange(B * N * d, dtype=torch.int64)).view(B, N, d)
 
 
 def _noise_inputs(B, N, d, m, dtype, labels=None, gen_seed=0):
@@ -128,7 +114,7 @@ def test_noise_forward_and_dw_match_reference(B, N, d, m, dtype, seed, offset, g
     dz = _draw(torch.Generator().manual_seed(gen_seed + 1), B, N, d, dtype=dtype)
     (W_leaf,), (W_ref,) = _leaves([W]), _leaves([W], float32=True)
     z, (dW,) = _grads(cpu_ops.noise_injection, (y, W_leaf, a, s, _one(seed), _one(offset)), dz)
-    z_ref, (dW_ref,) = _grads(noise_injection_ref, (y, W_ref, a, s, _eps(seed, offset, B, N, d)),
+    z_ref, (dW_ref,) = _grads(noise_injection_ref, (y, W_ref, a, s, philox_noise(seed, offset, B, N, d)),
                               dz.float())
     assert z.shape == (B, N, d) and z.dtype == dtype and dW.dtype == dtype
     assert_close(z, z_ref, dtype)
@@ -150,7 +136,7 @@ def test_noise_dw_repeated_labels_deterministic():
 
     first = _with_threads(2, dW)
     W_ref = W.clone().requires_grad_()
-    noise_injection_ref(y, W_ref, a, s, _eps(11, 5, B, N, d)).backward(dz)
+    noise_injection_ref(y, W_ref, a, s, philox_noise(11, 5, B, N, d)).backward(dz)
     assert_close(first, W_ref.grad, torch.float32, scale=B)
     assert torch.all(first[4:] == 0) and torch.all(first[:4].abs().sum(-1) > 0)
     assert torch.equal(first, _with_threads(2, dW)) and torch.equal(first, _with_threads(1, dW))
@@ -400,21 +386,6 @@ def test_softmax_head_many_classes():
     _check_head(1, 4, 8, 50257, 4, False, torch.float32)
 
 
-class _CreatedShapes(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns (ATen calls from C++ included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 def test_softmax_head_never_materialises_the_logits():
     """No tensor of B N m elements or more is created or saved; the reference's logits are seen."""
     B, N, D, m, d = 2, 1000, 16, 2003, 5  # B N m = 4M logits; a tile: 1000 rows x 1048 classes
@@ -422,7 +393,7 @@ def test_softmax_head_never_materialises_the_logits():
 
     def largest(fn):
         saved = []
-        with _CreatedShapes() as created, torch.autograd.graph.saved_tensors_hooks(
+        with CreatedTensors() as created, torch.autograd.graph.saved_tensors_hooks(
                 lambda t: saved.append(t.numel()) or t, lambda t: t):
             out, grads = _grads(fn, _leaves([h, k, c, v]), grad)
         return max(saved), max(math.prod(s) for s in created.shapes)

@@ -24,6 +24,7 @@ from noprop_fast.data import (
     read_idx,
 )
 from noprop_fast.errors import ConfigError, DataError
+from helpers import raises_one_line
 from hidden_packages import needs_datasets
 from original_files import MNIST_NAMES, make_cifar, make_mnist, write_cifar, write_idx
 
@@ -44,17 +45,6 @@ def expected_normalised(train_pixels, test_pixels):
 def loader(name, folder):
     """A zero-argument call of load_image_dataset(name, data_dir=folder), for raises_one_line."""
     return lambda: load_image_dataset(name, data_dir=str(folder))
-
-
-def raises_one_line(fn, *needles):
-    """Call fn, require a one-line DataError containing every needle; return the message."""
-    with pytest.raises(DataError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert str(needle) in message, (needle, message)
-    return message
 
 
 # ---------------------------------------------------------------- digits

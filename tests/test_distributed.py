@@ -21,13 +21,10 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from noprop_fast import train
-from noprop_fast.data.shards import write_shard
-from noprop_fast.data.tokenizer import ByteTokenizer
 from noprop_fast.distributed import plan_layout, split_blocks
 from noprop_fast.errors import ConfigError
 
@@ -75,18 +72,6 @@ def assert_same_parameters(a: dict, b: dict, atol: float = ATOL) -> None:
     for i, entry in a["optimizer"]["state"].items():  # AdamW's moments and per-block steps too
         for key, value in entry.items():
             torch.testing.assert_close(b["optimizer"]["state"][i][key], value, atol=atol, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["alpha ", "beta ", "gamma ", "delta ", "noprop ", "blocks ", "train "]
-    ids = ByteTokenizer().encode("".join(words[i] for i in rng.integers(0, len(words), 3000)))
-    folder = tmp_path_factory.mktemp("shards")
-    cut = len(ids) // 5
-    write_shard(folder / "demo_val_000000.bin", ids[:cut], tokenizer="byte")
-    write_shard(folder / "demo_train_000001.bin", ids[cut:], tokenizer="byte")
-    return folder
 
 
 # -- the layout ----------------------------------------------------------------------------------
@@ -160,8 +145,8 @@ def test_image_data_step_matches_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["blocks", "data"])
-def test_lm_matches_one_process_and_resumes_in_one(shards, tmp_path, mode):
-    lm = [*LM, "--data-dir", str(shards)]
+def test_lm_matches_one_process_and_resumes_in_one(word_shards, tmp_path, mode):
+    lm = [*LM, "--data-dir", str(word_shards)]
     code, out, err = torchrun([*lm, "--max-steps", "2", "--parallel", mode,
                                "--out", str(tmp_path / "two")])
     assert code == 0, err
@@ -177,8 +162,8 @@ def test_lm_matches_one_process_and_resumes_in_one(shards, tmp_path, mode):
     assert_same_parameters(state(tmp_path / "one4"), state(tmp_path / "two"))
 
 
-def test_one_process_checkpoint_resumes_in_two(shards, tmp_path):
-    lm = [*LM, "--data-dir", str(shards)]
+def test_one_process_checkpoint_resumes_in_two(word_shards, tmp_path):
+    lm = [*LM, "--data-dir", str(word_shards)]
     single([*lm, "--max-steps", "2", "--out", str(tmp_path / "run")])
     code, out, err = torchrun(["--task", "lm", "--resume", str(tmp_path / "run"), "--max-steps",
                                "4", "--parallel", "data", "--no-progress"])
@@ -190,8 +175,8 @@ def test_one_process_checkpoint_resumes_in_two(shards, tmp_path):
     assert summary["data_ranks"] == 2 and summary["steps"] == 4
 
 
-def test_blocks_times_data_on_four_processes(shards, tmp_path):
-    lm = [*LM, "--data-dir", str(shards), "--max-steps", "2"]
+def test_blocks_times_data_on_four_processes(word_shards, tmp_path):
+    lm = [*LM, "--data-dir", str(word_shards), "--max-steps", "2"]
     code, out, err = torchrun([*lm, "--parallel", "blocks+data", "--block-ranks", "2",
                                "--out", str(tmp_path / "four")], nproc=4)
     assert code == 0, err

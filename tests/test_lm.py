@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop_fast.ops import REFERENCE
 from noprop_fast.ops.chunked_ce import cross_entropy_rows, linear_cross_entropy
@@ -25,6 +24,7 @@ from noprop_fast.language import lm_loss, position_logits, sample, validation_lo
 from noprop_fast.methods import noprop_loss
 from noprop_fast.models.lm import GPT, LanguageModel
 from noprop_fast.schedule import NoiseSchedule
+from helpers import CreatedTensors
 
 V, L, T = 37, 11, 3
 
@@ -89,24 +89,11 @@ def test_chunked_cross_entropy_casts_gradients_to_input_dtypes():
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
-class LargestAllocation(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_chunked_cross_entropy_never_holds_all_logits():
     m, vocab, d = 64, 500, 8
     z, w = torch.randn(m, d, requires_grad=True), torch.randn(vocab, d, requires_grad=True)
     y = torch.randint(0, vocab, (m,))
-    with LargestAllocation() as seen:
+    with CreatedTensors() as seen:
         linear_cross_entropy(z, w, None, y, chunk_elements=8 * vocab).backward()
     assert seen.largest < m * vocab, seen.largest
     assert seen.largest >= 8 * vocab  # one chunk's logits (the check sees allocations at all)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from noprop_fast import compare
-from noprop_fast.lm_report import closing_lines
+from noprop_fast.reports import closing_lines
 from noprop_fast.train import main
 
 TINY = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--num-blocks", "2",
@@ -19,7 +19,7 @@ TINY = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from test_lm_train import text_shards
+    from helpers import text_shards
     return text_shards(tmp_path_factory.mktemp("shards"), "lower is better, said the loss. " * 80)
 
 

@@ -7,30 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from noprop_fast.data.shards import write_shard
-from noprop_fast.data.tokenizer import ByteTokenizer
 from noprop_fast.train import main
 
 TINY = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--num-blocks", "2",
         "--seq-len", "16", "--batch-size", "4", "--eval-tokens", "64", "--eval-chains", "2",
         "--sample-tokens", "5", "--num-samples", "1", "--no-progress", "--device", "cpu"]
-
-
-def text_shards(folder, text: str, val_share: float = 0.2):
-    ids = ByteTokenizer().encode(text)
-    cut = int(len(ids) * val_share)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_shard(folder / "demo_val_000000.bin", ids[:cut], tokenizer="byte")
-    write_shard(folder / "demo_train_000001.bin", ids[cut:], tokenizer="byte")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["alpha ", "beta ", "gamma ", "delta ", "noprop ", "blocks ", "train "]
-    text = "".join(words[i] for i in rng.integers(0, len(words), 3000))
-    return text_shards(tmp_path_factory.mktemp("shards"), text)
 
 
 def run(args, capsys):
@@ -39,8 +20,9 @@ def run(args, capsys):
     return code, out.out, out.err
 
 
-def test_lm_run_writes_summary_and_samples(data_dir, tmp_path, capsys):
-    code, out, err = run(TINY + ["--data-dir", str(data_dir), "--max-steps", "4", "--eval-every", "2",
+def test_lm_run_writes_summary_and_samples(word_shards, tmp_path, capsys):
+    code, out, err = run(TINY + ["--data-dir", str(word_shards), "--max-steps", "4",
+                                 "--eval-every", "2",
                                  "--out", str(tmp_path / "r")], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -60,8 +42,9 @@ def _state(run_dir):
 
 @pytest.mark.parametrize("extra", [[], ["--method", "backprop"], ["--fused"]],
                          ids=["noprop", "backprop", "noprop-fused"])
-def test_lm_resume_replays_the_uninterrupted_run(data_dir, tmp_path, capsys, extra):
-    base = TINY + extra + ["--data-dir", str(data_dir), "--eval-every", "2", "--sample-tokens", "0"]
+def test_lm_resume_replays_the_uninterrupted_run(word_shards, tmp_path, capsys, extra):
+    base = TINY + extra + ["--data-dir", str(word_shards), "--eval-every", "2",
+                          "--sample-tokens", "0"]
     assert run(base + ["--max-steps", "4", "--out", str(tmp_path / "whole")], capsys)[0] == 0
     assert run(base + ["--max-steps", "2", "--out", str(tmp_path / "part")], capsys)[0] == 0
     code, out, err = run(["--task", "lm", "--resume", str(tmp_path / "part"), "--max-steps", "4",
@@ -74,8 +57,8 @@ def test_lm_resume_replays_the_uninterrupted_run(data_dir, tmp_path, capsys, ext
     assert whole["progress"]["history"][-1]["val_loss"] == part["progress"]["history"][-1]["val_loss"]
 
 
-def test_sample_from_a_finished_run(data_dir, tmp_path, capsys):
-    args = TINY + ["--data-dir", str(data_dir), "--max-steps", "2", "--eval-every", "2",
+def test_sample_from_a_finished_run(word_shards, tmp_path, capsys):
+    args = TINY + ["--data-dir", str(word_shards), "--max-steps", "2", "--eval-every", "2",
                    "--sample-tokens", "0", "--out", str(tmp_path / "r")]
     assert run(args, capsys)[0] == 0
     code, out, err = run(["--task", "lm", "--resume", str(tmp_path / "r"), "--sample", "beta ",
@@ -84,8 +67,8 @@ def test_sample_from_a_finished_run(data_dir, tmp_path, capsys):
     assert "--- sample 1" in out and "\nbeta " in out
 
 
-def test_mlm_embeddings_are_pretrained_and_frozen(data_dir, tmp_path, capsys):
-    args = TINY + ["--data-dir", str(data_dir), "--embed-init", "mlm", "--mlm-steps", "3",
+def test_mlm_embeddings_are_pretrained_and_frozen(word_shards, tmp_path, capsys):
+    args = TINY + ["--data-dir", str(word_shards), "--embed-init", "mlm", "--mlm-steps", "3",
                    "--eval-every", "1", "--sample-tokens", "0"]
     assert run(args + ["--max-steps", "1", "--out", str(tmp_path / "a")], capsys)[0] == 0
     code, out, err = run(["--task", "lm", "--resume", str(tmp_path / "a"), "--max-steps", "3",
@@ -109,18 +92,18 @@ def test_mlm_embeddings_are_pretrained_and_frozen(data_dir, tmp_path, capsys):
     (["--method", "backprop", "--embed-init", "mlm"], "embed_init"),
     (["--dataset", "mnist"], "--dataset"),
 ])
-def test_lm_errors_are_one_line(data_dir, tmp_path, capsys, args, message):
-    base = TINY + (["--data-dir", str(data_dir)] if "--data-dir" not in args else [])
+def test_lm_errors_are_one_line(word_shards, tmp_path, capsys, args, message):
+    base = TINY + (["--data-dir", str(word_shards)] if "--data-dir" not in args else [])
     code, out, err = run(base + args + ["--out", str(tmp_path / "r")], capsys)
     assert code == 2
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
 @pytest.mark.slow
-def test_noprop_lm_learns_below_the_unigram_entropy(data_dir, tmp_path, capsys):
+def test_noprop_lm_learns_below_the_unigram_entropy(word_shards, tmp_path, capsys):
     """Words drawn at random from a few: within a word the next byte is nearly certain, so a model
     that learned anything beats the byte unigram entropy by far; NoProp-LM must too."""
-    args = ["--task", "lm", "--data-dir", str(data_dir), "--width", "64", "--heads", "4",
+    args = ["--task", "lm", "--data-dir", str(word_shards), "--width", "64", "--heads", "4",
             "--embed-dim", "32", "--num-blocks", "4", "--seq-len", "32", "--batch-size", "16",
             "--max-steps", "150", "--eval-every", "150", "--eval-tokens", "1024", "--lr", "0.003",
             "--sample-tokens", "0", "--no-progress", "--out", str(tmp_path / "r")]
@@ -134,8 +117,8 @@ def test_noprop_lm_learns_below_the_unigram_entropy(data_dir, tmp_path, capsys):
                                    ["--precision", "bf16", "--method", "backprop"],
                                    ["--precision", "bf16", "--fused"]],
                          ids=["bf16", "fp16", "backprop-bf16", "fused-bf16"])
-def test_lm_trains_in_every_precision(data_dir, tmp_path, capsys, extra):
-    args = TINY + extra + ["--data-dir", str(data_dir), "--max-steps", "3", "--eval-every", "3",
+def test_lm_trains_in_every_precision(word_shards, tmp_path, capsys, extra):
+    args = TINY + extra + ["--data-dir", str(word_shards), "--max-steps", "3", "--eval-every", "3",
                            "--sample-tokens", "0", "--out", str(tmp_path / "r")]
     code, out, err = run(args, capsys)
     assert code == 0, err
@@ -143,12 +126,12 @@ def test_lm_trains_in_every_precision(data_dir, tmp_path, capsys, extra):
     assert summary["precision"] == extra[1] and np.isfinite(summary["val_loss"])
 
 
-def test_the_task_follows_the_config_or_the_resumed_run(data_dir, tmp_path, capsys):
+def test_the_task_follows_the_config_or_the_resumed_run(word_shards, tmp_path, capsys):
     from noprop_fast.train import parse_args
     assert parse_args(["--config", "stdlib"]).task == "lm"
     assert parse_args(["--config", "digits"]).task == "image"
     assert parse_args([]).task == "image"
-    args = TINY[2:] + ["--data-dir", str(data_dir), "--max-steps", "1", "--eval-every", "1",
+    args = TINY[2:] + ["--data-dir", str(word_shards), "--max-steps", "1", "--eval-every", "1",
                        "--sample-tokens", "0", "--out", str(tmp_path / "r")]
     assert run(["--config", "stdlib"] + args, capsys)[0] == 0  # no --task: the config's
     code, out, err = run(["--resume", str(tmp_path / "r"), "--max-steps", "2", "--no-progress"], capsys)

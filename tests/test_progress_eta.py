@@ -96,7 +96,7 @@ def slow_evaluations(monkeypatch):
 def test_lm_progress_line_ignores_an_hour_of_evaluation(data_dir, tmp_path, capsys, monkeypatch,
                                                         slow_evaluations):
     from noprop_fast.lm_trainer import LMTrainer
-    from noprop_fast.train import load_token_data
+    from noprop_fast.data.corpus import load_token_data
     monkeypatch.setattr(LMTrainer, "evaluate", slow_evaluations(LMTrainer.evaluate))
     cfg = resolve(None, {"width": 32, "heads": 2, "embed_dim": 8, "num_blocks": 2, "seq_len": 16,
                          "batch_size": 4, "eval_tokens": 64, "eval_chains": 1, "max_steps": 8,
@@ -128,6 +128,6 @@ def test_image_progress_line_ignores_an_hour_of_evaluation(tmp_path, capsys, mon
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from test_lm_train import text_shards
+    from helpers import text_shards
     return text_shards(tmp_path_factory.mktemp("shards"),
                        "an evaluation is not a training step. " * 80)

@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from noprop_fast import compare, plots
+from noprop_fast import plots, reports
 from noprop_fast.train import main
 
 IMAGE = ["--num-blocks", "2", "--batch-size", "256", "--no-progress", "--device", "cpu"]
@@ -18,7 +18,7 @@ IMAGE_PLOTS, LM_PLOTS = ("loss.png", "accuracy.png"), ("train_loss.png", "val_lo
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from test_lm_train import text_shards
+    from helpers import text_shards
     text = "the blocks denoise a label; the classifier reads the last one. " * 60
     return text_shards(tmp_path_factory.mktemp("shards"), text)
 
@@ -98,7 +98,7 @@ def drawn_figures(monkeypatch) -> list:
 
 def test_compare_charts_keep_every_label_inside_the_figure(tmp_path, monkeypatch):
     figures = drawn_figures(monkeypatch)
-    compare.write_plots(*compare_runs("all", 34.6), tmp_path)
+    reports.write_plots(*compare_runs("all", 34.6), tmp_path)
     assert len(figures) == 4
     for fig in figures:
         renderer = fig.canvas.get_renderer()
@@ -114,13 +114,13 @@ def test_compare_charts_keep_every_label_inside_the_figure(tmp_path, monkeypatch
 
 def test_memory_chart_of_all_blocks_per_step_names_the_sequential_schedule(tmp_path, monkeypatch):
     figures = drawn_figures(monkeypatch)
-    compare.write_plots(*compare_runs("all", 34.6), tmp_path)
+    reports.write_plots(*compare_runs("all", 34.6), tmp_path)
     memory = figures[-1]
     notes = " ".join(t.get_text() for t in memory.texts).replace("\n", " ")
     assert "--block-schedule sequential" in notes
     captions = [t.get_text() for t in memory.axes[0].texts]
     assert captions == ["34.6 MiB\n1.00 x backprop", "34.6 MiB\n1.00 x backprop"]
     figures.clear()
-    compare.write_plots(*compare_runs("sequential", 3.5), tmp_path)
+    reports.write_plots(*compare_runs("sequential", 3.5), tmp_path)
     assert not figures[-1].texts  # the sequential schedule shows its saving: no note
     assert figures[-1].axes[0].texts[0].get_text() == "3.5 MiB\n0.10 x backprop"

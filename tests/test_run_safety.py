@@ -18,6 +18,7 @@ import torch
 from noprop_fast import train
 from noprop_fast.data.shards import write_shard
 from noprop_fast.data.tokenizer import ByteTokenizer
+from helpers import WORDS, text_shards, word_text
 
 TINY = ["--num-blocks", "2", "--batch-size", "256", "--no-progress"]  # digits: 6 steps per epoch
 LM = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--num-blocks", "2",
@@ -57,13 +58,8 @@ def epochs(run_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["alpha ", "beta ", "gamma ", "delta ", "noprop "]
-    ids = ByteTokenizer().encode("".join(words[i] for i in rng.integers(0, len(words), 1500)))
-    folder = tmp_path_factory.mktemp("shards")
-    write_shard(folder / "demo_val_000000.bin", ids[:1000], tokenizer="byte")
-    write_shard(folder / "demo_train_000001.bin", ids[1000:], tokenizer="byte")
-    return folder
+    text = word_text(1500, WORDS[:5])
+    return text_shards(tmp_path_factory.mktemp("shards"), text, val_tokens=1000)
 
 
 @pytest.fixture(scope="module")

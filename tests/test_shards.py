@@ -32,6 +32,7 @@ from noprop_fast.data.shards import (
 )
 from noprop_fast.data.tokenizer import ByteTokenizer, GPT2Tokenizer, get_tokenizer
 from noprop_fast.errors import ConfigError, DataError
+from helpers import raises_one_line
 
 
 def write_plain(path, ids, magic=MAGIC, version=VERSION, count=None, code=0, vocab=0):
@@ -42,16 +43,6 @@ def write_plain(path, ids, magic=MAGIC, version=VERSION, count=None, code=0, voc
     with open(path, "wb") as f:
         header.tofile(f)
         ids.tofile(f)
-
-
-def raises_one_line(fn, *needles, error=DataError):
-    with pytest.raises(error) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert str(needle) in message, (needle, message)
-    return message
 
 
 # ---------------------------------------------------------------- round trips

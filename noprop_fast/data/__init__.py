@@ -3,11 +3,5 @@
 from noprop_fast.data.formats import read_cifar_pickle, read_idx
 from noprop_fast.data.image import IMAGE_DATASETS, ImageData, batches, load_image_dataset
 
-__all__ = [
-    "IMAGE_DATASETS",
-    "ImageData",
-    "batches",
-    "load_image_dataset",
-    "read_cifar_pickle",
-    "read_idx",
-]
+__all__ = ["IMAGE_DATASETS", "ImageData", "batches", "load_image_dataset", "read_cifar_pickle",
+           "read_idx"]

@@ -1,22 +1,9 @@
-"""The embedded default corpus: English text that ships with every Python installation.
-
-`--task lm` must run offline on a fresh machine, so its default data is built from two sources
-that every CPython carries:
-
-- the documentation topics of `pydoc_data.topics` (the language reference's long sections), and
-- the docstrings of the standard library's modules, classes and functions, read from the `.py`
-  sources with `ast` (never imported: some stdlib modules have side effects on import), skipping
-  test suites, IDLE, lib2to3 and installed packages, and docstrings under MIN_DOCSTRING_CHARS.
-
-Each text is one document; tokens are bytes (the byte tokenizer, vocabulary 257) and EOT starts
-each document, as in the FineWeb shards. A document goes to validation when the CRC-32 of its
-UTF-8 text is 0 mod VAL_MODULUS, so train and val never share a document and the split does not
-depend on the order of the documents. Duplicate texts are kept once.
-
-The shards are built on first use into `<cache>/noprop_fast/stdlib-corpus-<key>/`, named like
-FineWeb's (`stdlib_val_000000.bin`, `stdlib_train_000001.bin`), so the loader treats the folder like
-any other. CPython 3.11.7 gives 2,273 documents, 1.53M train and 0.14M val tokens, built in
-a few seconds.
+"""The embedded default corpus of `--task lm` (docs/language.md, "Token data"): English text that
+every CPython carries, so a fresh machine trains offline. Documents: the topics of
+`pydoc_data.topics` and the stdlib's docstrings of at least MIN_DOCSTRING_CHARS, read with `ast`
+(never imported), each text once; byte tokens, EOT before each document. A document is in val when
+the CRC-32 of its text is 0 mod VAL_MODULUS, whatever the order. The two shards are built on first
+use into `<cache>/noprop_fast/stdlib-corpus-<key>/`, named like FineWeb's.
 """
 import ast
 import hashlib
@@ -35,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .shards import write_shard
+from .shards import TokenData, write_shard
 from .tokenizer import get_tokenizer
 
 CORPUS_FORMAT = 1  # bump when the documents or the shard layout change: the cache key hashes it
@@ -125,14 +112,10 @@ def _build(folder: Path) -> tuple[int, int, int]:
 
 
 def embedded_corpus_dir(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """The folder of the embedded corpus's shards, built on first use and cached.
-
-    `cache_dir` replaces the cache root (see `cache_root`); the shards lie in
-    `<root>/noprop_fast/stdlib-corpus-<key>/`. The corpus is built into a temporary folder beside
-    it and renamed into place, so a crash never leaves a half-built corpus, and when two processes
-    build at once the second rename fails, that process drops its copy and uses the first one's.
-    With `progress`, one line on stderr when it builds and one with the sizes when done.
-    """
+    """The folder of the embedded corpus's shards under `cache_dir` (default: `cache_root()`).
+    Built into a temporary folder beside it and renamed into place: a crash leaves no half-built
+    corpus, and of two processes building at once the second drops its copy and uses the first's.
+    `progress`: a line on stderr when it builds and one with the sizes when done."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     folder = root / "noprop_fast" / f"stdlib-corpus-{corpus_key()}"
     if _is_complete(folder):
@@ -163,3 +146,10 @@ def embedded_corpus_dir(cache_dir: str | Path | None = None, progress: bool = Tr
               f"{val_tokens:,} val tokens (bytes) in {folder} ({time.perf_counter() - start:.1f}s)",
               file=sys.stderr, flush=True)
     return folder
+
+
+def load_token_data(data_dir: str | None, show_progress: bool = True) -> TokenData:
+    """The shards of `data_dir`, or the embedded corpus (built and cached on first use)."""
+    if data_dir is None:
+        data_dir = embedded_corpus_dir(progress=show_progress)
+    return TokenData.load(data_dir)

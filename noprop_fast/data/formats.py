@@ -1,20 +1,12 @@
-"""Readers for the original distribution formats of MNIST and CIFAR, and the folder search.
+"""Readers for MNIST's IDX files and CIFAR's python pickles, and the folder search. Every header
+and size is checked, and a fault is a one-line `DataError` naming the file, what was expected and
+what was found (not a reshape error deep inside numpy).
 
-MNIST ships as four IDX files; CIFAR-10 and CIFAR-100 ship as Python pickles. These readers check
-every header and size against the format and raise `DataError` with one line that names the file
-and says what was expected and what was found, so a truncated download or a wrong file is reported
-as such instead of surfacing as a reshape error deep inside numpy.
-
-IDX layout (big-endian): two zero bytes, a type byte (0x08 = uint8, ...), a byte holding the
-number of dimensions d, then d int32 sizes, then prod(sizes) items. MNIST images are
-[n, 28, 28] uint8 (magic 0x00000803), labels [n] uint8 (magic 0x00000801).
-
-CIFAR pickle: a dict with b"data", uint8 [n, 3072] where a row is the image channel-first
-(row[c*1024 + h*32 + w] = pixel [c, h, w]), and b"labels" (CIFAR-10) or b"fine_labels"
-(CIFAR-100), a list of n ints.
+IDX (big-endian): two zero bytes, a type byte (0x08 = uint8, ...), the number of dimensions d, d
+int32 sizes, then the items. MNIST: images [n, 28, 28] uint8 (magic 0x00000803), labels [n] uint8
+(magic 0x00000801). CIFAR: a pickled dict with b"data", uint8 [n, 3072], each row channel-first
+(row[c*1024 + h*32 + w] = pixel [c, h, w]), and b"labels" (CIFAR-10) or b"fine_labels" (CIFAR-100).
 """
-
-from __future__ import annotations
 
 import gzip
 import io
@@ -58,11 +50,8 @@ def import_datasets(needed_for: str, without_it: str):
 
 
 def _read_bytes(path: str) -> bytes:
-    """The file's bytes, decompressed when it starts with the gzip magic 1f 8b.
-
-    Deciding by content rather than by the `.gz` suffix also accepts the common case of a browser
-    that unpacked `train-images-idx3-ubyte.gz` on download but kept the name.
-    """
+    """The file's bytes, decompressed when it starts with the gzip magic 1f 8b (by content, not by
+    the `.gz` suffix: browsers unpack `train-images-idx3-ubyte.gz` and keep the name)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -77,12 +66,8 @@ def _read_bytes(path: str) -> bytes:
 
 
 def read_idx(path: str, magic: int | None = None) -> np.ndarray:
-    """Read an IDX file (plain or gzipped) into a native-endian numpy array of its shape.
-
-    `magic`, if given, is the 4-byte header the file must start with (`IDX_IMAGES_MAGIC`,
-    `IDX_LABELS_MAGIC`); otherwise any valid IDX type and dimension count are accepted.
-    Raises DataError for a bad header or a data size that differs from the header's shape.
-    """
+    """An IDX file (plain or gzipped) as a native-endian numpy array of its shape. `magic`: the
+    4-byte header it must start with (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC); None: any valid one."""
     path = os.fspath(path)
     raw = _read_bytes(path)
     if len(raw) < 4:
@@ -119,11 +104,8 @@ def read_idx(path: str, magic: int | None = None) -> np.ndarray:
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles only what a CIFAR batch holds: dicts, lists, strings, numbers, numpy arrays.
-
-    Unpickling an arbitrary file can run arbitrary code; a CIFAR batch never needs anything but
-    numpy's array reconstruction, so every other global is refused.
-    """
+    """Unpickles only what a CIFAR batch holds (dicts, lists, strings, numbers, numpy arrays):
+    an arbitrary pickle can run arbitrary code, so every other global is refused."""
 
     _ALLOWED = {
         (mod, name)
@@ -144,11 +126,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def read_cifar_pickle(path: str, label_key: str | bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Read one CIFAR python batch: (data uint8 [n, 3, 32, 32], labels int64 [n]).
-
-    `label_key` is "labels" (CIFAR-10), "fine_labels" or "coarse_labels" (CIFAR-100). The batch
-    size is not fixed: any n works as long as data rows and labels agree.
-    """
+    """One CIFAR python batch: (data uint8 [n, 3, 32, 32], labels int64 [n]), any n. `label_key`:
+    "labels" (CIFAR-10), "fine_labels" or "coarse_labels" (CIFAR-100)."""
     path = os.fspath(path)
     key = label_key.encode() if isinstance(label_key, str) else label_key
     raw = _read_bytes(path)
@@ -184,12 +163,9 @@ def read_cifar_pickle(path: str, label_key: str | bytes) -> tuple[np.ndarray, np
 
 
 def find_file_set(root: str, wanted: dict[str, tuple[str, ...]], what: str) -> dict[str, str] | None:
-    """Find the folder under `root` (depth <= 3) that holds one accepted file for every entry of
-    `wanted` (entry -> accepted names, preferred first); return entry -> full path.
-
-    The shallowest complete folder wins. If none is complete but some folder holds part of the
-    set, raise DataError naming the missing files; if no folder holds any, return None.
-    """
+    """entry -> path in the shallowest folder under `root` (depth <= 3) that holds one accepted
+    file for every entry of `wanted` (entry -> accepted names, preferred first). None where no
+    folder holds any; a DataError naming the missing files where some hold only part of the set."""
     best_partial: tuple[str, dict[str, str]] | None = None
     frontier = [(root, 0)]
     while frontier:  # breadth first, so shallower folders are preferred

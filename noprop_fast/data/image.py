@@ -1,26 +1,12 @@
-"""Image classification datasets as normalised tensors, small enough to live whole on the device.
+"""Image classification datasets as normalised tensors, small enough to live whole on the device
+(docs/usage.md, "Data"): digits (scikit-learn's 8x8, a fixed stratified 1437 / 360 split), mnist,
+cifar10, cifar100 (the standard splits). Pixels go to [0, 1], then every channel is normalised with
+the TRAIN split's mean and std (computed here); no augmentation.
 
-    digits    scikit-learn's bundled 8x8 digits, 1 channel, 10 classes. It has no official split;
-              we use a fixed stratified one: 1437 train / 360 test from
-              `train_test_split(..., test_size=360, stratify=y, random_state=0)`.
-    mnist     28x28, 1 channel, 10 classes, 60000 / 10000.
-    cifar10   32x32, 3 channels, 10 classes, 50000 / 10000.
-    cifar100  32x32, 3 channels, 100 (fine) classes, 50000 / 10000.
-
-Pixels go to [0, 1] (uint8 / 255, digits / 16), then every channel is normalised with the mean
-and std of the TRAIN split (computed here, not hard-coded), and the test split with the same
-statistics. No augmentation.
-
-Where MNIST and CIFAR come from, in this order:
-  1. `data_dir` holding a `datasets` save (`DatasetDict.save_to_disk`, has `dataset_dict.json`)
-     with splits "train" and "test";
-  2. `data_dir` or a sub-folder of it (depth <= 3) holding the original files: MNIST's four IDX
-     files (gzipped or not), CIFAR's python batches (see `formats.py`);
-  3. no `data_dir`: the dataset hub through `datasets.load_dataset`.
-Every problem a user can cause is a one-line `DataError` naming the file.
+MNIST and CIFAR come from, in this order: a `datasets` save in `data_dir` (has dataset_dict.json);
+the original files in `data_dir` or a sub-folder up to depth 3 (see `formats.py`); without
+`data_dir`, the dataset hub. Every problem a user can cause is a one-line `DataError`.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import os
@@ -30,15 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from noprop_fast.data.formats import (
-    IDX_IMAGES_MAGIC,
-    IDX_LABELS_MAGIC,
-    one_line_error,
-    find_file_set,
-    import_datasets,
-    read_cifar_pickle,
-    read_idx,
-)
+from noprop_fast.data.formats import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, find_file_set,
+                                      import_datasets, one_line_error, read_cifar_pickle, read_idx)
 from noprop_fast.errors import ConfigError, DataError
 
 IMAGE_DATASETS = ("digits", "mnist", "cifar10", "cifar100")
@@ -57,20 +36,12 @@ class _Spec:
     files: dict[str, tuple[str, ...]]  # original files: shown name -> accepted names, preferred first
 
 
-def _idx_names(stem: str, kind: str) -> tuple[str, ...]:
-    # Plain before gzipped (some tools keep both; plain reads faster); the dotted variant
-    # (`train-images.idx3-ubyte`) is how some mirrors and Kaggle name them.
-    return (f"{stem}-{kind}", f"{stem}-{kind}.gz", f"{stem}.{kind}", f"{stem}.{kind}.gz")
-
-
+# Plain before gzipped (some tools keep both; plain reads faster); the dotted variant
+# (`train-images.idx3-ubyte`) is how some mirrors and Kaggle name them.
 _MNIST_FILES = {
-    f"{stem}-{kind}[.gz]": _idx_names(stem, kind)
-    for stem, kind in [
-        ("train-images", "idx3-ubyte"),
-        ("train-labels", "idx1-ubyte"),
-        ("t10k-images", "idx3-ubyte"),
-        ("t10k-labels", "idx1-ubyte"),
-    ]
+    f"{stem}-{kind}[.gz]": tuple(f"{stem}{sep}{kind}{gz}" for sep in "-." for gz in ("", ".gz"))
+    for stem, kind in [("train-images", "idx3-ubyte"), ("train-labels", "idx1-ubyte"),
+                       ("t10k-images", "idx3-ubyte"), ("t10k-labels", "idx1-ubyte")]
 }
 _CIFAR10_FILES = {n: (n,) for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
 _CIFAR100_FILES = {"train": ("train",), "test": ("test",)}
@@ -101,24 +72,15 @@ class ImageData:
         """(C, H, W) of one image."""
         return tuple(self.train_x.shape[1:])
 
-    def to(self, device) -> ImageData:
+    def to(self, device) -> "ImageData":
         """A copy with all four tensors on `device` (whole datasets live there: no loader)."""
-        return dataclasses.replace(
-            self,
-            train_x=self.train_x.to(device),
-            train_y=self.train_y.to(device),
-            test_x=self.test_x.to(device),
-            test_y=self.test_y.to(device),
-        )
+        tensors = ("train_x", "train_y", "test_x", "test_y")
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in tensors})
 
 
 def load_image_dataset(name: str, data_dir: str | None = None, device="cpu") -> ImageData:
-    """Load `name` (one of IMAGE_DATASETS) normalised, on `device`.
-
-    `data_dir` is where MNIST/CIFAR are kept (see the module docstring); digits is bundled with
-    scikit-learn and ignores it. Raises DataError for an unknown name, a missing folder, missing
-    or malformed files, or an unreachable hub.
-    """
+    """Load `name` (one of IMAGE_DATASETS) normalised, on `device`; `data_dir`: where MNIST and
+    CIFAR are kept (the module docstring), ignored by digits."""
     key = name.lower() if isinstance(name, str) else name
     if key not in IMAGE_DATASETS:
         raise DataError(f"unknown image dataset {name!r}, expected one of {', '.join(IMAGE_DATASETS)}")
@@ -139,16 +101,9 @@ def load_image_dataset(name: str, data_dir: str | None = None, device="cpu") -> 
         raise DataError(f"{source}: the test split is empty")
     train_x, test_x = _to_unit_float(x_train), _to_unit_float(x_test)
     _normalise_(train_x, test_x)
-    data = ImageData(
-        name=key,
-        train_x=train_x,
-        train_y=torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64)),
-        test_x=test_x,
-        test_y=torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64)),
-        num_classes=num_classes,
-        source=source,
-    )
-    return data.to(device)
+    train_y, test_y = (torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+                       for y in (y_train, y_test))
+    return ImageData(key, train_x, train_y, test_x, test_y, num_classes, source).to(device)
 
 
 def batches(
@@ -161,10 +116,9 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (xb [B, ...], yb [B]) from tensors that already sit on their device.
 
-    With `shuffle`, the order is `torch.randperm(N, generator=generator, device=x.device)` (so
-    `generator` must live on x's device) and each batch is a gather on the device: no worker
-    processes and no host round trip per batch. Every index appears exactly once per epoch; the
-    last batch has N % batch_size rows unless `drop_last` drops it.
+    With `shuffle`, a `torch.randperm` on x's device (`generator` must live there) and a gather per
+    batch: no workers, no host round trip. The last batch has N % batch_size rows unless
+    `drop_last` drops it.
     """
     n = x.shape[0]
     if y.shape[0] != n or x.device != y.device:
@@ -172,13 +126,10 @@ def batches(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     stop = n - n % batch_size if drop_last else n
-    if not shuffle:
-        for start in range(0, stop, batch_size):
-            yield x[start : start + batch_size], y[start : start + batch_size]
-        return
-    order = torch.randperm(n, generator=generator, device=x.device)
+    order = torch.randperm(n, generator=generator, device=x.device) if shuffle else None
     for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+        rows = slice(start, start + batch_size)
+        idx = rows if order is None else order[rows]
         yield x[idx], y[idx]
 
 
@@ -320,10 +271,8 @@ def _split_arrays(split, spec: _Spec, where: str):
 
 
 def _to_nchw(images: np.ndarray, spec: _Spec, where: str) -> np.ndarray:
-    """[n, H, W] -> [n, 1, H, W]; [n, H, W, C] (PIL layout) -> [n, C, H, W]; [n, C, H, W] kept.
-
-    A 4-d array counts as channel-last when its last axis is 1 or 3 and its second is not.
-    """
+    """[n, H, W] -> [n, 1, H, W]; [n, H, W, C] (PIL layout: last axis 1 or 3, second not) ->
+    [n, C, H, W]; [n, C, H, W] kept."""
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):

@@ -1,21 +1,13 @@
-"""Command line: `python -m noprop_fast.data.prepare --out DIR [--input FILE_OR_GLOB ...]`.
+"""Command line: `python -m noprop_fast.data.prepare --out DIR [--input FILE_OR_GLOB ...]`
+(docs/language.md, "Token data"; the options: `--help`).
 
-Tokenizes text into shards named like published FineWeb token shards, so the loader treats
-every such folder alike: `{prefix}_val_000000.bin`, then `{prefix}_train_000001.bin`, `_000002`, ...
-(the format is in `shards.py`: a 256-int32 header that records the tokenizer, then uint16 ids).
-
-    (no --input)            stream FineWeb (HuggingFaceFW/fineweb, --fineweb-name) from the Hub;
-                            needs network access; prefix `fineweb`
-    --input FILE_OR_GLOB    local files instead: .txt/.md (a whole file is one document),
-                            .jsonl/.json (one document per record, field --text-field),
-                            .parquet (column --text-field); prefix `data`
-    --tokenizer gpt2|byte   gpt2 (tiktoken) by default; byte needs nothing
-
-EOT starts each document. The val shard takes the first documents, whole, until it holds at least
---val-tokens tokens, so no document is in both splits; the rest fill train shards of exactly
---shard-tokens tokens (the last one shorter), a document running on into the next shard. A shard is
-written only when it is full or the input has ended, and `write_shard` writes through a temporary
-file, so a crash or Ctrl-C leaves only complete shards.
+Tokenizes FineWeb (streamed from the Hub) or local text files into shards named like published
+FineWeb token shards (`{prefix}_val_000000.bin`, then `{prefix}_train_000001.bin`, ...; the format
+is in `shards.py`). EOT starts each document. The val shard takes the first documents, whole,
+until it holds at least --val-tokens tokens, so no document is in both splits; the rest fill train
+shards of exactly --shard-tokens tokens (the last one shorter), a document running on into the
+next. A shard is written only when full or at the input's end, through a temporary file, so a
+crash or Ctrl-C leaves only complete shards.
 """
 import argparse
 import functools
@@ -30,7 +22,7 @@ import numpy as np
 
 from ..config import OneLineArgumentParser
 from ..errors import ConfigError, DataError, UserError, cli_main
-from .formats import import_datasets
+from .formats import import_datasets, one_line_error
 from .shards import ShardInfo, write_shard
 from .tokenizer import get_tokenizer
 
@@ -68,34 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
 def _texts(open_dataset, field: str, where: str, hint: str = "") -> Iterator[str]:
     """The non-empty texts of a `datasets` stream; anything the stream raises is one DataError."""
     try:
-        rows = iter(open_dataset())
-        index = 0
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
+        for index, row in enumerate(open_dataset()):
             if field not in row:
                 raise DataError(f"{where}: no field {field!r} (it has {', '.join(map(str, row))}); "
                                 "name the text's field with --text-field")
             if not isinstance(row[field], str):
                 raise DataError(f"{where}: record {index}: {field!r} is "
                                 f"{type(row[field]).__name__}, not text")
-            index += 1
             if row[field]:
                 yield row[field]
     except UserError:
         raise
     except Exception as err:  # network, a missing or corrupt file, bad JSON, undecodable text ...
-        raise DataError(f"{where}: {_one_line(err)}{hint}") from None
+        raise DataError(f"{where}: {one_line_error(err)}{hint}") from None
 
 
 def _datasets():

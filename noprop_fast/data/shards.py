@@ -8,19 +8,14 @@ A shard is a header of 256 little-endian int32, then uint16 token ids:
     header[3] = tokenizer   0 = gpt2, 1 = byte (this project's addition; published shards leave it 0)
     header[4] = vocab size  0 = the tokenizer's default (50257 for gpt2, 257 for byte)
 
-so a shard from another writer, with zeros there, reads as GPT-2. EOT starts each document; a window
-of tokens may cross documents and shards (EOT is an ordinary token to the model).
-A folder holds `*_train_*.bin` and `*_val_*.bin` (FineWeb: fineweb_train_000001.bin, ...). Every
-fault a user can cause is a one-line `DataError` naming the file and what was expected.
+so a shard from another writer, with zeros there, reads as GPT-2. A folder holds `*_train_*.bin`
+and `*_val_*.bin`; a fault is a one-line `DataError` naming the file and what was expected.
 
-Batches: a split is one stream (its shards in name order). A window is seq_len + 1 consecutive
-tokens w; x = w[:-1], y = w[1:], so every token of y is the next token after the same position of x.
-Training windows lie on a grid of stride seq_len from an offset drawn anew each epoch (so window
-borders move between epochs) and are visited in a random order; both come from a torch.Generator
-seeded by (seed, epoch), so a run is reproducible and resumes from two integers.
+Batches: a split is one stream (its shards in name order), EOT starting each document. A window is
+seq_len + 1 consecutive tokens w; x = w[:-1], y = w[1:]. Training windows lie on a grid of stride
+seq_len from an offset drawn anew each epoch, in a random order, both from a torch.Generator seeded
+by (seed, epoch): a run is reproducible and resumes from two integers.
 """
-
-from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
@@ -113,10 +108,8 @@ def read_header(path) -> ShardInfo:
     expected = HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
         fault = "truncated file" if size < expected else f"{size - expected} bytes more than the header says"
-        raise DataError(
-            f"{path}: size {size} bytes, but header[2] says {count} tokens "
-            f"({expected} bytes = {HEADER_BYTES}-byte header + 2 per token): {fault}"
-        )
+        raise DataError(f"{path}: size {size} bytes, but header[2] says {count} tokens "
+                        f"({expected} bytes = {HEADER_BYTES}-byte header + 2 per token): {fault}")
     names = {c: n for n, c in TOKENIZER_CODES.items()}
     if code not in names:
         known = ", ".join(f"{c} = {n}" for n, c in TOKENIZER_CODES.items())
@@ -155,10 +148,14 @@ def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
     return ids
 
 
-def find_shards(data_dir, split: str) -> list[Path]:
-    """The files `*_{split}_*.bin` directly in `data_dir`, sorted by name."""
+def _check_split(split: str) -> None:
     if split not in ("train", "val"):
         raise ConfigError(f"unknown split {split!r}, expected 'train' or 'val'")
+
+
+def find_shards(data_dir, split: str) -> list[Path]:
+    """The files `*_{split}_*.bin` directly in `data_dir`, sorted by name."""
+    _check_split(split)
     folder, pattern = Path(data_dir), f"*_{split}_*.bin"
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "no such folder"
@@ -201,16 +198,13 @@ class TokenData:
         return cls(shards["train"], shards["val"], first.tokenizer, first.vocab_size, source)
 
     def num_tokens(self, split) -> int:
-        if split not in ("train", "val"):
-            raise ConfigError(f"unknown split {split!r}, expected 'train' or 'val'")
+        _check_split(split)
         return sum(len(s) for s in getattr(self, split))
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """H = -sum_v p_v ln p_v in nats per token, p the empirical unigram frequencies of `tokens`.
-
-    A model that ignores its context can do no better than this cross-entropy on the same tokens;
-    a language model's validation loss must come in below it."""
+    """H = -sum_v p_v ln p_v in nats per token, p the unigram frequencies of `tokens`: the best
+    cross-entropy of a model that ignores its context."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(tokens), _CHECK_CHUNK):  # bincount would otherwise widen all ids to int64
         chunk = np.bincount(np.asarray(tokens[start : start + _CHECK_CHUNK]), minlength=vocab_size)
@@ -243,10 +237,9 @@ class _Stream:
 
 
 def _assemble(stream: _Stream, starts: np.ndarray, seq_len: int, device: torch.device):
-    """(x, y) int64 [B, seq_len] on `device` from the windows at `starts`. For an accelerator the
-    windows go into pinned host memory as int32 (half the bytes of int64) and are copied without
-    blocking; the widening to int64 runs on the device. A fresh pinned buffer per batch is safe:
-    PyTorch's host allocator does not reuse it until the copy that reads it has finished."""
+    """(x, y) int64 [B, seq_len] on `device` from the windows at `starts`. For an accelerator: int32
+    in pinned host memory, copied without blocking, widened on the device (PyTorch's host allocator
+    does not reuse a pinned buffer before the copy that reads it has finished)."""
     on_host = device.type == "cpu"
     windows = torch.empty(
         (len(starts), seq_len + 1), dtype=torch.int64 if on_host else torch.int32, pin_memory=device.type == "cuda"
@@ -273,23 +266,26 @@ def _too_short(split: str, stream: _Stream, seq_len: int) -> DataError:
     )
 
 
+def _check_windows(split: str, num_tokens: int, num_windows: int, seq_len: int, world_size: int):
+    if num_windows < world_size:
+        raise DataError(
+            f"{split} split: {num_tokens} tokens make {num_windows} windows of seq_len + 1 = "
+            f"{seq_len + 1} tokens, fewer than the {world_size} processes that each need one"
+        )
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # SeedSequence mixes (seed, epoch) so that nearby pairs give unrelated streams.
     return int(np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class TokenBatches:
-    """Contiguous windows of seq_len + 1 tokens from the shards of one split: x = w[:-1], y = w[1:],
-    both int64 [batch, seq_len].
+    """Training batches (x, y), both int64 [batch, seq_len], as the module docstring says.
 
-    Sharded by rank and world size: every process draws the same window order and rank r takes
-    every W-th window of it, so W processes see disjoint windows (each epoch uses
-    `windows_per_epoch` per process, the last few windows of the order being left out when their
-    number does not divide by W). A batch may span the end of one epoch and the start of the next.
-    Training order: the grid offset and the window order come from a torch.Generator seeded by
-    (seed, epoch); `state_dict()/load_state_dict()` hold the epoch and position so that a resumed
-    run continues the same stream. On CUDA the batch is assembled in pinned host memory and copied
-    with non_blocking=True."""
+    Every process draws the same window order and rank r takes every W-th window of it, so W
+    processes see disjoint windows (`windows_per_epoch` each; the order's last windows are left out
+    when their number does not divide by W). A batch may span two epochs. `state_dict()` holds the
+    epoch and position, so a resumed run continues the same stream."""
 
     def __init__(self, shards: list[np.ndarray], batch_size: int, seq_len: int, device, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
@@ -306,11 +302,7 @@ class TokenBatches:
         full = (n - 1) // seq_len
         self._num_windows = full - 1 if full >= 2 else 1
         self._max_offset = seq_len if full >= 2 else n - seq_len
-        if self._num_windows < world_size:
-            raise DataError(
-                f"train split: {n} tokens make {self._num_windows} windows of seq_len + 1 = {seq_len + 1} "
-                f"tokens, fewer than the {world_size} processes that each need one"
-            )
+        _check_windows("train", n, self._num_windows, seq_len, world_size)
         self.windows_per_epoch = self._num_windows // world_size  # per process
         self._set_position(0, 0)
 
@@ -332,11 +324,6 @@ class TokenBatches:
             parts.append(self._starts[self.position : self.position + take])
             self.position, needed = self.position + take, needed - take
         return _assemble(self.stream, np.concatenate(parts), self.seq_len, self.device)
-
-    __next__ = next
-
-    def __iter__(self) -> "TokenBatches":
-        return self
 
     def state_dict(self) -> dict:
         """Plain ints (no tensors): the same on every rank, so rank 0's copy resumes them all."""
@@ -360,15 +347,11 @@ class TokenBatches:
 
 
 def val_batches(shards, batch_size, seq_len, device, max_tokens: int | None = None, rank=0, world_size=1):
-    """Deterministic, non-overlapping windows covering the val tokens in order (up to max_tokens
-    target tokens); yields (x, y) like TokenBatches. Every process of a multi-process run gets its
-    own disjoint share.
-
-    Window k starts at token k * seq_len, so the targets y cover tokens 1 .. K * seq_len exactly
-    once. With W processes the K windows are cut to a multiple of W and rank r takes the r-th
-    contiguous block: every process evaluates the same number of tokens in the same batch shapes,
-    so the mean of the per-process means is the mean over all evaluated tokens. The last batch of a
-    process may be smaller than batch_size. Sizes are checked here, before the first batch."""
+    """(x, y) batches like TokenBatches' of the val tokens in order, window k starting at token
+    k * seq_len (up to max_tokens targets), so the targets cover tokens 1 .. K * seq_len once.
+    With W processes the K windows are cut to a multiple of W and rank r takes the r-th contiguous
+    block: equal shares, so the mean of the per-process means is the mean over all tokens. Sizes
+    are checked here, before the first batch."""
     _check_sizes(batch_size, seq_len, rank, world_size)
     stream, device = _Stream(shards), torch.device(device)
     if stream.num_tokens < seq_len + 1:
@@ -378,11 +361,7 @@ def val_batches(shards, batch_size, seq_len, device, max_tokens: int | None = No
         if max_tokens < seq_len:
             raise ConfigError(f"max_tokens = {max_tokens} is less than one window of seq_len = {seq_len} tokens")
         num_windows = min(num_windows, max_tokens // seq_len)
-    if num_windows < world_size:
-        raise DataError(
-            f"val split: {stream.num_tokens} tokens make {num_windows} windows of seq_len + 1 = {seq_len + 1} "
-            f"tokens, fewer than the {world_size} processes that each need one"
-        )
+    _check_windows("val", stream.num_tokens, num_windows, seq_len, world_size)
     per_rank = num_windows // world_size
     first = rank * per_rank
 

@@ -1,21 +1,25 @@
-"""Tokenizers for the language model: UTF-8 bytes (always available) and GPT-2 (through tiktoken).
-
-    byte   ids 0..255 are the bytes of the UTF-8 encoding, 256 is end-of-text (EOT): 257 ids.
-           Needs nothing, works offline, and any text round-trips exactly.
-    gpt2   the GPT-2 BPE of published FineWeb token shards: 50257 ids, EOT = 50256. Loaded through
-           `tiktoken`, an optional dependency that downloads the vocabulary on first use.
-
-EOT starts each document in a shard (the writer puts it there, not `encode`). `decode` renders EOT
-as a blank line ("\n\n") so that a sample of several documents reads as separate paragraphs.
+"""Tokenizers for the language model: `byte` (UTF-8 bytes 0..255 and EOT = 256: 257 ids; needs
+nothing, any text round-trips) and `gpt2` (the BPE of published FineWeb shards: 50257 ids, EOT =
+50256, through the optional `tiktoken`, which downloads its vocabulary on first use). The shard
+writer puts EOT before each document; `decode` renders it as a blank line ("\n\n").
 """
-
-from __future__ import annotations
 
 from collections.abc import Iterable
 
 from noprop_fast.errors import ConfigError, DataError
 
 TOKENIZERS = ("gpt2", "byte")
+
+
+def _between_eots(ids: Iterable[int], eot: int) -> list[list[int]]:
+    """The runs of ids between EOTs (a decoded EOT is the blank line that joins them)."""
+    runs = [[]]
+    for i in map(int, ids):
+        if i == eot:
+            runs.append([])
+        else:
+            runs[-1].append(i)
+    return runs
 
 
 class ByteTokenizer:
@@ -34,18 +38,11 @@ class ByteTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Bytes back to text; EOT becomes "\n\n", invalid UTF-8 (a sample cut mid-character, a
         model's stray byte) becomes U+FFFD instead of an error."""
-        pieces, run = [], bytearray()
-        for i in ids:
-            i = int(i)
-            if i == self.eot:
-                pieces.append(run.decode("utf-8", errors="replace") + "\n\n")
-                run = bytearray()
-            elif 0 <= i < 256:
-                run.append(i)
-            else:
-                raise ValueError(f"token id {i} is outside the byte vocabulary (0..256)")
-        pieces.append(run.decode("utf-8", errors="replace"))
-        return "".join(pieces)
+        runs = _between_eots(ids, self.eot)
+        bad = next((i for run in runs for i in run if not 0 <= i < 256), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the byte vocabulary (0..256)")
+        return "\n\n".join(bytes(run).decode("utf-8", errors="replace") for run in runs)
 
 
 class GPT2Tokenizer:
@@ -79,16 +76,8 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids back to text, EOT as "\n\n" (as ByteTokenizer does); invalid UTF-8 is replaced."""
-        pieces, run = [], []
-        for i in ids:
-            i = int(i)
-            if i == self.eot:
-                pieces.append(self._enc.decode(run, errors="replace") + "\n\n")
-                run = []
-            else:
-                run.append(i)
-        pieces.append(self._enc.decode(run, errors="replace"))
-        return "".join(pieces)
+        runs = _between_eots(ids, self.eot)
+        return "\n\n".join(self._enc.decode(run, errors="replace") for run in runs)
 
 
 def get_tokenizer(name: str) -> ByteTokenizer | GPT2Tokenizer:

@@ -17,10 +17,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import noprop_fast.kernels.attention as attention
 from noprop_fast.kernels.attention import HEAD_DIMS, causal_attention, causal_attention_ref
+from helpers import CreatedTensors
 from tolerances import ATTENTION_TOLERANCES, DTYPES, INTERPRETER
 
 SETTINGS = settings(max_examples=25, deadline=None,
@@ -139,22 +139,6 @@ def test_strided_views_and_determinism(device, dtype):
     assert all(torch.equal(g, a) for g, a in zip(grads, again))
 
 
-class _CreatedSizes(TorchDispatchMode):
-    """Records the size in bytes of every tensor an aten op returns (the interpreter's own byte
-    copies of the kernels' arguments included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.sizes.append(t.numel() * t.element_size())
-        return out
-
-
 def _saved_and_created_sizes(fn, q, k, v, grad):
     saved = []
 
@@ -163,7 +147,7 @@ def _saved_and_created_sizes(fn, q, k, v, grad):
         return t
 
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    with _CreatedSizes() as created, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with CreatedTensors() as created, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         torch.autograd.grad(fn(*leaves), leaves, grad)
     return saved, created.sizes
 

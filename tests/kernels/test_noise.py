@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from noprop_fast.kernels.noise import (_cos_of_angle, noise_injection, noise_injection_ref,
                                        philox_4x32_ref, philox_randint_ref, philox_randn_ref)
+from helpers import philox_noise
 from tolerances import DTYPES, assert_close
 
 SETTINGS = settings(deadline=None, max_examples=10, derandomize=True,
@@ -30,11 +31,6 @@ def _inputs(B, N, d, m, dtype, device, labels=None, gen_seed=0):
 
 def _device_int(value, device):
     return torch.tensor([value], dtype=torch.int64, device=device)
-
-
-def _eps(seed, offset, B, N, d):
-    """The kernel's noise for blocks [B, N, d] at (seed, offset), from the PyTorch reference."""
-    return philox_randn_ref(seed, offset + torch.arange(B * N * d, dtype=torch.int64)).view(B, N, d)
 
 
 def test_philox_ref_matches_random123_known_answers():
@@ -112,7 +108,7 @@ def test_kernel_noise_equals_philox_randn_ref(seed, offset, device):
     y, W, _, _ = _inputs(B, N, d, 4, torch.float32, device)
     z = noise_injection(y, W, torch.zeros(B, device=device), torch.ones(B, device=device),
                         _device_int(seed, device), _device_int(offset, device))
-    torch.testing.assert_close(z.cpu(), _eps(seed, offset, B, N, d), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z.cpu(), philox_noise(seed, offset, B, N, d), rtol=1e-6, atol=1e-6)
 
 
 @SETTINGS
@@ -124,7 +120,7 @@ def test_forward_matches_reference(B, N, d, m, dtype, seed, offset, gen_seed, de
     y, W, a, s = _inputs(B, N, d, m, dtype, device, gen_seed=gen_seed)
     z = noise_injection(y, W, a, s, _device_int(seed, device), _device_int(offset, device))
     assert z.shape == (B, N, d) and z.dtype == dtype
-    expected = noise_injection_ref(y.cpu(), W.cpu(), a.cpu(), s.cpu(), _eps(seed, offset, B, N, d))
+    expected = noise_injection_ref(y.cpu(), W.cpu(), a.cpu(), s.cpu(), philox_noise(seed, offset, B, N, d))
     assert_close(z.cpu(), expected, dtype)
 
 
@@ -136,7 +132,7 @@ def _check_grad(B, N, d, m, dtype, device, labels=None, gen_seed=0):
     z = noise_injection(y, W, a, s, _device_int(11, device), _device_int(5, device))
     (dW,) = torch.autograd.grad(z, W, dz.to(device))
     W32 = W.detach().cpu().float().requires_grad_(True)
-    z_ref = noise_injection_ref(y.cpu(), W32, a.cpu(), s.cpu(), _eps(11, 5, B, N, d))
+    z_ref = noise_injection_ref(y.cpu(), W32, a.cpu(), s.cpu(), philox_noise(11, 5, B, N, d))
     (expected,) = torch.autograd.grad(z_ref, W32, dz.float())
     assert dW.dtype == dtype and dW.shape == (m, d)
     assert_close(dW.cpu(), expected, dtype, scale=B)
@@ -277,7 +273,7 @@ def test_label_outside_the_classes_is_a_clear_error(bad, device):
     good = (torch.arange(N) != 3).to(device)
     z = _noise_forward(y, W, a, s, seed, offset)
     assert torch.isnan(z[:, 3]).all()
-    assert_close(z[:, good], noise_injection_ref(y[good], W, a, s, _eps(1, 0, B, N, d)[:, good.cpu()]
+    assert_close(z[:, good], noise_injection_ref(y[good], W, a, s, philox_noise(1, 0, B, N, d)[:, good.cpu()]
                                                  .to(device)), torch.float32)
     with pytest.raises(IndexError, match="at position 3"):
         check_labels()

@@ -16,9 +16,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop_fast.kernels.softmax_head import MAX_D, MAX_DV, softmax_head, softmax_head_ref
+from helpers import CreatedTensors
 from tolerances import DTYPES, TOLERANCES, assert_close
 
 SETTINGS = settings(max_examples=10, deadline=None,
@@ -145,21 +145,6 @@ def test_masked_classes_match_reference(device, dtype, mask):
                                    equal_nan=True, msg=lambda text: f"{mask}, {name}: {text}")
 
 
-class _CreatedShapes(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 def _saved_and_created_shapes(fn, h, k, c, v, grad):
     saved = []
 
@@ -168,7 +153,7 @@ def _saved_and_created_shapes(fn, h, k, c, v, grad):
         return t
 
     leaves = [t.detach().clone().requires_grad_() for t in (h, k, c, v)]
-    with _CreatedShapes() as created, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with CreatedTensors() as created, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*leaves)
         grads = torch.autograd.grad(out, leaves, grad)
     return out, grads, saved, created.shapes

@@ -1,25 +1,15 @@
-"""Tolerances per dtype for a fused op against its plain-PyTorch reference (fp32 accumulation in
-both), and the dtypes each kind of run covers: one table, used by every kernel test."""
+"""The dtypes each kind of kernel run covers, and the tolerances of the kernel tests: the table per
+dtype (TOLERANCES, assert_close) is tests/helpers.py's, shared with the C++ ops' tests."""
 import os
 
 import torch
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from helpers import TOLERANCES, assert_close  # noqa: F401
 
-TOLERANCES = {  # dtype: (rtol, atol)
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (2e-2, 2e-3),
-    torch.bfloat16: (5e-2, 1e-2),  # GPU only: the interpreter has no bf16 arithmetic
-}
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 # the interpreter runs fp32 and fp16 (a bf16 tl.dot is silently wrong there); a GPU adds bf16
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETER else [torch.bfloat16])
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    """Compare in fp32 with the dtype's tolerances; `scale` multiplies atol (for large sums)."""
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * scale)
 
 # causal attention (kernels/attention.py) against its fp32 reference: P and dS are rounded to the
 # input dtype before their products and Delta = rowsum(dO * O) reads the stored (rounded) O, as

@@ -1,0 +1,278 @@
+"""What a run prints at its end and what `python -m noprop_fast.compare` writes, for both tasks:
+an image run's closing table (`results_table`), a language-model run's closing lines on how to read
+its numbers (`closing_lines`), a comparison's tables, charts and report.md (`write_report`).
+
+The image memory figure is the trainer's: on CUDA the allocator's peak, on CPU the bytes autograd
+saved for backward in the first step of an epoch (memory.py). The LM's val loss is comparable
+across the methods: -log of the probability of the next token, nats per token, on the same val
+tokens; NoProp-LM's is the mean of p(y | z_T) over K chains of Eq. 3, the GPT's its softmax. A
+GPT's figure in the closing lines is never assumed (`gpt_reference`).
+"""
+import datetime
+import json
+import shlex
+from pathlib import Path
+
+BASELINE = "backprop"  # the memory ratio is against this method; the GPT has no one-chain loss
+MEMORY_KINDS = {
+    "cuda_peak_allocated": "CUDA allocator peak",
+    "cpu_saved_for_backward": "CPU activation bytes saved for backward (saved-tensor hooks)",
+}
+REPORTS = Path("reports")  # where `python -m noprop_fast.compare --task lm` writes by default
+# what must agree for a comparison's GPT to be "a GPT of the same size on the same tokens"
+SAME_SHAPE = ("data_dir", "num_blocks", "layers_per_block", "width", "heads", "seq_len")
+# below this many tokens seen, a model of this engine's sizes does not write readable text yet
+FEW_TOKENS = 100_000_000
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mib(n_bytes: int) -> float:
+    return n_bytes / 2**20
+
+
+def results_table(history: list[dict]) -> str:
+    """An image run's closing table: one row per epoch."""
+    lines = ["epoch  train loss  test acc  seconds  img/s",
+             "-----  ----------  --------  -------  -----"]
+    for r in history:
+        acc = "-" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}"
+        lines.append(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {acc:>8}  "
+                     f"{r['epoch_seconds']:>7.2f}  {r['images_per_second']:>5.0f}")
+    return "\n".join(lines)
+
+
+# -- a language-model run's closing lines ---------------------------------------------------------
+def compare_command(cfg) -> str:
+    """The command that trains NoProp-LM and the GPT of this run's shape on the same tokens."""
+    argv = ["python", "-m", "noprop_fast.compare", "--task", "lm",
+            "--config", str(Path(cfg.out) / "config.yaml")]
+    if cfg.embed_init != "learned":  # the GPT learns its own embeddings: compare needs learned
+        argv += ["--embed-init", "learned"]
+    return shlex.join(argv)
+
+
+def gpt_reference(cfg, summary: dict, reports: Path = REPORTS) -> dict | None:
+    """{"val_loss", "tokens_seen", "source"} of the GPT of this run's shape on the same val tokens:
+    this run if it is the GPT, else the newest matching comparison under `reports`; None if none."""
+    if cfg.method == BASELINE:
+        return {"val_loss": summary["val_loss"], "tokens_seen": summary["tokens_seen"],
+                "source": "this run"}
+    found = []
+    for path in Path(reports).glob("compare-lm-*/summary.json"):
+        try:
+            report = json.loads(path.read_text())
+            config, gpt = report["config"], report["runs"][BASELINE]
+            same = all(config.get(k) == getattr(cfg, k) for k in SAME_SHAPE)
+            if same and gpt["val_tokens"] == summary["val_tokens"] and gpt["val_loss"] is not None:
+                found.append((path.stat().st_mtime, path, gpt))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # another report's shape, or not a comparison's summary: not this run's GPT
+    if not found:
+        return None
+    _, path, gpt = max(found, key=lambda item: item[0])
+    return {"val_loss": gpt["val_loss"], "tokens_seen": gpt["tokens_seen"], "source": str(path)}
+
+
+def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPORTS) -> list[str]:
+    """What the val loss, the train loss and the samples mean, one line each."""
+    val, entropy = summary["val_loss"], summary["unigram_entropy"]
+    gap = entropy - val
+    lines = [
+        "reading the val loss: lower is better. A model that knows only how often each token "
+        f"occurs scores the unigram entropy of these val tokens, {entropy:.4f} nats/token; "
+        + (f"this run is {gap:.4f} below it." if gap > 0 else
+           f"this run is {-gap:.4f} above it, not yet better than counting tokens.")]
+    gpt = gpt_reference(cfg, summary, reports)
+    if gpt is None:
+        lines.append("A GPT of the same width and depth on the same tokens: "
+                     f"`{compare_command(cfg)}` trains both and reports it.")
+    elif gpt["source"] == "this run":
+        lines.append("This run is the GPT baseline; NoProp-LM of the same width and depth on the "
+                     f"same tokens: `{compare_command(cfg)}`.")
+    else:
+        lines.append(f"A GPT of the same width and depth reached {gpt['val_loss']:.4f} on the same "
+                     f"val tokens after {gpt['tokens_seen']:,} tokens ({gpt['source']}).")
+    if cfg.method == "noprop":
+        lines.append("train loss (in the lines above) is the NoProp objective: the blocks' "
+                     "SNR-weighted denoising errors, plus the classifier's cross-entropy on a "
+                     "noisy copy of the true token's embedding, plus a KL term. It is not a "
+                     "cross-entropy of predicted tokens and is not comparable with the val loss.")
+    else:
+        lines.append("train loss (in the lines above) is the GPT's cross-entropy on its training "
+                     "batches, in nats/token like the val loss.")
+    small = summary.get("tokenizer") == "byte" or summary["tokens_seen"] < FEW_TOKENS
+    if samples_follow and small:
+        kind = "byte-level " if summary.get("tokenizer") == "byte" else ""
+        lines.append(f"The samples below come from a small {kind}model "
+                     f"({summary['parameters'] / 1e6:.1f}M parameters, {summary['tokens_seen']:,} "
+                     "tokens seen): expect them to read as gibberish, with the corpus's letters, "
+                     "spacing and frequent words but little sense.")
+    return lines
+
+
+# -- a comparison's tables ----------------------------------------------------------------------
+def results_markdown(runs: dict[str, dict], task: str = "image") -> str:
+    """One row per method. image: accuracy, time, memory, what the memory is, ratio to the
+    baseline; lm: final val loss, one chain's, perplexity, unigram entropy, throughput."""
+    if task == "lm":
+        lines = ["| method | val loss (nats/token) | one chain | perplexity | unigram entropy "
+                 "| tokens seen | train s | tokens/s | parameters |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for method, s in runs.items():
+            one_chain = None if method == BASELINE else s["val_loss_one_chain"]
+            lines.append(f"| {method} | {_fmt(s['val_loss'], '.4f')} | {_fmt(one_chain, '.4f')} "
+                         f"| {_fmt(s['val_perplexity'], '.2f')} | {s['unigram_entropy']:.4f} "
+                         f"| {s['tokens_seen']:,} | {s['train_seconds']:.2f} "
+                         f"| {_fmt(s['tokens_per_second'], ',.0f')} | {s['parameters']:,} |")
+        return "\n".join(lines)
+    base = runs.get(BASELINE, {}).get("peak_memory_bytes")
+    lines = ["| method | test accuracy (%) | train s / epoch | peak memory (MiB) | memory is "
+             f"| memory / {BASELINE} |", "|---|---:|---:|---:|---|---:|"]
+    for method, s in runs.items():
+        acc = None if s["test_accuracy"] is None else 100 * s["test_accuracy"]
+        ratio = s["peak_memory_bytes"] / base if base else None
+        name = method if s.get("block_schedule") is None else f"{method} ({s['block_schedule']})"
+        lines.append(f"| {name} | {_fmt(acc, '.2f')} | {s['seconds_per_epoch']:.2f} "
+                     f"| {_mib(s['peak_memory_bytes']):.1f} "
+                     f"| {MEMORY_KINDS.get(s['memory_kind'], s['memory_kind'])} "
+                     f"| {_fmt(ratio, '.2f')} |")
+    return "\n".join(lines)
+
+
+def epochs_markdown(histories: dict[str, list[dict]]) -> str:
+    """Per epoch: train loss and test accuracy of every method ('-' where not evaluated)."""
+    methods = list(histories)
+    lines = ["| epoch | " + " | ".join(f"{m} loss | {m} acc (%)" for m in methods) + " |",
+             "|---:|" + "---:|---:|" * len(methods)]
+    by_epoch = {m: {r["epoch"]: r for r in h} for m, h in histories.items()}
+    for epoch in sorted({e for rows in by_epoch.values() for e in rows}):
+        cells = []
+        for m in methods:
+            r = by_epoch[m].get(epoch, {})
+            acc = r.get("test_accuracy")
+            cells += [_fmt(r.get("train_loss"), ".4f"),
+                      _fmt(None if acc is None else 100 * acc, ".2f")]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def equal_tokens_markdown(histories: dict[str, list[dict]]) -> str:
+    """One row per evaluation, keyed by tokens seen; '-' where a method has no evaluation there."""
+    methods = list(histories)
+    by_tokens = {m: {r["tokens_seen"]: r for r in h} for m, h in histories.items()}
+    lines = ["| step | tokens seen | " + " | ".join(f"{m} val loss" for m in methods) + " |",
+             "|---:|---:|" + "---:|" * len(methods)]
+    for tokens in sorted({t for rows in by_tokens.values() for t in rows}):
+        records = [by_tokens[m].get(tokens) for m in methods]
+        steps = sorted({r["step"] for r in records if r is not None})
+        cells = [_fmt(None if r is None else r["val_loss"], ".4f") for r in records]
+        lines.append(f"| {'/'.join(map(str, steps))} | {tokens:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def memory_note(runs: dict[str, dict]) -> str | None:
+    """Under the memory chart: why NoProp saves nothing when it trains every block on every step."""
+    noprop = runs.get("noprop")
+    if noprop is None or noprop.get("block_schedule") != "all":
+        return None
+    return ("NoProp here trains all blocks on every step, so it holds every block's activations, "
+            "as backprop does: the saving comes with --block-schedule sequential (one block's "
+            "activations at a time).")
+
+
+# -- a comparison's charts and report ---------------------------------------------------------
+def write_plots(runs: dict[str, dict], histories: dict[str, list[dict]], out_dir: Path,
+                data_dir: str | None = None) -> None:
+    """image: loss.png and accuracy.png per epoch, time.png and memory.png one bar per method;
+    lm: val_loss.png against tokens seen, the unigram entropy dashed (`data_dir`: for the title)."""
+    from .plots import bar_chart, curves
+
+    first, methods = next(iter(runs.values())), list(runs)
+    if first.get("task") == "lm":  # the two train losses are not comparable: no chart of them
+        curves(histories, first, out_dir, None, data_dir)
+        return
+    # log scale: NoProp's objective (denoising + CE + KL) and backprop's cross-entropy differ
+    curves(histories, first, out_dir, "each method's own objective")
+    where = f"{first['dataset']}, {first['device']}"
+    seconds = [runs[m]["seconds_per_epoch"] for m in methods]
+    bar_chart(methods, seconds, [f"{s:.2f} s" for s in seconds], "train seconds per epoch",
+              f"Time per epoch: {where}", out_dir / "time.png")
+    mib = [_mib(runs[m]["peak_memory_bytes"]) for m in methods]
+    base = runs.get(BASELINE, {}).get("peak_memory_bytes")
+    captions = [f"{v:.1f} MiB" + (f"\n{runs[m]['peak_memory_bytes'] / base:.2f} x {BASELINE}"
+                                  if base else "") for m, v in zip(methods, mib)]
+    kind = MEMORY_KINDS.get(first["memory_kind"], first["memory_kind"])
+    bar_chart(methods, mib, captions, f"MiB: {kind}", f"Memory: {where}", out_dir / "memory.png",
+              note=memory_note(runs))
+
+
+def data_name(cfg) -> str:
+    """What a comparison calls its data: the dataset, the shard folder, or the embedded corpus."""
+    if cfg.task == "image":
+        return cfg.dataset
+    return cfg.data_dir if cfg.data_dir is not None else "the embedded corpus (Python's docs)"
+
+
+def _image_sections(cfg, data, runs, histories, config_name: str) -> tuple[list, list]:
+    first = next(iter(runs.values()))
+    about = [f"# NoProp vs backprop on {cfg.dataset}", "",
+             f"- dataset: {cfg.dataset} ({first['data_source']})",
+             f"- config: {config_name}; T={cfg.num_blocks}, {cfg.embedding} embedding, block "
+             f"schedule {cfg.block_schedule} (NoProp), {cfg.epochs} epochs, batch "
+             f"{cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}",
+             f"- device: {first['device']}"]
+    body = [f"Test accuracy uses {cfg.inference} inference, after the last epoch. "
+            "With the sequential block schedule an epoch is T passes over the data.", "",
+            "## Per epoch", "",
+            "The losses are each method's own objective (NoProp: denoising + CE + KL; backprop: "
+            "cross-entropy) and are not comparable in value.", "",
+            epochs_markdown(histories), "",
+            "Plots: loss.png, accuracy.png, time.png, memory.png."]
+    return about, body
+
+
+def _lm_sections(cfg, data, runs, histories, config_name: str) -> tuple[list, list]:
+    first = next(iter(runs.values()))
+    about = [f"# NoProp-LM vs a backprop GPT on {data_name(cfg)}", "",
+             f"- data: {data.source}",
+             f"- tokenizer: {data.tokenizer}, vocabulary {data.vocab_size}",
+             f"- config: {config_name}; T={cfg.num_blocks} blocks of {cfg.layers_per_block} "
+             f"layer(s) (the GPT: {cfg.num_blocks * cfg.layers_per_block} layers), width "
+             f"{cfg.width}, {cfg.heads} heads, embed_dim {cfg.embed_dim} ({cfg.embed_init} "
+             f"embeddings, NoProp), seq_len {cfg.seq_len}, batch {cfg.batch_size}, "
+             f"{cfg.max_steps} steps, lr {cfg.lr}, seed {cfg.seed}",
+             f"- evaluation: every {cfg.eval_every} steps on the first {first['val_tokens']:,} val "
+             f"tokens; NoProp with {cfg.eval_chains} chains, {cfg.inference} inference",
+             f"- device: {first['device']}; {first['ops']} ops, {first['precision']}"]
+    body = ["The val loss is -log of the model's probability of the next token, in nats per token, "
+            "on the same val tokens for both methods. For NoProp-LM that probability is the mean "
+            f"over K={cfg.eval_chains} chains of p(y | z_T), z_T drawn by the Eq. 3 chain "
+            f"({cfg.inference}); \"one chain\" is the first chain's cross-entropy alone. For the "
+            "GPT it is its cross-entropy. The unigram entropy is the loss of a model that knows "
+            "only those tokens' frequencies.", "",
+            "## Validation loss at equal tokens seen", "",
+            equal_tokens_markdown(histories), "",
+            "Plot: val_loss.png."]
+    return about, body
+
+
+def write_report(cfg, data, runs: dict, histories: dict, out_dir: Path, config_name: str,
+                 command: str) -> Path:
+    """A comparison's charts and OUT/report.md (data, config, device, torch version, command; one
+    row per method; the per-epoch or equal-tokens table); returns the report's path."""
+    import torch  # for its version only; the module stays light for --help
+
+    write_plots(runs, histories, out_dir, cfg.data_dir)
+    sections = _lm_sections if cfg.task == "lm" else _image_sections
+    about, body = sections(cfg, data, runs, histories, config_name)
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    body[-1] += " Each method's run: " + ", ".join(f"{m}/" for m in runs) + "."
+    text = "\n".join([*about, f"- torch: {torch.__version__}", f"- command: `{command}`",
+                      f"- date: {date}", "", "## Results", "", results_markdown(runs, cfg.task),
+                      "", *body, ""])
+    path = out_dir / "report.md"
+    path.write_text(text)
+    return path
