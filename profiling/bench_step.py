@@ -24,7 +24,7 @@ from bench_common import Sizes, mnist_model
 from bench_loop import loop_step, separate_model_from
 from bench_throughput import captured, graphs_status, measure_paths
 from noprop_fast.ops import PRECISIONS, REFERENCE, PhiloxNoise
-from noprop_fast.methods import noprop_loss
+from noprop_fast.noprop import noprop_loss
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
 from noprop_fast.tasks.base import apply_gradients

@@ -180,7 +180,7 @@ def test_loop_objective_equals_noprop_loss():
     noprop_loss's."""
     from noprop_fast.ops import PhiloxNoise
     from noprop_fast.layers import ALL_BLOCKS
-    from noprop_fast.methods import noprop_loss
+    from noprop_fast.noprop import noprop_loss
     bench_loop, cfg, model, x, y, schedule, loop = loop_setup()
     T, n, d = cfg.num_blocks, x.shape[0], model.embedding.dim
     loss, parts = noprop_loss(model, schedule, x, y, ALL_BLOCKS, PhiloxNoise(7, x.device))

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from noprop_fast.layers import BlockBatchNorm, block_parameters
-from noprop_fast.methods import backprop_loss, noprop_loss
+from noprop_fast.noprop import backprop_loss, noprop_loss
 from noprop_fast.models.image import (ClassEmbedding, ConvTower, DenoisingBlocks, ImageModel,
                                       _UniformDropout)
 from noprop_fast.models.separate import DTBlock, batched_from_separate, separate_blocks_from

@@ -21,7 +21,7 @@ from noprop_fast.ops.chunked_ce import cross_entropy_rows, linear_cross_entropy
 from noprop_fast.ops.reference import linear_cross_entropy as linear_cross_entropy_ref
 from noprop_fast.layers import BlockEmbedding, BlockLayerNorm, block_parameters
 from noprop_fast.tasks.language import lm_loss, position_logits, sample, validation_loss
-from noprop_fast.methods import noprop_loss
+from noprop_fast.noprop import noprop_loss
 from noprop_fast.models.lm import GPT, LanguageModel
 from noprop_fast.schedule import NoiseSchedule
 from helpers import CreatedTensors
@@ -242,7 +242,7 @@ def test_sampling_is_reproducible_and_respects_top_k(build):
 
 
 def test_validation_loss_over_chains_is_minus_log_of_the_mean_probability():
-    from noprop_fast.methods import noprop_chain
+    from noprop_fast.noprop import noprop_chain
     model = noprop_model().eval()
     schedule = NoiseSchedule.cosine(T)
     x, y = windows(), windows(seed=3)

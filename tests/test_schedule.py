@@ -127,7 +127,7 @@ def test_the_inference_chain_with_a_perfect_denoiser_lands_on_the_forward_margin
     noise-free chain lands on sqrt(abar_T) u exactly (abar_0 = 0 makes b_1 = 0: z_0 is forgotten).
     A small snr_max keeps abar_T far from 1, where a chain without a_t or b_t would also land near u."""
     from types import SimpleNamespace
-    from noprop_fast.methods import chain_from_features
+    from noprop_fast.noprop import chain_from_features
     T, n = 4, 100_000
     s = NoiseSchedule.cosine(T, snr_max=1.5 * required_snr_max(T))  # abar_T about 0.9
     u = torch.tensor([2.0, -1.0, 0.5])

@@ -193,7 +193,7 @@ class DenoisingBlocks(nn.Module):
         return softmax_embedding(self.head_input(image_features, z, blocks), self.head, embed_weight,
                                  blocks, self.ops)
 
-    # the methods (methods.py) ask every task's blocks for their z-independent features
+    # the NoProp maths (noprop.py) asks every task's blocks for their z-independent features
     features = image_features
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,

@@ -21,7 +21,7 @@ from ..ops.chunked_ce import cross_entropy_rows
 from ..data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from ..errors import UserError
 from ..layers import ALL_BLOCKS
-from ..methods import chain_from_features, noprop_chain, noprop_loss
+from ..noprop import chain_from_features, noprop_chain, noprop_loss
 from ..models.lm import GPT, LanguageModel
 from ..nvtx_ranges import phase
 from ..schedule import NoiseSchedule
