@@ -58,7 +58,7 @@ def op_cases() -> dict:
 def tower_cases() -> dict:
     torch.manual_seed(0)
     engine = ConvTower(1, (1, 28, 28), DROPOUT, shared_input=True)
-    public = ConvBranch(1, engine.flat_features, DROPOUT)
+    public = ConvBranch((1, 28, 28), DROPOUT)
     with torch.no_grad():  # the same weights: block 0 of each stacked parameter
         for name in ("conv1", "conv2", "conv3", "fc", "bn"):
             for kind in ("weight", "bias"):

@@ -1,12 +1,7 @@
-"""The image model: T NoProp-DT blocks (paper Figure 6, docs/method.md section 3) run as one
-batched computation in the block layers of `layers.py`. The image branch does not depend on z, so
-it is computed once per batch for every block (`image_features`), also at inference where the
-latent part then runs one block at a time (`denoise` with a one-block slice).
-
-`configure` picks the ops (`noprop_fast.ops`: the block FCs and the softmax-embedding output) and
-the dtype the blocks compute in (images and latents cast on entry, weights in each layer).
-`ImageModel` adds what the blocks share: the class embedding W_embed, the linear classifier on z_T,
-and, for the backprop baseline, the learnable mixing weights a_t = tanh(w_t) of Eqs. 17-19.
+"""The image model: T NoProp-DT blocks (docs/method.md section 3) as one batched computation
+(`layers.py`). The image branch does not depend on z: `image_features` runs once per batch for
+every block, also at inference, where `denoise` then runs one block at a time. `ImageModel` adds
+the class embedding W_embed, the classifier on z_T and (backprop) the mixing weights of Eqs. 17-19.
 """
 import math
 
@@ -25,11 +20,8 @@ CPU_CONV_CHUNK = 1  # blocks whose conv maps a CPU computes at a time (see ConvT
 
 
 class _UniformDropout(torch.autograd.Function):
-    """Dropout whose mask is drawn as u < 1 - p with u ~ U[0, 1) (float32 u: the keep probability
-    is 1 - p to within 2^-24), the mask scaled in place and saved for the backward.
-
-    The same distribution as F.dropout, drawn faster on a CPU, where bernoulli_ is slow: half
-    F.dropout's time at [128, 64, 14, 14] (profiling/bench_conv_tower.py)."""
+    """Dropout with the mask u < 1 - p, u ~ U[0, 1) (keep probability 1 - p to within 2^-24): the
+    distribution of F.dropout at half its CPU time, where bernoulli_ is slow (bench_conv_tower)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, p: float) -> torch.Tensor:
@@ -64,14 +56,9 @@ class ConvTower(nn.Module):
     def conv_maps(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS, params=None) -> torch.Tensor:
         """The convolutions, pools and dropouts: [N, C_in(*B), H, W] -> [N, B * 128, H/4, W/4].
         params: the three convs' (weight, bias) for the slice's blocks, where the caller has them.
-
-        The block of Figure 6, computed with less memory traffic: max pooling before the ReLU
-        (max and ReLU commute, as ReLU is monotone; the ReLU then touches a quarter of the
-        values), each ReLU in place (neither a conv nor a pool saves its output for backward),
-        and on a CPU the maps channels_last, where max pooling is faster than on NCHW maps; the
-        dropout there is `_UniformDropout` (profiling/bench_conv_tower.py measures the parts).
-        Together 1.3x the separate-modules loop's images/s, whose tower is written as the block
-        reads (docs/performance.md)."""
+        Less memory traffic than Figure 6 as written: max pooling before the ReLU (they commute),
+        ReLUs in place (no conv or pool saves its output), channels_last maps and `_UniformDropout`
+        on a CPU (profiling/bench_conv_tower.py; docs/performance.md)."""
         convs = (self.conv1, self.conv2, self.conv3)
         if params is None:
             params = [(block_slice(c.weight, blocks), block_slice(c.bias, blocks)) for c in convs]
@@ -102,16 +89,10 @@ class ConvTower(nn.Module):
         return self.bn(self.fc(h, blocks), blocks)
 
     def _cpu_chunked_fc(self, x: torch.Tensor, blocks: slice, start: int, stop: int) -> torch.Tensor:
-        """The convs and the FC a few blocks at a time: [B, N, 256] before the BatchNorm.
-
-        On a CPU the maps of all T blocks at once ([N, T * 32, H, W]: 128 MB at batch 128 on
-        MNIST) stream through memory between every conv, ReLU, pool and dropout; a few blocks at a
-        time stay in cache. Each chunk goes on through the FC, so the [N, B * 128, h, w] maps are
-        never concatenated nor transposed. Each parameter is split into its chunks once: the
-        backward of `split` writes every chunk's gradient into one tensor, where a slice per chunk
-        would zero-fill and add a whole-parameter gradient per chunk. The same maths: each block's
-        maps and features are its own.
-        """
+        """The convs and the FC a few blocks at a time: [B, N, 256] before the BatchNorm. All T
+        blocks' maps (128 MB at batch 128 on MNIST) would stream through memory between every op; a
+        chunk's stay in cache. Each parameter is split once: split's backward writes all chunks'
+        gradients into one tensor, where a slice per chunk would add a whole-parameter gradient."""
         n = x.shape[0]
         sizes = [min(CPU_CONV_CHUNK, stop - first) for first in range(start, stop, CPU_CONV_CHUNK)]
         layers = (self.conv1, self.conv2, self.conv3, self.fc)
@@ -131,12 +112,9 @@ class ConvTower(nn.Module):
 
 
 class DenoisingBlocks(nn.Module):
-    """T DT blocks. `forward(x, z, W_embed)` -> u_hat [B, N, d] for the blocks in the slice.
-
-    x: [N, C, H, W] images; z: [B, N, d] each block's noisy latent; W_embed: [m, d].
+    """T DT blocks: `forward(x [N, C, H, W], z [B, N, d], W_embed [m, d])` -> u_hat [B, N, d].
     latent_image_shape: set for prototype embeddings (d = C * H * W): z then goes through a conv
-    tower of its own instead of the fully connected latent branch.
-    """
+    tower of its own instead of the fully connected latent branch."""
 
     def __init__(self, num_blocks: int, image_shape: tuple[int, int, int], num_classes: int,
                  embed_dim: int, dropout: float = 0.2,
@@ -203,11 +181,8 @@ class DenoisingBlocks(nn.Module):
 
 def prototype_embeddings(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                          chunk: int = 1024) -> torch.Tensor:
-    """Each class's training image of smallest median distance to the other images of its class.
-
-    images: [N, C, H, W]; returns [m, C * H * W]. Distances are computed in chunks of rows so that a
-    class of n images needs O(chunk * n) memory, not O(n^2).
-    """
+    """Each class's training image of smallest median distance to the other images of its class:
+    [N, C, H, W] -> [m, C * H * W]; distances in chunks of rows (O(chunk * n) memory, not O(n^2))."""
     flat = images.reshape(images.shape[0], -1).float()
     rows = []
     for k in range(num_classes):

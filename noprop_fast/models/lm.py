@@ -1,19 +1,10 @@
-"""The language models: NoProp-LM (T denoising blocks, each a small causal transformer) and the
-backprop GPT of the same width and total depth (docs/method.md section 7, docs/language.md).
-
-NoProp-LM: block t is the DT block with its image branch replaced by a causal transformer over the
-clean context; the noisy latent enters after the attention, at its own position only:
+"""NoProp-LM (T blocks, each a small causal transformer, batched as in `layers.py`) and the
+backprop GPT of the same width and total depth (docs/method.md section 7, docs/language.md):
 
     context branch  h = tok_t[x] + pos_t -> `layers_per_block` pre-LN causal layers -> LayerNorm
     latent branch   g = GELU(FC_D(z_{t-1,i}))
     fusion          q = FC_Dq(LN(GELU(FC_D(concat(h_i, g)))))
     output          u_hat_{t,i} = softmax(q K_t^T + c_t) W_embed  (the softmax-embedding head)
-
-The context branch is independent of z: inference computes it once per window for every block.
-All T blocks are one batched computation (`layers.py`); attention runs for blocks x batch x heads
-in one call (`ops.causal_attention`). GPT baseline (`--method backprop`): T x `layers_per_block`
-causal layers of the same width (one stacked `CausalLayer`, run one after another), LayerNorm and
-the tied token embedding's logits. Position i's outputs depend on x_1..x_i only (the leak tests).
 """
 import math
 
@@ -30,11 +21,8 @@ MAX_QUERY = 128  # the head's query width Dq: the fused softmax head holds D <= 
 
 
 class CausalLayer(nn.Module):
-    """One pre-LN transformer layer (causal self-attention, GELU MLP) for T stacked blocks.
-
-    Input and output [B, N, L, D] (B blocks of the slice). The GPT uses one CausalLayer with
-    T = its depth and runs the layers one after another, each a one-block slice.
-    """
+    """One pre-LN transformer layer (causal self-attention, GELU MLP) for T stacked blocks:
+    [B, N, L, D] -> [B, N, L, D]. The GPT runs its T = depth layers one block slice at a time."""
 
     def __init__(self, num_blocks: int, width: int, heads: int, mlp_ratio: int = 4):
         super().__init__()

@@ -1,23 +1,12 @@
-"""The DT blocks written the usual way: T separately built modules, run one after another.
-
-Public NoProp implementations build the model as a list of T `nn.Module` blocks, each a plain
-PyTorch DT block (paper Figure 6) made of `nn.Conv2d`, `nn.Linear`, `nn.BatchNorm1d` and
-`nn.Dropout`, and loop over them. `models.image.DenoisingBlocks` computes the same thing for all T
-blocks at once with stacked parameters. This module is the plain form, kept for two uses:
-
-- the reference the batched model is tested against (tests/test_blocks.py): same weights, same
-  outputs and gradients, block by block;
-- the baseline a benchmark measures as "the separate-modules loop".
-
-One `DTBlock` has the same layers, in the same order and under the same names, as one block of
-`DenoisingBlocks`, so block t's copy of a stacked parameter or buffer of shape [T, ...] is the
-tensor of shape [...] under the same state-dict key. `separate_blocks_from` and
-`batched_from_separate` convert between the two forms by that rule. (`nn.BatchNorm1d` also counts
-`num_batches_tracked`; it only matters with momentum=None, which neither form uses, and the
-batched form does not keep it.)
-
-Shapes for one block: x [N, C, H, W], z [N, d], embed_weight [m, d] -> u_hat [N, d].
+"""The DT blocks written the usual way: T plain PyTorch modules (paper Figure 6), run one after
+another. The reference `models.image.DenoisingBlocks` is tested against, block by block, and the
+benchmarks' "separate-modules loop". A `DTBlock` has one batched block's layers under the same
+names, so block t's copy of a stacked [T, ...] tensor is the [...] tensor under the same state-dict
+key (`separate_blocks_from`, `batched_from_separate`); nn.BatchNorm1d's `num_batches_tracked`
+matters only with momentum=None, which neither form uses, and the batched form does not keep it.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,14 +17,13 @@ BN_COUNTER = "num_batches_tracked"  # nn.BatchNorm1d's step counter, absent from
 
 
 class ConvBranch(nn.Module):
-    """One block's conv tower: [N, C, H, W] -> [N, 256].
+    """One block's conv tower: [N, C, H, W] -> [N, 256]."""
 
-    flat_features = 128 * (H // 4) * (W // 4), the size after two 2x2 max pools (floor).
-    """
-
-    def __init__(self, in_channels: int, flat_features: int, dropout: float):
+    def __init__(self, image_shape: tuple[int, int, int], dropout: float):
         super().__init__()
+        in_channels, height, width = image_shape
         c1, c2, c3 = CONV_CHANNELS
+        flat_features = c3 * (height // 4) * (width // 4)  # after two 2x2 max pools (floor)
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
@@ -50,29 +38,20 @@ class ConvBranch(nn.Module):
         return self.bn(self.fc(h.flatten(1)))  # [N, 128, h, w] -> [N, 128 * h * w] -> [N, 256]
 
 
-def conv_flat_features(height: int, width: int) -> int:
-    return CONV_CHANNELS[2] * (height // 4) * (width // 4)
-
-
 class DTBlock(nn.Module):
-    """One NoProp-DT block. `forward(x, z, embed_weight)` -> u_hat = softmax(logits) @ W_embed.
-
-    latent_image_shape: set for prototype embeddings (d = C * H * W): z is then reshaped to an
-    image and goes through a conv tower of its own instead of the fully connected latent branch.
-    """
+    """One NoProp-DT block: `forward(x [N, C, H, W], z [N, d], W_embed [m, d])` -> u_hat [N, d].
+    latent_image_shape: as for `DenoisingBlocks` (prototype embeddings)."""
 
     def __init__(self, image_shape: tuple[int, int, int], num_classes: int, embed_dim: int,
                  dropout: float = 0.2, latent_image_shape: tuple[int, int, int] | None = None):
         super().__init__()
-        c, h, w = image_shape
         self.latent_image_shape = latent_image_shape
-        self.image_tower = ConvBranch(c, conv_flat_features(h, w), dropout)
+        self.image_tower = ConvBranch(image_shape, dropout)
         if latent_image_shape is not None:
-            lc, lh, lw = latent_image_shape
-            if lc * lh * lw != embed_dim:
+            if math.prod(latent_image_shape) != embed_dim:
                 raise ValueError(f"latent image shape {latent_image_shape} does not hold "
                                  f"d={embed_dim}")
-            self.latent_tower = ConvBranch(lc, conv_flat_features(lh, lw), dropout)
+            self.latent_tower = ConvBranch(latent_image_shape, dropout)
         else:
             self.latent_fc1, self.latent_bn1 = nn.Linear(embed_dim, HIDDEN), nn.BatchNorm1d(HIDDEN)
             self.latent_fc2, self.latent_bn2 = nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN)
@@ -110,23 +89,16 @@ class DTBlock(nn.Module):
         return self.denoise(self.image_features(x), z, embed_weight)
 
 
-def _dt_block_like(batched: DenoisingBlocks) -> DTBlock:
-    """A freshly initialised DTBlock with the layer sizes of one of `batched`'s blocks."""
-    return DTBlock(batched.image_shape, batched.num_classes, batched.embed_dim, batched.dropout,
-                   batched.latent_image_shape)
-
-
 def separate_blocks_from(batched: DenoisingBlocks) -> nn.ModuleList:
-    """T DTBlocks holding copies of block t's slice of every stacked parameter and buffer.
-
-    `load_state_dict` copies into the new block's own tensors, so the copies share no storage with
-    `batched`; they have its dtype, device and train/eval mode.
-    """
+    """T DTBlocks holding copies (no shared storage) of block t's slice of every stacked parameter
+    and buffer, in `batched`'s dtype, device and train/eval mode."""
     state = batched.state_dict()
     reference = next(iter(state.values()))
     blocks = nn.ModuleList()
     for t in range(batched.num_blocks):
-        block = _dt_block_like(batched).to(device=reference.device, dtype=reference.dtype)
+        block = DTBlock(batched.image_shape, batched.num_classes, batched.embed_dim,
+                        batched.dropout, batched.latent_image_shape)
+        block = block.to(device=reference.device, dtype=reference.dtype)
         own_slices = {key: value[t] for key, value in state.items()}
         result = block.load_state_dict(own_slices, strict=False)
         missing = [key for key in result.missing_keys if not key.endswith(BN_COUNTER)]
@@ -138,10 +110,8 @@ def separate_blocks_from(batched: DenoisingBlocks) -> nn.ModuleList:
 
 
 def batched_from_separate(blocks: list[DTBlock]) -> dict[str, torch.Tensor]:
-    """The reverse: a DenoisingBlocks state dict, block t's tensors stacked at index t.
-
-    Load it with `DenoisingBlocks(...).load_state_dict(batched_from_separate(blocks))`.
-    """
+    """The reverse: a DenoisingBlocks state dict (for its `load_state_dict`), block t's tensors
+    stacked at index t."""
     states = [block.state_dict() for block in blocks]
     return {key: torch.stack([state[key] for state in states])
             for key in states[0] if not key.endswith(BN_COUNTER)}
