@@ -5,9 +5,7 @@ every layer here holds all T blocks' parameters in one tensor whose first dimens
 and runs them as one computation:
 
     BlockLinear      weight [T, out, in]        Y[t] = X[t] W[t]^T + b[t]  (`ops.block_linear`)
-    BlockConv2d      weight [T, out, in, k, k]  a conv with T x out channels; groups = T when each
-                                                block reads its own input, groups = 1 when all
-                                                blocks read the same image (the first conv)
+    BlockConv2d      weight [T, out, in, k, k]  a conv with T x out channels (grouped by block)
     BlockBatchNorm   weight [T, C]              statistics per (block, channel)
     BlockLayerNorm   weight [T, C]              LayerNorm over C with each block's affine
     BlockEmbedding   weight [T, V, C]           a lookup table per block (token, position)
@@ -105,11 +103,8 @@ class BlockConv2d(nn.Module):
 
 
 class BlockBatchNorm(nn.Module):
-    """BatchNorm1d with statistics and affine parameters per (block, channel). Input [B, N, C].
-
-    Equivalent to T separate nn.BatchNorm1d(C): each (block, channel) is normalised over the batch
-    alone. Running statistics of the blocks in the slice are updated in place.
-    """
+    """T separate nn.BatchNorm1d(C): statistics and affine per (block, channel). Input [B, N, C];
+    the running statistics of the slice's blocks are updated in place."""
 
     def __init__(self, num_blocks: int, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
@@ -181,9 +176,6 @@ class BlockEmbedding(nn.Module):
         return f"blocks={self.num_blocks}, num={self.num_embeddings}, dim={self.dim}"
 
 
-BLOCK_LAYERS = (BlockLinear, BlockConv2d, BlockBatchNorm, BlockLayerNorm, BlockEmbedding)
-
-
 def use_ops(module: nn.Module, ops: Ops) -> None:
     """Point every part of `module` that computes with the ops (an `ops` attribute of its own: the
     BlockLinears, the models, their blocks, the attention layers) at `ops`."""
@@ -194,11 +186,9 @@ def use_ops(module: nn.Module, ops: Ops) -> None:
 
 def block_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters of `module` that belong to block layers (leading dimension = block)."""
-    params = []
-    for sub in module.modules():
-        if isinstance(sub, BLOCK_LAYERS):
-            params.extend(sub.parameters(recurse=False))
-    return params
+    block_layers = (BlockLinear, BlockConv2d, BlockBatchNorm, BlockLayerNorm, BlockEmbedding)
+    return [param for sub in module.modules() if isinstance(sub, block_layers)
+            for param in sub.parameters(recurse=False)]
 
 
 def softmax_embedding(h: torch.Tensor, head: BlockLinear, embed_weight: torch.Tensor,

@@ -1,11 +1,7 @@
-"""The mathematics of NoProp-DT: noise schedule, loss weights, inference coefficients, KL.
-
-Every task (images, language) takes its numbers from here, computed once: the flipped cosine
-schedule clamped at snr_max (docs/method.md section 1), the weights w_t = (eta / 2)(SNR(t) -
-SNR(t-1)) (section 2) and Eq. 3's coefficients a_t, b_t, c_t (section 4). With a perfect denoiser
-the chain's marginals are exactly q(z_t | u) (a test checks). **t = 0 is pure noise, t = T is
-clean.** Computed in float64 on the host and stored as float32 tensors; nothing here reads a
-tensor's value, so it is safe to call before CUDA-graph capture.
+"""NoProp-DT's numbers for every task: the cosine schedule clamped at snr_max, the loss weights w_t
+and Eq. 3's coefficients (docs/method.md sections 1, 2 and 4). **t = 0 is pure noise, t = T is
+clean.** Computed in float64 on the host, stored as float32 tensors; nothing here reads a tensor's
+value, so it is safe to call before CUDA-graph capture.
 """
 import math
 from dataclasses import dataclass
@@ -39,11 +35,8 @@ def required_snr_max(num_blocks: int) -> float:
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """All per-block numbers of NoProp-DT for T blocks, as float32 tensors on one device.
-
-    Shapes: `alpha_bar` [T + 1] (index t = 0..T); every other tensor [T], where entry t - 1 belongs
-    to block t (t = 1..T).
-    """
+    """All per-block numbers of NoProp-DT for T blocks, as float32 tensors on one device; entry
+    t - 1 of a [T] tensor belongs to block t (t = 1..T)."""
 
     alpha_bar: torch.Tensor     # [T + 1] abar_0 .. abar_T
     input_scale: torch.Tensor   # [T] sqrt(abar_{t-1}): weight of u in block t's noisy input
@@ -80,23 +73,15 @@ class NoiseSchedule:
         def tensor(values):
             return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=torch.float32)
 
-        return cls(
-            alpha_bar=tensor(abar),
-            input_scale=tensor([math.sqrt(a) for a in abar[:-1]]),
-            noise_scale=tensor([math.sqrt(1 - a) for a in abar[:-1]]),
-            snr_weights=tensor(weights),
-            coef_a=tensor(a_coef),
-            coef_b=tensor(b_coef),
-            coef_c=tensor(c_coef),
-        )
+        return cls(alpha_bar=tensor(abar), input_scale=tensor([math.sqrt(a) for a in abar[:-1]]),
+                   noise_scale=tensor([math.sqrt(1 - a) for a in abar[:-1]]),
+                   snr_weights=tensor(weights),
+                   coef_a=tensor(a_coef), coef_b=tensor(b_coef), coef_c=tensor(c_coef))
 
 
 def prior_kl(u: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-    """Batch mean of KL(q(z_0 | y) || N(0, I)) = 0.5 (abar_0 ||u||^2 + d(1 - abar_0) - d - d log(1 - abar_0)).
-
-    u: [N, d]. It reaches W_embed only. With abar_0 = 0 (the cosine schedule) it is identically
-    zero; it is kept so that a schedule with abar_0 > 0 is handled as the paper writes it.
-    """
+    """Batch mean of KL(q(z_0 | y) || N(0, I)), u [N, d] (docs/method.md section 2): zero for the
+    cosine schedule (abar_0 = 0), kept for a schedule with abar_0 > 0 as the paper writes it."""
     d = u.shape[-1]
     abar0 = schedule.alpha_bar[0].to(u.dtype)
     const = d * (1 - abar0) - d - d * torch.log1p(-abar0)
@@ -105,10 +90,8 @@ def prior_kl(u: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 
 def denoise_step(z: torch.Tensor, u_hat: torch.Tensor, schedule: NoiseSchedule, t: int,
                  noise: torch.Tensor | None) -> torch.Tensor:
-    """One step of Eq. 3 for block t (1-based): z_t from z_{t-1} and block t's prediction.
-
-    noise None gives the noise-free variant (eps_t = 0).
-    """
+    """One step of Eq. 3 for block t (1-based): z_t from z_{t-1} and block t's prediction; noise
+    None gives the noise-free variant (eps_t = 0)."""
     z_next = schedule.coef_a[t - 1] * u_hat + schedule.coef_b[t - 1] * z
     if noise is not None:
         z_next = z_next + schedule.coef_c[t - 1].sqrt() * noise

@@ -182,7 +182,7 @@ class DenoisingBlocks(nn.Module):
 def prototype_embeddings(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                          chunk: int = 1024) -> torch.Tensor:
     """Each class's training image of smallest median distance to the other images of its class:
-    [N, C, H, W] -> [m, C * H * W]; distances in chunks of rows (O(chunk * n) memory, not O(n^2))."""
+    [N, C, H, W] -> [m, C * H * W]; distances in chunks of rows (O(chunk n) memory, not O(n^2))."""
     flat = images.reshape(images.shape[0], -1).float()
     rows = []
     for k in range(num_classes):

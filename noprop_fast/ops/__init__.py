@@ -1,18 +1,12 @@
 """The ops a model computes with (`Ops`): one interface, three backends, chosen once at set-up.
 
-`REFERENCE` (`reference.py`, plain PyTorch) is the default. `--fused` picks the device's fused
-backend: on CUDA the Triton kernels of `noprop_fast.kernels`, on CPU the C++ ops of `cpp.py`
-(built on first use; attention stays torch's SDPA there); both compute the cross-entropy in row
-chunks (`chunked_ce.py`). Where a fused backend cannot load, `resolve_ops` says so in one line and
-the run uses the reference. The Triton head holds D <= 128 and d <= 256 in one tile; wider
-embeddings (prototype: d = pixels) use the reference head there.
-
-Noise: the fused ops draw eps from Philox keyed by a seed and an offset held in device tensors
-(`PhiloxNoise`); each draw advances the offset in place, so no value is drawn twice and nothing is
-read on the host (a captured CUDA graph draws new noise on every replay). Given a PhiloxNoise, the
-reference draws the very same numbers in plain PyTorch; given None, torch.randn (the fused
-backends then raise).
+`REFERENCE` (`reference.py`, plain PyTorch) is the default; `--fused` picks the device's fused
+backend, the Triton kernels on CUDA or the C++ ops (`cpp.py`) on CPU, and falls back to the
+reference in one line where it cannot load (kernels/README.md). The fused ops draw their noise from
+a `PhiloxNoise` stream, whose offset each draw advances in place (no host read, so a captured CUDA
+graph draws new noise on every replay); the reference draws the same numbers from it in PyTorch.
 """
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -128,9 +122,7 @@ class PhiloxNoise:
     def normals(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The fp32 values the fused op would draw next, in plain PyTorch (reads seed and offset on
         the host: for tests and the reference path run on the fused path's noise)."""
-        count = 1
-        for size in shape:
-            count *= size
+        count = math.prod(shape)
         start = int(self.advance(count).item())
         offsets = start + torch.arange(count, dtype=torch.int64)
         return reference.philox_randn(int(self.seed.item()), offsets).view(shape).to(device)

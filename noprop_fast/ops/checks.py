@@ -1,7 +1,5 @@
-"""Input checks shared by the fused ops' two backends: the Triton launchers (kernels/) and the C++
-ops (cpp.py). Shapes and dtypes only, each fault a ValueError naming the op; each backend adds
-its own device checks. Kept free of triton so that the CPU ops import it where triton is absent.
-Also `first_order_only`, the guard both backends' autograd Functions put on their backward.
+"""The fused ops' shape and dtype checks (each fault a ValueError naming the op) and the guard on
+their backwards (`first_order_only`), shared by the Triton launchers and the C++ ops; triton-free.
 """
 import functools
 
@@ -114,11 +112,10 @@ def check_attention(q, k, v) -> None:
 
 
 def first_order_only(op: str):
-    """Decorates a fused op's backward, which autograd cannot differentiate (kernels, or gradients
-    stored by the forward): asked for a graph of the gradient (`create_graph=True`, which runs the
-    backward with grad mode on), it raises instead of returning gradients that would silently lack
-    this op's second-order term. torch's once_differentiable raises only when the incoming gradient
-    itself requires grad, so a second derivative flowing also through other ops went unnoticed."""
+    """Decorates a fused op's backward, which autograd cannot differentiate: under create_graph=True
+    (grad mode on in the backward) it raises rather than silently drop the op's second-order term
+    (kernels/README.md). torch's once_differentiable misses it when the incoming gradient does not
+    require grad."""
     def decorate(backward):
         @functools.wraps(backward)
         def checked(ctx, *grads):

@@ -2,18 +2,12 @@
 
     loss = mean_i [ logsumexp_v (z_i . W_v + b_v) - (z_i . W_{y_i} + b_{y_i}) ]
 
-z [M, d] (M = batch x positions), W [V, d], b [V] or None, y [M]. For a GPT-2 vocabulary
-(V = 50257) and M = 8 x 1024 the logits alone are 1.6 GB in fp32; here they exist one chunk of rows
-at a time ([rows, V], at most about 64 MB). With G = softmax(logits) - onehot(y), the gradient is
-
-    dz = G W / M,   dW = G^T z / M,   db = colsum(G) / M
-
-and it is computed in the forward, chunk by chunk, while the chunk's logits are at hand (a second
-pass in the backward would recompute every chunk's matmul): the backward only scales the stored
-gradients by the incoming scalar. Under `torch.no_grad()` (evaluation) nothing is stored. The
-arithmetic is fp32 whatever the inputs' dtype; the gradients are cast back to the inputs' dtypes.
-
-The reference is `reference.linear_cross_entropy`; the fused backends of both tasks use this op.
+z [M, d] (M = batch x positions), W [V, d], b [V] or None, y [M]. The logits (1.6 GB in fp32 for
+GPT-2's vocabulary at M = 8 x 1024) exist one chunk of rows at a time, at most about 64 MB. With
+G = softmax(logits) - onehot(y) the gradient, dz = G W / M, dW = G^T z / M, db = colsum(G) / M, is
+computed in the forward while each chunk's logits are at hand (a backward pass would recompute the
+matmuls) and only scaled by the backward; under `torch.no_grad()` nothing is stored. Arithmetic in
+fp32, gradients cast back to the inputs' dtypes. The reference: `reference.linear_cross_entropy`.
 """
 import torch
 import torch.nn.functional as F
@@ -23,8 +17,14 @@ from .checks import first_order_only
 CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB in fp32
 
 
-def _rows_per_chunk(vocab: int, chunk_elements: int) -> int:
-    return max(1, chunk_elements // max(vocab, 1))
+def _chunks(z, w32, bias, target, chunk_elements: int):
+    """(rows, z's rows in fp32, their targets, their logits [rows, V] fp32) chunk by chunk."""
+    b32 = None if bias is None else bias.float()
+    step = max(1, chunk_elements // max(w32.shape[0], 1))
+    for start in range(0, z.shape[0], step):
+        rows = slice(start, start + step)
+        zc = z[rows].float()
+        yield rows, zc, target[rows], F.linear(zc, w32, b32)
 
 
 def _check(z, weight, bias, target):
@@ -43,36 +43,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         m = z.shape[0]
         need_grad = any(ctx.needs_input_grad[:3])
         w32 = weight.float()
-        b32 = None if bias is None else bias.float()
         total = torch.zeros((), dtype=torch.float32, device=z.device)
         dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if need_grad else None
         dw = torch.zeros(w32.shape, dtype=torch.float32, device=z.device) if need_grad else None
         db = torch.zeros(w32.shape[0], dtype=torch.float32, device=z.device) \
             if need_grad and bias is not None else None
-        rows = _rows_per_chunk(weight.shape[0], chunk_elements)
-        for start in range(0, m, rows):
-            zc, yc = z[start:start + rows].float(), target[start:start + rows]
-            logits = F.linear(zc, w32, b32)                           # [rows, V]
+        for rows, zc, yc, logits in _chunks(z, w32, bias, target, chunk_elements):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, yc.unsqueeze(1)).squeeze(1)).sum()
             if need_grad:
                 g = torch.softmax(logits, dim=-1)                     # G = softmax - onehot
                 g.scatter_add_(1, yc.unsqueeze(1), torch.full_like(yc, -1, dtype=g.dtype).unsqueeze(1))
                 g /= m
-                dz[start:start + rows] = g @ w32
+                dz[rows] = g @ w32
                 dw.addmm_(g.t(), zc)
                 if db is not None:
                     db += g.sum(0)
         ctx.dtypes = (z.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(*(t for t in (dz, dw, db) if t is not None))
-        ctx.has = (dz is not None, dw is not None, db is not None)
+        ctx.save_for_backward(dz, dw, db)
         return total / m
 
     @staticmethod
     @first_order_only("linear_cross_entropy")
     def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        dz, dw, db = (next(saved) if has else None for has in ctx.has)
+        dz, dw, db = ctx.saved_tensors
         z_dtype, w_dtype, b_dtype = ctx.dtypes
         out = [None if t is None else (t * grad).to(dtype)
                for t, dtype in ((dz, z_dtype), (dw, w_dtype), (db, b_dtype))]
@@ -94,12 +88,7 @@ def cross_entropy_rows(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        target: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Every row's cross-entropy [M] (fp32), in chunks of rows; for evaluation (no gradient)."""
     _check(z, weight, bias, target)
-    w32 = weight.float()
-    b32 = None if bias is None else bias.float()
-    rows = _rows_per_chunk(weight.shape[0], chunk_elements)
     out = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
-    for start in range(0, z.shape[0], rows):
-        logits = F.linear(z[start:start + rows].float(), w32, b32)          # [rows, V]
-        picked = logits.gather(1, target[start:start + rows].unsqueeze(1)).squeeze(1)
-        out[start:start + rows] = torch.logsumexp(logits, dim=-1) - picked
+    for rows, _, yc, logits in _chunks(z, weight.float(), bias, target, chunk_elements):
+        out[rows] = torch.logsumexp(logits, dim=-1) - logits.gather(1, yc.unsqueeze(1)).squeeze(1)
     return out

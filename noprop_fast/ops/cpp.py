@@ -1,21 +1,13 @@
 """The fused ops on the CPU: C++ (ATen + OpenMP) twins of the Triton kernels in kernels/, with the
-same maths, shapes and gradients (their docstrings and `reference.py` are the specification).
+same maths, shapes and gradients (kernels/README.md; `reference.py` is the specification; the C++
+files' headers give each op's loops). Unlike the GPU side every op is deterministic (fixed
+reduction orders, except where ATen's BLAS sums), softmax_head takes any D and d, and products run
+in fp32. Inputs must be CPU tensors (ValueError otherwise).
 
-What differs from the GPU side: every op is deterministic (no atomics; fixed reduction orders, so
-also bitwise the same for any thread count, except where ATen's BLAS sums); softmax_head takes
-any D and d; products run in fp32 through ATen's BLAS (fp16 / bf16 operands are widened first).
-The noise is the Triton kernel's: the Philox integers bitwise, the normals to about an ulp. The
-C++ files' headers give each op's loop structure (csrc/noise.cpp, block_loss.cpp, ...).
-softmax_head's logits live in tiles of SOFTMAX_TILE_ELEMENTS (an online softmax over class
-chunks); when one tile holds all B N m logits, the forward's probabilities are saved for the backward.
-
-Build: `noprop_fast.csrc` is compiled on first use by `torch.utils.cpp_extension.load` (the system
-C++ compiler, $CXX or c++, and ninja; -O3 -fopenmp and no -march, so the cached library is
-portable; the hot loops carry AVX2 / AVX-512 clones chosen at load time) into
-$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, under a name hashing the sources, their folder,
-the flags and torch's version (about a minute on 2 cores; an unchanged build loads at once). When
-the build cannot happen, `load()` raises FusedOpsUnavailable with a one-line reason and
-`available()` returns it. Inputs must be CPU tensors (ValueError otherwise).
+Build: `noprop_fast.csrc` is compiled on first use by `torch.utils.cpp_extension.load` ($CXX or
+c++, and ninja; no -march, so the cached library is portable: the hot loops carry AVX2 / AVX-512
+clones chosen at load time), under a name hashing the sources, the flags and torch's version. When
+it cannot happen, `load()` raises FusedOpsUnavailable with a one-line reason; `available()` says so.
 """
 import functools
 import hashlib
@@ -71,13 +63,13 @@ def _one_line(err: BaseException) -> str:
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
-def _is_built(cpp_extension, name: str) -> bool:
-    """Whether the cache holds the library already (only to say that a build is coming)."""
-    try:  # a private helper of cpp_extension: a torch without it just gets no message
-        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+def _build_file(cpp_extension, name: str, file: str) -> Path | None:
+    """A file of the build's cache folder; None for a torch without cpp_extension's private helper
+    (which then gets neither the build message nor the stale-lock check)."""
+    try:
+        return Path(cpp_extension._get_build_directory(name, verbose=False)) / file
     except Exception:
-        return True
-    return (build_dir / f"{name}.so").exists()
+        return None
 
 
 STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old was left by a killed one
@@ -86,10 +78,10 @@ STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old was le
 def _clear_stale_lock(cpp_extension, name: str) -> None:
     """cpp_extension serialises builds with a lock file and waits for it without a limit, so a
     build interrupted by Ctrl-C would make every later run hang; an old lock is removed."""
+    lock = _build_file(cpp_extension, name, "lock")
     try:
-        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
         age = time.time() - lock.stat().st_mtime
-    except Exception:  # no lock (the usual case), or a torch without the private helper
+    except (AttributeError, OSError):  # no lock (the usual case), or no private helper (None)
         return
     if age > STALE_LOCK_SECONDS:
         print(f"noprop_fast: removing {lock}, left by an interrupted build {age / 60:.0f} min ago",
@@ -111,7 +103,8 @@ def _compile_and_load():
         source_dir = _source_dir()
         name = _extension_name(source_dir)
         _clear_stale_lock(cpp_extension, name)
-        if not _is_built(cpp_extension, name):
+        library = _build_file(cpp_extension, name, f"{name}.so")
+        if library is not None and not library.exists():
             print("noprop_fast: building the C++ fused ops (once, about a minute)...", file=sys.stderr)
         # lists of their own: cpp_extension appends to the flag lists it is given
         return cpp_extension.load(name=name, sources=[str(source_dir / s) for s in SOURCES],
@@ -150,24 +143,14 @@ def philox_randn(seed: int, offset: int, numel: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# The device check; shapes and dtypes are checked by checks.py (shared with the Triton launchers)
-
-def _check_cpu(op: str, **tensors):
-    for name, t in tensors.items():
-        if t is not None and t.device.type != "cpu":
-            raise ValueError(f"{op}: the CPU fused op needs CPU tensors, got {name} on {t.device}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Autograd Functions: the C++ forward and backward of each op
+# Autograd Functions: the C++ forward and backward of each op, on contiguous inputs (`_apply`)
 
 class _NoiseInjection(torch.autograd.Function):
     """Saves y and a (and W's shape and dtype); the noise is neither stored nor regenerated."""
 
     @staticmethod
     def forward(ctx, y, W, a, s, seed, offset):
-        y, a = y.contiguous(), a.contiguous()
-        z = load().noise_forward(y, W.contiguous(), a, s.contiguous(), seed, offset)
+        z = load().noise_forward(y, W, a, s, seed, offset)
         ctx.save_for_backward(y, a)
         ctx.w_shape, ctx.w_dtype = tuple(W.shape), W.dtype
         return z
@@ -185,7 +168,6 @@ class _NoiseInjection(torch.autograd.Function):
 class _BlockLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_hat, u, w):
-        u_hat, u, w = u_hat.contiguous(), u.contiguous(), w.contiguous()
         ctx.save_for_backward(u_hat, u, w)
         return load().block_loss_forward(u_hat, u, w)
 
@@ -202,8 +184,7 @@ class _BlockLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x, weight = x.contiguous(), weight.contiguous()
-        y = load().block_linear_forward(x, weight, None if bias is None else bias.contiguous())
+        y = load().block_linear_forward(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y
@@ -225,8 +206,6 @@ class _SoftmaxHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, k, c, v):
-        h, k, v = h.contiguous(), k.contiguous(), v.contiguous()
-        c = None if c is None else c.contiguous()
         ctx.tile_elements = SOFTMAX_TILE_ELEMENTS
         o, lse, probs = load().softmax_head_forward(h, k, c, v, ctx.tile_elements)
         ctx.save_for_backward(h, k, c, v, o, lse, probs)
@@ -243,35 +222,39 @@ class _SoftmaxHead(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # Public functions
 
+def _apply(op: str, check, function, **tensors):
+    """`function` on the tensors, made contiguous, after checks.py's shape and dtype `check` (shared
+    with the Triton launchers) and the device check of the CPU ops."""
+    check(*tensors.values())
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{op}: the CPU fused op needs CPU tensors, got {name} on {t.device}")
+    return function.apply(*(t if t is None else t.contiguous() for t in tensors.values()))
+
+
 def noise_injection(y, W, a, s, seed, offset):
     """z [B, N, d] = a[b] W[y] + s[b] eps[b], eps[b, n, j] = randn(seed, offset + (b N + n) d + j).
 
     y [N] int64, W [m, d] fp32/fp16/bf16, a, s [B] fp32, seed and offset int64 tensors with one
     element, all on the CPU; z in W's dtype. Differentiable in W only; dW is deterministic.
     """
-    checks.check_noise_injection(y, W, a, s, seed, offset)
-    _check_cpu("noise_injection", y=y, W=W, a=a, s=s, seed=seed, offset=offset)
-    return _NoiseInjection.apply(y, W, a, s, seed, offset)
+    return _apply("noise_injection", checks.check_noise_injection, _NoiseInjection,
+                  y=y, W=W, a=a, s=s, seed=seed, offset=offset)
 
 
 def block_loss(u_hat, u, w):
     """losses [B] fp32 = w[b] mean_n ||u_hat[b, n] - u[n]||^2; u_hat [B, N, d], u [N, d], w [B] fp32."""
-    checks.check_block_loss(u_hat, u, w)
-    _check_cpu("block_loss", u_hat=u_hat, u=u, w=w)
-    return _BlockLoss.apply(u_hat, u, w)
+    return _apply("block_loss", checks.check_block_loss, _BlockLoss, u_hat=u_hat, u=u, w=w)
 
 
 def block_linear(x, weight, bias=None):
     """x[b] @ weight[b]^T + bias[b]: x [B, N, K], weight [B, M_out, K], bias [B, M_out] or None
     -> [B, N, M_out] in x's dtype; differentiable in all three."""
-    checks.check_block_linear(x, weight, bias)
-    _check_cpu("block_linear", x=x, weight=weight, bias=bias)
-    return _BlockLinear.apply(x, weight, bias)
+    return _apply("block_linear", checks.check_block_linear, _BlockLinear,
+                  x=x, weight=weight, bias=bias)
 
 
 def softmax_head(h, k, c, v):
     """softmax(h k^T + c) v without the [B, N, m] logits: h [B, N, D], k [B, m, D], c [B, m] or
     None, v [m, d] -> [B, N, d] in h's dtype; differentiable in all four; any D and d."""
-    checks.check_softmax_head(h, k, c, v)
-    _check_cpu("softmax_head", h=h, k=k, c=c, v=v)
-    return _SoftmaxHead.apply(h, k, c, v)
+    return _apply("softmax_head", checks.check_softmax_head, _SoftmaxHead, h=h, k=k, c=c, v=v)
