@@ -61,10 +61,6 @@ class DTBlock(nn.Module):
         self.fuse_bn2 = nn.BatchNorm1d(FUSION_HIDDEN)
         self.head = nn.Linear(FUSION_HIDDEN, num_classes)
 
-    def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, 256]."""
-        return self.image_tower(x)
-
     def latent_features(self, z: torch.Tensor) -> torch.Tensor:
         """[N, d] -> [N, 256]: h1 = ReLU(BN(FC(z))), h = BN(FC(ReLU(BN(FC(h1))))) + h1."""
         if self.latent_image_shape is not None:
@@ -73,20 +69,12 @@ class DTBlock(nn.Module):
         h = F.relu(self.latent_bn2(self.latent_fc2(h1)))
         return self.latent_bn3(self.latent_fc3(h)) + h1
 
-    def logits(self, image_features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """[N, 256] and [N, d] -> [N, m]."""
-        h = torch.cat([image_features, self.latent_features(z)], dim=-1)  # [N, 512]
+    def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
+        """u_hat = softmax(logits) @ W_embed: [N, d]."""
+        h = torch.cat([self.image_tower(x), self.latent_features(z)], dim=-1)  # [N, 512]
         h = F.relu(self.fuse_bn1(self.fuse_fc1(h)))
         h = F.relu(self.fuse_bn2(self.fuse_fc2(h)))
-        return self.head(h)
-
-    def denoise(self, image_features: torch.Tensor, z: torch.Tensor,
-                embed_weight: torch.Tensor) -> torch.Tensor:
-        """u_hat = softmax(logits) @ W_embed: [N, d]."""
-        return torch.softmax(self.logits(image_features, z), dim=-1) @ embed_weight
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
-        return self.denoise(self.image_features(x), z, embed_weight)
+        return torch.softmax(self.head(h), dim=-1) @ embed_weight  # logits [N, m]
 
 
 def separate_blocks_from(batched: DenoisingBlocks) -> nn.ModuleList:
