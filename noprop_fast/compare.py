@@ -1,13 +1,7 @@
-"""Command line: `python -m noprop_fast.compare [--task {image,lm}] [--config NAME]
-[--field value ...] [--methods LIST] [--out DIR]` (options: --help).
-
-Trains NoProp and the backprop baseline of the same architecture (image: the same blocks; lm: a GPT
-of the same width and depth) from one config on the same data, loaded once, each method in its own
-run folder OUT/<method>, and writes a side-by-side report (reports.py) into OUT: report.md (data,
-config, device, torch version, command; one row per method; each epoch, or each evaluation at
-equal tokens seen), summary.json ({"config", "runs": {method: summary}, "history": {method:
-[records]}}) and the charts: loss, accuracy, time, memory (image) or val_loss (lm), as PNGs.
-"""
+"""Command line: `python -m noprop_fast.compare` (options: --help; docs/usage.md, "The comparison
+report"). Trains NoProp and the backprop baseline of the same architecture from one config on the
+same data, loaded once, each method in OUT/<method>, and writes report.md, summary.json and the
+charts into OUT (reports.py)."""
 import argparse
 import dataclasses
 import json
@@ -63,32 +57,6 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def refuse_existing_runs(out_dir: Path, methods: list[str], overwrite: bool = False) -> None:
-    """Every method's run folder: empty (or --overwrite) and writable, before any work."""
-    from . import runs
-    for m in methods:
-        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()) and not overwrite:
-            # the trainer appends to metrics.jsonl: an old run there would mix into the new one
-            raise UserError(f"{out_dir / m}: already holds a run; choose another --out "
-                            "(--overwrite replaces it)")
-    for m in methods:
-        runs.check_writable(out_dir / m)
-
-
-def load_data(cfg, show_progress: bool):
-    """The task's data, once for every method, and the trainer class that takes it."""
-    if cfg.task == "lm":  # imported here so that --help stays fast
-        from .data.corpus import load_token_data
-        from .lm_trainer import LMTrainer
-        from .preflight import check_token_data
-        data = load_token_data(cfg.data_dir, show_progress)
-        check_token_data(cfg, data)  # before the first method trains
-        return data, LMTrainer
-    from .data import load_image_dataset
-    from .trainer import Trainer
-    return load_image_dataset(cfg.dataset, cfg.data_dir), Trainer
-
-
 def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
             config_name: str | None = None, command: str | None = None,
             overwrite: bool = False) -> dict:
@@ -97,19 +65,34 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
     Returns {"config", "runs": {method: the trainer's summary}, "history": {method: [epoch or
     evaluation records]}, "report": path of report.md}.
     """
-    from .runs import clear_run
+    from .runs import check_writable, clear_run
     out_dir = Path(out_dir)
     if cfg.task == "lm" and reports.BASELINE in methods and cfg.embed_init != "learned":
         raise UserError("embed_init: the GPT baseline learns its own embeddings; compare with "
                         "embed_init learned, or --methods noprop")
-    refuse_existing_runs(out_dir, methods, overwrite)
-    data, trainer_class = load_data(cfg, show_progress)
+    for m in methods:  # every run folder empty (or --overwrite) and writable, before any work
+        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()) and not overwrite:
+            # the trainer appends to metrics.jsonl: an old run there would mix into the new one
+            raise UserError(f"{out_dir / m}: already holds a run; choose another --out "
+                            "(--overwrite replaces it)")
+    for m in methods:
+        check_writable(out_dir / m)
+    if cfg.task == "lm":  # the data, once for every method; imported here: --help stays fast
+        from .data.corpus import load_token_data
+        from .lm_trainer import LMTrainer as trainer_class
+        from .preflight import check_token_data
+        data = load_token_data(cfg.data_dir, show_progress)
+        check_token_data(cfg, data)  # before the first method trains
+    else:
+        from .data import load_image_dataset
+        from .trainer import Trainer as trainer_class
+        data = load_image_dataset(cfg.dataset, cfg.data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, histories = {}, {}
+    what = (f"LM on {reports.data_name(cfg)}" if cfg.task == "lm" else
+            f"on {cfg.dataset} ({data.source}), T={cfg.num_blocks}")
     for m in methods:
         run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
-        what = (f"LM on {reports.data_name(cfg)}" if cfg.task == "lm" else
-                f"on {cfg.dataset} ({data.source}), T={cfg.num_blocks}")
         print(f"== {m} {what}, run {out_dir / m}", flush=True)
         trainer = trainer_class(run_cfg, data, out_dir / m, show_progress=show_progress)
         if overwrite:  # the old run's files go just before the new run starts
