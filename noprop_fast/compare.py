@@ -65,7 +65,10 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
     Returns {"config", "runs": {method: the trainer's summary}, "history": {method: [epoch or
     evaluation records]}, "report": path of report.md}.
     """
+    from .loop import Run  # imported here so that --help stays fast
     from .runs import check_writable, clear_run
+    from .tasks import TASKS
+
     out_dir = Path(out_dir)
     if cfg.task == "lm" and reports.BASELINE in methods and cfg.embed_init != "learned":
         raise UserError("embed_init: the GPT baseline learns its own embeddings; compare with "
@@ -77,16 +80,7 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
                             "(--overwrite replaces it)")
     for m in methods:
         check_writable(out_dir / m)
-    if cfg.task == "lm":  # the data, once for every method; imported here: --help stays fast
-        from .data.corpus import load_token_data
-        from .lm_trainer import LMTrainer as trainer_class
-        from .preflight import check_token_data
-        data = load_token_data(cfg.data_dir, show_progress)
-        check_token_data(cfg, data)  # before the first method trains
-    else:
-        from .data import load_image_dataset
-        from .trainer import Trainer as trainer_class
-        data = load_image_dataset(cfg.dataset, cfg.data_dir)
+    data = TASKS[cfg.task].load_data(cfg, show_progress)  # once for every method
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, histories = {}, {}
     what = (f"LM on {reports.data_name(cfg)}" if cfg.task == "lm" else
@@ -94,7 +88,7 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
     for m in methods:
         run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
         print(f"== {m} {what}, run {out_dir / m}", flush=True)
-        trainer = trainer_class(run_cfg, data, out_dir / m, show_progress=show_progress)
+        trainer = Run(run_cfg, data, out_dir / m, show_progress=show_progress)
         if overwrite:  # the old run's files go just before the new run starts
             clear_run(out_dir / m)
         runs[m] = trainer.fit()

@@ -1,7 +1,8 @@
 """Multi-process training with torch.distributed, launched with torchrun: the blocks across
 processes, the data across processes, or both (`--parallel blocks|data|blocks+data`). This module
-holds the launch, the layout, the gradient all-reduces and the communication volume; `sharded.py`
-the maths on a rank's share (schedule slice, noise, BatchNorm, chain); `parallel.py` the trainers.
+holds the launch, the layout, the gradient all-reduces and the communication volume;
+strategy.py's `ManyProcesses` the rest of a rank's share (model and schedule slice, noise,
+BatchNorm, the chain's transport, checkpoints), set up once for loop.py's run.
 
 Layout. W = K x D processes: K block ranks split the T blocks into contiguous slices (the first
 T mod K ranks take one block more), D data ranks split every minibatch. Rank r holds block slice
@@ -48,7 +49,7 @@ blocks' steps, and sends z to the next block rank; the last broadcasts z_T to it
 every rank computes the same logits. Data ranks evaluate the same examples (evaluation is not
 data-sharded; its result equals the single-process one).
 
-Checkpoints (parallel.py) are in the single-process format, written by rank 0 alone; a run of any
+Checkpoints (strategy.py) are in the single-process format, written by rank 0 alone; a run of any
 world size resumes from them (every rank reads the file: on several machines it must be on a
 shared file system). Unsupported, each one line: fp16 loss scaling (ranks would skip steps on
 their own; use bf16), the backprop baseline or the sequential schedule with K > 1.

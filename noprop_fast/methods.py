@@ -1,31 +1,13 @@
-"""One training loss per method, and inference, for the image task.
+"""The NoProp maths both tasks share: the noisy latents, the NoProp-DT loss (docs/method.md
+section 2), the backprop baseline (section 5, Eqs. 17-19), and the Eq. 3 chain with the
+predictions built on it (section 4). The language task's rows are the positions of its token
+windows (section 7).
 
-NoProp-DT (docs/method.md section 2), for a minibatch (x, y) and the blocks in `blocks`:
-
-    u        = W_embed[y]                                        [N, d]
-    z[b]     = sqrt(abar_{t-1}) u + sqrt(1 - abar_{t-1}) eps     [B, N, d], sampled from q
-    loss     = (T / B) sum_b w_t ||u_hat_t(z[b], x) - u||^2      (batch mean)
-             + CE(classifier(z_T), y),   z_T ~ q(z_T | y)
-             + KL(q(z_0 | y) || N(0, I))
-
-With all blocks on the minibatch (B = T) the factor is 1; with one block (the sequential schedule)
-it is the paper's T. Block t's parameters see only its own term, the classifier only the CE term,
-W_embed all of them: nothing crosses between blocks (a test checks).
-
-Backprop baseline (Eqs. 17-19): z_0 ~ N(0, I), z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x),
-a_t = tanh(w_t), cross-entropy of the classifier on z_T, trained end to end.
-
-Inference (Eq. 3): `predict` takes images only: the labels are never read.
-
-Fused path (`model.fused` set, see `noprop_fast.fused`): the noisy latents and the clean z_T come
-from the fused noise op, drawing from a `PhiloxNoise` stream, and the weighted block losses from
-the fused loss op; the blocks use the fused FC and head. Given a `PhiloxNoise`, the reference path
-draws the very same noise in plain PyTorch, so both paths can be compared step by step.
-
-Precision: the blocks compute in `model.compute_dtype`; the losses, the classifier and the KL are
-fp32 on both paths.
-
-Nothing here reads a tensor's value on the host: the losses come back as device tensors.
+Fused path (`model.fused` set): the noisy latents and the clean z_T come from the fused noise op,
+drawing from a `PhiloxNoise` stream, and the weighted block losses from the fused loss op. Given a
+`PhiloxNoise`, the reference path draws the very same noise in plain PyTorch, so both paths can be
+compared step by step. The blocks compute in `model.compute_dtype`; the losses, the classifier and
+the KL are fp32 on both paths. Nothing here reads a tensor's value on the host.
 """
 import torch
 import torch.nn.functional as F
@@ -129,59 +111,63 @@ def backprop_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 @torch.no_grad()
 def noprop_chain(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, transport=None) -> torch.Tensor:
     """Eq. 3 from z_0 ~ N(0, I): z_t = a_t u_hat_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps_t for
     t = 1..T, block t alone at step t. Returns z_T [N, d] (N rows of features: images, or the
     positions of token windows). `stochastic=False`: eps_t = 0 (z_0 is still drawn)."""
-    return chain_from_features(model, schedule, model.blocks.features(x), stochastic, generator)
+    return chain_from_features(model, schedule, model.blocks.features(x), stochastic, generator,
+                               transport)
 
 
 @torch.no_grad()
 def chain_from_features(model, schedule: NoiseSchedule, features: torch.Tensor,
-                        stochastic: bool = True, generator: torch.Generator | None = None):
-    """`noprop_chain` given every block's z-independent features [T, N, F] (a language model
-    samples from the last position's row alone)."""
+                        stochastic: bool = True, generator: torch.Generator | None = None,
+                        transport=None) -> torch.Tensor:
+    """`noprop_chain` given the z-independent features [T_local, N, F] of the blocks this process
+    holds (a language model samples from the last position's row alone).
+
+    transport: None in one process; in several (strategy.ManyProcesses), this process holds
+    blocks span = (start, stop) of the `num_blocks` with its slice of `schedule`: it receives z
+    before its first block, sends it after its last, and z_T is broadcast at the end. Every process
+    draws z_0 and every eps_t, so the numbers are one process's."""
     w = model.embedding.weight
     z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype,
                     generator=generator)
-    for t in range(1, model.num_blocks + 1):
-        one = slice(t - 1, t)
-        u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0].to(z.dtype)
+    start, stop = (0, model.num_blocks) if transport is None else transport.span
+    for t in range(1, (model.num_blocks if transport is None else transport.num_blocks) + 1):
         noise = torch.randn(z.shape, device=z.device, dtype=z.dtype,
                             generator=generator) if stochastic else None
-        z = denoise_step(z, u_hat, schedule, t, noise)
-    return z
+        if t == start + 1 and transport is not None:
+            transport.receive(z)
+        if start < t <= stop:
+            one = slice(t - start - 1, t - start)
+            u_hat = model.blocks.denoise(features[one], z.unsqueeze(0), w, one)[0].to(z.dtype)
+            z = denoise_step(z, u_hat, schedule, t - start, noise)
+        if t == stop and transport is not None:
+            transport.send(z)
+    return z if transport is None else transport.broadcast(z)
 
 
 @torch.no_grad()
 def predict(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, stochastic: bool = True,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class logits [N, m] for images x [N, C, H, W]; labels are not an argument.
-
-    NoProp: the Eq. 3 chain (`noprop_chain`), then the classifier on z_T.
-    `stochastic=False` is the noise-free variant (eps_t = 0; z_0 is still drawn).
-    Backprop baseline: its own chain (Eqs. 17-19).
-    """
+            generator: torch.Generator | None = None, transport=None) -> torch.Tensor:
+    """Class logits [N, m] for images x [N, C, H, W]; labels are not an argument. NoProp: the
+    Eq. 3 chain, then the classifier on z_T; the backprop baseline: its own chain (Eqs. 17-19)."""
     if model.method == "backprop":
         return backprop_chain(model, x, generator)
-    return model.classifier(noprop_chain(model, schedule, x, stochastic, generator))
+    return model.classifier(noprop_chain(model, schedule, x, stochastic, generator, transport))
 
 
 @torch.no_grad()
 def predict_classes(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor,
-                    stochastic: bool = True, seed: int = 0, batch_size: int = 1000) -> torch.Tensor:
+                    stochastic: bool = True, seed: int = 0, batch_size: int = 1000,
+                    transport=None) -> torch.Tensor:
     """Predicted classes [N] for images x, in eval mode, with inference noise drawn from `seed`."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    predictions = torch.cat([predict(model, schedule, x[i:i + batch_size], stochastic, generator)
-                             .argmax(-1) for i in range(0, x.shape[0], batch_size)])
+    predictions = torch.cat([predict(model, schedule, x[i:i + batch_size], stochastic, generator,
+                                     transport).argmax(-1)
+                             for i in range(0, x.shape[0], batch_size)])
     model.train(was_training)
     return predictions
-
-
-def evaluate(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-             stochastic: bool = True, seed: int = 0) -> float:
-    """Test accuracy: predictions from the images alone, compared with y afterwards."""
-    predictions = predict_classes(model, schedule, x, stochastic, seed)
-    return (predictions == y).float().mean().item()  # host sync: once per evaluation

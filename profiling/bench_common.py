@@ -16,7 +16,7 @@ import torch
 from head_memory import HeadShape, load_fused_ops
 from noprop_fast.config import ImageConfig, LMConfig, load_config
 from noprop_fast.data.image import ImageData
-from noprop_fast.trainer import build_model
+from noprop_fast.tasks.image import build_model
 
 H100_PEAK_BYTES = 3.35e12                       # B/s, HBM3 (SXM)
 H100_PEAK_FLOPS = {"bf16": 989e12, "fp16": 989e12,  # dense tensor cores (SXM)

@@ -34,13 +34,12 @@ from bench_memory_methods import method_description, step_memory
 from bench_step import training_paths
 from bench_throughput import measure_paths
 from noprop_fast.config import LMConfig
-from noprop_fast.language import lm_loss
-from noprop_fast.lm_trainer import build_lm
 from noprop_fast.methods import noprop_loss
 from noprop_fast.models.lm import LanguageBlocks
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
-from noprop_fast.trainer import apply_gradients
+from noprop_fast.tasks.base import apply_gradients
+from noprop_fast.tasks.language import build_lm, lm_loss
 
 
 

@@ -24,7 +24,7 @@ from noprop_fast.layers import ALL_BLOCKS
 from noprop_fast.memory import SavedTensorBytes
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
-from noprop_fast.trainer import train_step
+from noprop_fast.tasks.image import train_step
 
 VARIANTS = ("noprop-all", "noprop-sequential", "backprop")
 PAPER_TABLE2_GB = {"backprop": 0.87, "noprop-dt": 0.49}  # GPU GB, one-hot, MNIST

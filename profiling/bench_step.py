@@ -27,7 +27,7 @@ from noprop_fast.fused import PRECISIONS, PhiloxNoise
 from noprop_fast.methods import noprop_loss
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
-from noprop_fast.trainer import apply_gradients
+from noprop_fast.tasks.base import apply_gradients
 
 PATHS = ("loop", "reference", "fused", "graphs", "compiled")
 

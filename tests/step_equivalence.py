@@ -14,7 +14,7 @@ from noprop_fast.data import load_image_dataset
 from noprop_fast.fused import PRECISIONS, PhiloxNoise, fused_ops
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
-from noprop_fast.trainer import build_model, train_step
+from noprop_fast.tasks.image import build_model, train_step
 
 # Relative tolerances. FIRST_STEP: the first step's losses and every parameter's gradient, from
 # identical weights: only the ops' rounding differs (fp32: 2e-7 seen on the losses). STEP: the
@@ -82,7 +82,7 @@ def assert_same_lm_step(ref, fused, schedule, x, y, seed: int = 11) -> None:
     """One language-model loss and backward on each model (same weights, the same Philox noise):
     the losses agree to 1e-5 and every parameter's gradient to 1e-4, with an absolute floor of
     1e-5 of the largest gradient (fp32)."""
-    from noprop_fast.language import lm_loss
+    from noprop_fast.tasks.language import lm_loss
     losses, grads = [], []
     for model in (ref, fused):
         loss, _ = lm_loss(model, schedule, x, y, PhiloxNoise(seed, x.device))

@@ -201,7 +201,7 @@ def test_loop_objective_equals_noprop_loss():
 def test_loop_and_batched_steps_update_every_block():
     from noprop_fast.layers import block_parameters
     from noprop_fast.optim import make_optimizer
-    from noprop_fast.trainer import train_step
+    from noprop_fast.tasks.image import train_step
     bench_loop, cfg, model, x, y, schedule, loop = loop_setup()
     batched = copy.deepcopy(model)
     stacked_before = [p.detach().clone() for p in block_parameters(batched)]
@@ -243,7 +243,7 @@ def test_lm_loop_objective_equals_lm_loss():
     """The language loop on the same weights and noise as lm_loss (N*L = 21 rows, noise drawn in
     noprop_loss's order): the same per-block losses, CE and total objective."""
     from noprop_fast.fused import PhiloxNoise
-    from noprop_fast.language import lm_loss
+    from noprop_fast.tasks.language import lm_loss
     bench_lm, cfg, model, x, y, schedule, loop = lm_setup()
     T, rows, d = cfg.num_blocks, x.numel(), model.embedding.dim
     assert len(loop.blocks) == T and all(b.num_blocks == 1 for b in loop.blocks)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import noprop_fast.lm_trainer as lm_module
-import noprop_fast.trainer as trainer_module
+import noprop_fast.loop as loop_module
+import noprop_fast.tasks.image as image_module
 from noprop_fast import train
 from noprop_fast.config import ImageConfig, LMConfig
 from noprop_fast.data import load_image_dataset
@@ -79,16 +79,15 @@ def lm_data():
 
 def force_staged(monkeypatch):
     """Make the trainers take the graph path on a CPU (a staged CapturedStep: no capture)."""
-    monkeypatch.setattr(trainer_module, "graph_unavailable_reason", lambda *args: None)
-    monkeypatch.setattr(lm_module, "graph_unavailable_reason", lambda *args: None)
+    monkeypatch.setattr(loop_module, "graph_unavailable_reason", lambda *args: None)
 
 
 def image_trainer(digits, tmp_path, name, **config):
     cfg = ImageConfig(**{"num_blocks": 2, "batch_size": 256, "dataset": "digits",
                          "device": "cpu", **config})
-    trainer = trainer_module.Trainer(cfg, digits, tmp_path / name, show_progress=False)
+    trainer = loop_module.Run(cfg, digits, tmp_path / name, show_progress=False)
     if trainer.ops is not None:
-        trainer.noise = PhiloxNoise(7, trainer.device)  # train_epoch makes one; direct steps need it
+        trainer.noise = PhiloxNoise(7, trainer.device)  # a stream of its own for the direct steps
     return trainer
 
 
@@ -96,7 +95,7 @@ def lm_trainer(tmp_path, name, **config):
     cfg = LMConfig(**{"num_blocks": 2, "width": 32, "heads": 2, "embed_dim": 8, "seq_len": 8,
                       "batch_size": 2, "eval_tokens": 32, "eval_chains": 1, "device": "cpu",
                       **config})
-    return lm_module.LMTrainer(cfg, lm_data(), tmp_path / name, show_progress=False)
+    return loop_module.Run(cfg, lm_data(), tmp_path / name, show_progress=False)
 
 
 def assert_same_state(a, b):
@@ -210,12 +209,12 @@ def test_image_epochs_through_the_staged_step_equal_the_uncaptured_ones(digits, 
     staged, plain = (image_trainer(digits, tmp_path, n, **config) for n in ("staged", "plain"))
     plain.use_graphs = False  # the same capturable optimiser, every step uncaptured
     assert staged.use_graphs and staged.optimizer.capturable and plain.optimizer.capturable
-    records = [[t.train_epoch(epoch) for epoch in (1, 2)] for t in (staged, plain)]
+    records = [[t.train_round() for epoch in (1, 2)] for t in (staged, plain)]
     keys = ("train_loss", "block_losses")
     assert [[r.get(k) for k in keys] for r in records[0]] == [[r.get(k) for k in keys] for r in records[1]]
     assert_same_state(staged, plain)
     # 1437 images: 5 batches of 256 through the staged step, the last 157 uncaptured; per pass
-    passes = staged.passes()
+    passes = staged.task.passes()
     assert sorted(staged.captured) == sorted((p.start, p.stop) for p in passes)
     assert all(c.calls == 2 * 5 for c in staged.captured.values()) and not plain.captured
 
@@ -228,10 +227,11 @@ def test_lm_steps_through_the_staged_step_equal_the_uncaptured_ones(tmp_path, mo
     losses = []
     for trainer in (staged, plain):
         torch.manual_seed(5)
-        losses.append(torch.stack([trainer.step() for _ in range(4)]))
+        losses.append(torch.stack([trainer.step(*trainer.task.batches.next())[0]
+                                   for _ in range(4)]))
     assert torch.equal(losses[0], losses[1])
     assert_same_state(staged, plain)
-    assert staged.captured.calls == 4 and plain.captured is None
+    assert staged.captured[(None, None)].calls == 4 and not plain.captured
 
 
 def test_the_state_a_graph_holds_is_updated_in_place(digits, tmp_path, monkeypatch):
@@ -260,8 +260,8 @@ def test_the_state_a_graph_holds_is_updated_in_place(digits, tmp_path, monkeypat
     means = [b for n, b in trainer.model.named_buffers() if n.endswith("running_mean")]
     assert means and all(not torch.equal(m, m0) for m, m0 in zip(means, running_means))
     noise = trainer.noise
-    trainer.train_epoch(1)
-    trainer.train_epoch(2)  # a new epoch reseeds the stream in place
+    trainer.train_round()
+    trainer.train_round()  # a new epoch reseeds the stream in place
     assert trainer.noise is noise and addresses() == before
 
 
@@ -275,9 +275,9 @@ def image_steps(trainer, blocks):
 def lm_steps(trainer):
     """trainer.step with its batches fetched beforehand: the fetch (numpy on the host) stays
     outside the graph, and the guard watches what the graph captures."""
-    fetched = [trainer.batches.next() for _ in range(2)]
-    trainer.batches.next = lambda: fetched.pop(0)
-    return trainer.step
+    fetched = [trainer.task.batches.next() for _ in range(2)]
+    trainer.task.batches.next = lambda: fetched.pop(0)
+    return lambda: trainer.step(*trainer.task.batches.next())
 
 
 STEPS = {
@@ -335,7 +335,7 @@ def test_the_guard_catches_a_planted_host_read(planted):
 
 def test_the_guard_catches_a_host_read_planted_in_a_training_step(digits, tmp_path, monkeypatch):
     force_staged(monkeypatch)
-    real = trainer_module.noprop_loss
+    real = image_module.noprop_loss
 
     def planted(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
@@ -344,7 +344,7 @@ def test_the_guard_catches_a_host_read_planted_in_a_training_step(digits, tmp_pa
     step = STEPS["image-noprop-all"](tmp_path, digits, True)
     with no_host_sync():
         step()  # the unpatched step passes
-    monkeypatch.setattr(trainer_module, "noprop_loss", planted)
+    monkeypatch.setattr(image_module, "noprop_loss", planted)
     with pytest.raises(HostSync, match="item"):
         with no_host_sync():
             step()
@@ -363,7 +363,7 @@ def test_captured_and_uncaptured_runs_agree_bitwise(digits, tmp_path, case, prec
     common = {"device": "cuda", "fused": True, "precision": precision, "cuda_graphs": "on"}
     if case in IMAGE_CASES:
         # 1437 images / 64: 22 batches per pass through the graph, then a partial one uncaptured
-        make = lambda n: trainer_module.Trainer(  # noqa: E731
+        make = lambda n: loop_module.Run(  # noqa: E731
             ImageConfig(num_blocks=3, batch_size=64, **IMAGE_CASES[case], **common), digits,
             tmp_path / n, show_progress=False)
     else:
@@ -376,12 +376,13 @@ def test_captured_and_uncaptured_runs_agree_bitwise(digits, tmp_path, case, prec
     results = []
     for trainer in (captured, plain):
         if case in IMAGE_CASES:
-            records = [trainer.train_epoch(e) for e in (1, 2)]
+            records = [trainer.train_round() for e in (1, 2)]
             results.append([(r["train_loss"], r.get("block_losses")) for r in records])
         else:
             torch.manual_seed(3)
-            results.append(torch.stack([trainer.step() for _ in range(8)]).tolist())
+            results.append(torch.stack([trainer.step(*trainer.task.batches.next())[0]
+                                        for _ in range(8)]).tolist())
     assert results[0] == results[1]
     assert_same_state(captured, plain)
-    steps = list(captured.captured.values()) if case in IMAGE_CASES else [captured.captured]
+    steps = list(captured.captured.values())
     assert steps and all(s.captured and s.failed is None and s.replays > 0 for s in steps)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from noprop_fast.chunked_ce import cross_entropy_sum, linear_cross_entropy, linear_cross_entropy_ref
 from noprop_fast.layers import BlockEmbedding, BlockLayerNorm, block_parameters
-from noprop_fast.language import lm_loss, position_logits, sample, validation_loss
+from noprop_fast.tasks.language import lm_loss, position_logits, sample, validation_loss
 from noprop_fast.methods import noprop_loss
 from noprop_fast.models.lm import GPT, LanguageModel
 from noprop_fast.schedule import NoiseSchedule

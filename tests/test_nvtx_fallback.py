@@ -59,7 +59,7 @@ from noprop_fast.config import ImageConfig  # noqa: E402
 from noprop_fast.data import load_image_dataset  # noqa: E402
 from noprop_fast.optim import make_optimizer  # noqa: E402
 from noprop_fast.schedule import NoiseSchedule  # noqa: E402
-from noprop_fast.trainer import build_model, train_step  # noqa: E402
+from noprop_fast.tasks.image import build_model, train_step  # noqa: E402
 torch.manual_seed(0)
 cfg = ImageConfig(num_blocks=2, batch_size=8, dataset="digits")
 data = load_image_dataset("digits")

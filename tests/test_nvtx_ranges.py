@@ -12,11 +12,11 @@ from noprop_fast import nvtx_ranges  # noqa: E402
 from noprop_fast.config import ImageConfig, LMConfig  # noqa: E402
 from noprop_fast.data import load_image_dataset  # noqa: E402
 from noprop_fast.data.shards import TokenData  # noqa: E402
-from noprop_fast.lm_trainer import LMTrainer  # noqa: E402
+from noprop_fast.loop import Run  # noqa: E402
 from noprop_fast.nvtx_ranges import phase, phase_iter, set_enabled  # noqa: E402
 from noprop_fast.optim import make_optimizer  # noqa: E402
 from noprop_fast.schedule import NoiseSchedule  # noqa: E402
-from noprop_fast.trainer import build_model, train_step  # noqa: E402
+from noprop_fast.tasks.image import build_model, train_step  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -151,8 +151,8 @@ def test_lm_step_and_evaluation_phases(recorded, tmp_path, method, expected):
                      source="test tokens")
     cfg = LMConfig(method=method, num_blocks=2, width=16, heads=2, embed_dim=8, seq_len=8,
                    batch_size=2, eval_tokens=32, eval_chains=1, device="cpu")
-    trainer = LMTrainer(cfg, data, tmp_path, show_progress=False)
-    trainer.step()
+    trainer = Run(cfg, data, tmp_path, show_progress=False)
+    trainer.step(*next(trainer.round_batches()[1]))
     assert top_level_phases(recorded) == expected
     recorded.clear()
     trainer.evaluate()
@@ -160,10 +160,9 @@ def test_lm_step_and_evaluation_phases(recorded, tmp_path, method, expected):
 
 
 def test_image_epoch_fetches_batches_in_data_ranges(recorded, tmp_path):
-    from noprop_fast.trainer import Trainer
     cfg = ImageConfig(num_blocks=2, batch_size=512, dataset="digits", device="cpu")
-    trainer = Trainer(cfg, load_image_dataset("digits"), tmp_path, show_progress=False)
-    trainer.train_epoch(1)
+    trainer = Run(cfg, load_image_dataset("digits"), tmp_path, show_progress=False)
+    trainer.train_round()
     phases = top_level_phases(recorded)
     steps = phases.count("optimizer")
     assert steps == -(-trainer.data.train_x.shape[0] // 512)

@@ -95,14 +95,14 @@ def slow_evaluations(monkeypatch):
 
 def test_lm_progress_line_ignores_an_hour_of_evaluation(data_dir, tmp_path, capsys, monkeypatch,
                                                         slow_evaluations):
-    from noprop_fast.lm_trainer import LMTrainer
     from noprop_fast.data.corpus import load_token_data
-    monkeypatch.setattr(LMTrainer, "evaluate", slow_evaluations(LMTrainer.evaluate))
+    from noprop_fast.loop import Run
+    monkeypatch.setattr(Run, "evaluate", slow_evaluations(Run.evaluate))
     cfg = resolve(None, {"width": 32, "heads": 2, "embed_dim": 8, "num_blocks": 2, "seq_len": 16,
                          "batch_size": 4, "eval_tokens": 64, "eval_chains": 1, "max_steps": 8,
                          "eval_every": 4, "sample_tokens": 0, "device": "cpu",
                          "data_dir": str(data_dir)}, cls=LMConfig)
-    LMTrainer(cfg, load_token_data(cfg.data_dir), tmp_path / "lm", show_progress=True).fit()
+    Run(cfg, load_token_data(cfg.data_dir), tmp_path / "lm", show_progress=True).fit()
     shown = estimates(capsys.readouterr().err)
     assert len(shown) >= 8
     after = [e for e in shown if "eval" in e[1] and "evals" not in e[1]]  # once an eval is timed
@@ -114,10 +114,10 @@ def test_lm_progress_line_ignores_an_hour_of_evaluation(data_dir, tmp_path, caps
 def test_image_progress_line_ignores_an_hour_of_evaluation(tmp_path, capsys, monkeypatch,
                                                            slow_evaluations):
     from noprop_fast.data import load_image_dataset
-    from noprop_fast.trainer import Trainer
-    monkeypatch.setattr(Trainer, "evaluate", slow_evaluations(Trainer.evaluate))
+    from noprop_fast.loop import Run
+    monkeypatch.setattr(Run, "evaluate", slow_evaluations(Run.evaluate))
     cfg = resolve(None, {"num_blocks": 2, "batch_size": 512, "epochs": 3, "device": "cpu"})
-    Trainer(cfg, load_image_dataset("digits"), tmp_path / "img", show_progress=True).fit()
+    Run(cfg, load_image_dataset("digits"), tmp_path / "img", show_progress=True).fit()
     shown = estimates(capsys.readouterr().err)
     after = [e for e in shown if "eval" in e[1] and "evals" not in e[1]]
     assert after, shown

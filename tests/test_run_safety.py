@@ -170,17 +170,17 @@ def test_a_resume_that_fails_in_training_leaves_config_yaml_as_it_was(finished, 
 
 # -- 3. non-finite state ------------------------------------------------------------------------
 def test_inf_batchnorm_statistics_stop_the_run_before_its_checkpoint(tmp_path, monkeypatch, capsys):
-    import noprop_fast.trainer as trainer_module
-    real, calls = trainer_module.train_step, {"n": 0}
+    from noprop_fast.loop import Run
+    real, calls = Run.train_on, {"n": 0}
 
-    def overflowing(model, *args, **kwargs):
-        result = real(model, *args, **kwargs)
+    def overflowing(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 8:  # in epoch 2: the running variances overflow, the loss stays finite
-            model.blocks.latent_bn1.running_var.fill_(float("inf"))
+            self.model.blocks.latent_bn1.running_var.fill_(float("inf"))
         return result
 
-    monkeypatch.setattr(trainer_module, "train_step", overflowing)
+    monkeypatch.setattr(Run, "train_on", overflowing)
     code, out, err = main([*TINY, "--epochs", "3", "--out", tmp_path / "r"], capsys)
     line = one_line(err)
     assert code == 2 and "running_var" in line and "after epoch 2" in line and "(epoch 1)" in line
@@ -190,17 +190,17 @@ def test_inf_batchnorm_statistics_stop_the_run_before_its_checkpoint(tmp_path, m
 
 
 def test_lm_non_finite_optimiser_state_stops_the_run(shards, tmp_path, monkeypatch, capsys):
-    from noprop_fast.lm_trainer import LMTrainer
-    real, calls = LMTrainer.train_on, {"n": 0}
+    from noprop_fast.loop import Run
+    real, calls = Run.train_on, {"n": 0}
 
-    def overflowing(self, x, y):
-        loss = real(self, x, y)
+    def overflowing(self, *args):
+        loss = real(self, *args)
         calls["n"] += 1
         if calls["n"] == 3:  # exp_avg_sq = inf: the update is 0, weights and loss stay finite
             next(iter(self.optimizer.state.values()))["exp_avg_sq"].fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(LMTrainer, "train_on", overflowing)
+    monkeypatch.setattr(Run, "train_on", overflowing)
     code, out, err = main([*LM, "--data-dir", shards, "--max-steps", "6", "--eval-every", "2",
                            "--out", tmp_path / "r"], capsys)
     line = one_line(err)
@@ -293,14 +293,14 @@ def test_sigterm_ends_like_ctrl_c_keeping_the_last_checkpoint(tmp_path):
 # -- 5. checks before the first training step ---------------------------------------------------
 @pytest.fixture
 def no_image_step(monkeypatch):
-    import noprop_fast.trainer as trainer_module
-    monkeypatch.setattr(trainer_module, "train_step", lambda *a, **k: pytest.fail("trained"))
+    from noprop_fast.loop import Run
+    monkeypatch.setattr(Run, "train_on", lambda *a, **k: pytest.fail("trained"))
 
 
 @pytest.fixture
 def no_lm_step(monkeypatch):
-    from noprop_fast.lm_trainer import LMTrainer
-    monkeypatch.setattr(LMTrainer, "train_on", lambda *a, **k: pytest.fail("trained"))
+    from noprop_fast.loop import Run
+    monkeypatch.setattr(Run, "train_on", lambda *a, **k: pytest.fail("trained"))
 
 
 def test_empty_mnist_test_split_is_found_before_training(tmp_path, capsys, no_image_step):

@@ -8,9 +8,9 @@ import torch
 from noprop_fast import train
 from noprop_fast.config import resolve
 from noprop_fast.data import load_image_dataset
+from noprop_fast.loop import Run
 from noprop_fast.methods import predict_classes
 from noprop_fast.runs import load_checkpoint
-from noprop_fast.trainer import Trainer
 
 TINY = ["--num-blocks", "2", "--batch-size", "256", "--no-progress"]
 
@@ -68,15 +68,15 @@ def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path, extra):
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    import noprop_fast.trainer as trainer_module
-    real, calls = trainer_module.noprop_loss, {"n": 0}
+    import noprop_fast.tasks.image as image_module
+    real, calls = image_module.noprop_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 9 else loss), parts  # digits: 6 steps/epoch
 
-    monkeypatch.setattr(trainer_module, "noprop_loss", poisoned)
+    monkeypatch.setattr(image_module, "noprop_loss", poisoned)
     code = train.main([*TINY, "--epochs", "3", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
@@ -92,7 +92,7 @@ def test_predictions_do_not_read_the_labels(tmp_path, digits):
                                                                  generator=torch.Generator().manual_seed(5)))
     preds, accs = [], []
     for data, name in ((digits, "true"), (scrambled, "scrambled")):
-        trainer = Trainer(cfg, data, tmp_path / name, show_progress=False)
+        trainer = Run(cfg, data, tmp_path / name, show_progress=False)
         trainer.fit()
         for stochastic in (True, False):
             preds.append(predict_classes(trainer.model, trainer.schedule, trainer.data.test_x,
@@ -158,7 +158,7 @@ def test_optimizer_state_carries_on_across_epochs(tmp_path, digits, schedule):
     mistake 7): after 2 epochs every block has taken every step of both epochs."""
     cfg = resolve(None, {"num_blocks": "3", "epochs": "2", "batch_size": "256",
                          "block_schedule": schedule})
-    trainer = Trainer(cfg, digits, tmp_path / schedule, show_progress=False)
+    trainer = Run(cfg, digits, tmp_path / schedule, show_progress=False)
     trainer.fit()
     batches = -(-digits.train_x.shape[0] // 256)  # the last partial batch trains too
     passes = 3 if schedule == "sequential" else 1  # one pass over the data per block slice
