@@ -41,24 +41,14 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_attention, first_order_only
+from noprop_fast.ops.checks import check_attention, first_order_only
+from noprop_fast.ops.reference import causal_attention as causal_attention_ref  # noqa: F401
 
 from .aot import KernelSpec
 from .releases import for_release
 
 HEAD_DIMS = (16, 32, 64, 128)  # Dh is one tile; each has its own configuration (AOT_SPECS)
 DELTA_ROWS = 64  # rows per program of _bwd_delta (num_warps=4): a row-sum, bound by memory
-
-
-def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + causal mask) v in fp32 with the explicit [Z, H, L, L] matrix."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [Z, H, L, L]
-    L = q.shape[-2]
-    above = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)  # key j > query i
-    p = torch.softmax(s.masked_fill(above, float("-inf")), dim=-1)
-    return torch.matmul(p, v.float()).to(q.dtype)
 
 
 # Every input's last dimension is contiguous (CausalAttention sees to it), so only the outer

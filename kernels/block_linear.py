@@ -31,16 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_block_linear, first_order_only
+from noprop_fast.ops.checks import check_block_linear, first_order_only
+from noprop_fast.ops.reference import block_linear as block_linear_ref  # noqa: F401
 
 from .releases import for_release
-
-
-def block_linear_ref(x, weight, bias=None):
-    """x[b] @ weight[b]^T + bias[b] in plain PyTorch. x [B, N, K], weight [B, M_out, K]."""
-    if bias is None:
-        return torch.bmm(x, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # [B, N, M_out]
 
 
 # ------------------------------------------------------------------------------------------------

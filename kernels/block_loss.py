@@ -4,8 +4,8 @@ Forward, for predictions u_hat [B, N, d], targets u [N, d] and weights w [B] (fp
 
     losses[b] = w[b] * (1 / N) * sum_n sum_j (u_hat[b, n, j] - u[n, j])^2            -> [B] fp32
 
-With w = 1 this is `noprop_fast.schedule.block_losses_ref`; with w = snr_weights it is each block's
-weighted term. Backward, given dL [B], with c[b] = dL[b] * w[b] * 2 / N:
+With w = snr_weights it is each block's weighted term (`block_loss_ref`: ops/reference.py).
+Backward, given dL [B], with c[b] = dL[b] * w[b] * 2 / N:
 
     d u_hat[b, n, j] = c[b] * (u_hat[b, n, j] - u[n, j])
     d u[n, j]        = - sum_b c[b] * (u_hat[b, n, j] - u[n, j])
@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_block_loss, first_order_only
+from noprop_fast.ops.checks import check_block_loss, first_order_only
+from noprop_fast.ops.reference import block_loss as block_loss_ref  # noqa: F401
 
 from .aot import KernelSpec
 
@@ -44,12 +45,6 @@ SMALL_BLOCK, LARGE_BLOCK = 256, 1024  # elements of M per tile; large once M > L
 LARGE_FROM = 2 ** 18                  # beyond this a 1024 tile still gives >= 256 tiles per block
 MAX_CHUNKS = 512                      # forward programs per block; also the final sum's tile
 NUM_WARPS = 4
-
-
-def block_loss_ref(u_hat: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """losses[b] = w[b] * mean_n ||u_hat[b, n] - u[n]||^2, in fp32. [B, N, d], [N, d], [B] -> [B]."""
-    diff = u_hat.float() - u.float().unsqueeze(0)
-    return w.float() * diff.square().sum(-1).mean(-1)
 
 
 @triton.jit

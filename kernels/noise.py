@@ -39,9 +39,9 @@ CUDA graphs: safe. Seed and offset are read from device memory inside the kernel
 a tensor's value on the host, so a captured graph draws new noise when the offset tensor is advanced
 in place between replays (advance it by at least B N d per call to draw fresh, disjoint counters).
 
-`philox_randn_ref` reimplements tl.randn of triton 3.9.0 in plain PyTorch (int64 arithmetic masked
-to 32 bits), so the CPU path and the tests reproduce the kernel's noise: the integers bitwise, the
-normals to 1e-6 (fp32 log/cos implementations differ in the last ulp).
+`philox_randn_ref` (ops/reference.py) reimplements tl.randn of triton 3.9.0 in plain PyTorch (int64
+arithmetic masked to 32 bits), so the reference and the tests reproduce the kernel's noise: the
+integers bitwise, the normals to 1e-6 (fp32 log/cos implementations differ in the last ulp).
 """
 import torch
 import triton
@@ -49,78 +49,11 @@ import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
 from noprop_fast.kernels.aot import KernelSpec
-from noprop_fast.op_checks import check_noise_injection, first_order_only
-from noprop_fast.schedule import noisy_latents_ref
-
-_MASK32 = 0xFFFFFFFF
-_PHILOX_ROUNDS = 10                            # triton.language.random.N_ROUNDS_DEFAULT
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-_INT32_TO_UNIFORM = 4.6566127342e-10           # largest scale with (2^31 - 1) * scale < 1 in fp32
-_TWO_PI = 6.283185307179586
-
-
-def noise_injection_ref(y, W, a, s, eps):
-    """z = a[b] W[y] + s[b] eps[b], computed in fp32 and returned in W's dtype.
-
-    y [N] int64, W [m, d], a, s [B], eps [B, N, d]. Differentiable in W (through autograd).
-    """
-    return noisy_latents_ref(W[y].float(), a.float(), s.float(), eps.float()).to(W.dtype)
-
-
-def _umul32(c: int, x: torch.Tensor):
-    """(high, low) 32-bit halves of c * x for a 32-bit constant c and int64 x in [0, 2^32).
-
-    x is split into 16-bit halves so that no product exceeds 2^48 (int64 never overflows).
-    """
-    lo_part, hi_part = c * (x & 0xFFFF), c * (x >> 16)
-    high = (hi_part + (lo_part >> 16)) >> 16
-    low = (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
-    return high, low
-
-
-def philox_4x32_ref(c0, c1, c2, c3, k0: int, k1: int, rounds: int = _PHILOX_ROUNDS):
-    """Philox-4x32 (Salmon et al. 2011) on int64 tensors holding uint32 values, as triton's philox_impl."""
-    for _ in range(rounds):
-        hi_b, lo_b = _umul32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _umul32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
-
-
-def philox_randint_ref(seed: int, offsets: torch.Tensor):
-    """The first two words of tl.randint4x(seed, offsets) for int64 offsets, as int64 in [0, 2^32).
-
-    Counter (c0, c1, c2, c3) = (offset low 32 bits, offset >> 32 low 32 bits, 0, 0);
-    key (k0, k1) = (seed low 32 bits, seed high 32 bits).
-    """
-    offsets = offsets.to(torch.int64)
-    zero = torch.zeros_like(offsets)
-    c0, c1, _, _ = philox_4x32_ref(offsets & _MASK32, (offsets >> 32) & _MASK32, zero, zero,
-                                   int(seed) & _MASK32, (int(seed) >> 32) & _MASK32)
-    return c0, c1
-
-
-def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
-    """triton's uint_to_uniform_float for 32 bits: bitcast to int32, fold negatives (~x), scale."""
-    x = torch.where(x >= 2**31, x - 2**32, x)  # the int32 bitcast
-    x = torch.where(x < 0, ~x, x)               # in [0, 2^31)
-    return x.to(torch.float32) * torch.tensor(_INT32_TO_UNIFORM, dtype=torch.float32)
-
-
-def philox_randn_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Exactly tl.randn(seed, offsets) of triton 3.9.0 for int64 offsets (fp32, offsets' shape).
-
-    Box-Muller on the first two Philox words: r cos(theta), r = sqrt(-2 log max(1e-7, u1)),
-    theta = 2 pi u2 (fp32). The integers agree bitwise with the kernels'; the fp32 log and cos
-    (torch's here, libdevice's in tl.randn, `_cos_of_angle` in this file's kernel) differ in the
-    last ulps.
-    """
-    i1, i2 = philox_randint_ref(seed, offsets)
-    u1 = torch.clamp_min(_uint_to_uniform(i1), 1.0e-7)
-    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * _uint_to_uniform(i2)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+from noprop_fast.ops.checks import check_noise_injection, first_order_only
+from noprop_fast.ops.reference import noise_injection as noise_injection_ref  # noqa: F401
+from noprop_fast.ops.reference import philox_4x32 as philox_4x32_ref  # noqa: F401
+from noprop_fast.ops.reference import philox_randint as philox_randint_ref  # noqa: F401
+from noprop_fast.ops.reference import philox_randn as philox_randn_ref  # noqa: F401
 
 
 @triton.jit

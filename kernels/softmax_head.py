@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from noprop_fast.op_checks import check_softmax_head, first_order_only
+from noprop_fast.ops.checks import check_softmax_head, first_order_only
+from noprop_fast.ops.reference import softmax_head as softmax_head_ref  # noqa: F401
 
 from .aot import KernelSpec
 from .releases import for_release
@@ -53,14 +54,6 @@ from .releases import for_release
 MAX_D, MAX_DV = 128, 256  # D and d are each held whole in one tile
 DELTA_ROWS = 16  # rows per program of _bwd_delta (4 warps): a row-sum, bound by memory
 BLOCK_D, DV_TILES = 128, (32, 128, 256)  # D's tile, and the tiles `_config` picks from for d
-
-
-def softmax_head_ref(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor | None,
-                     v: torch.Tensor) -> torch.Tensor:
-    """softmax(h k^T + c) v: [B, N, D], [B, m, D], [B, m] or None, [m, d] -> [B, N, d]."""
-    logits = torch.bmm(h, k.transpose(1, 2)) if c is None else \
-        torch.baddbmm(c.unsqueeze(1), h, k.transpose(1, 2))  # [B, N, m]
-    return torch.softmax(logits, dim=-1) @ v
 
 
 # Every tensor's last dimension is contiguous (SoftmaxHead sees to it), so only the outer strides

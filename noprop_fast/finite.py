@@ -6,7 +6,7 @@ import math
 import torch
 
 from .errors import UserError
-from .fused import check_labels
+from .ops import check_labels
 
 
 class NonFiniteLoss(UserError):

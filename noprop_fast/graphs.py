@@ -14,7 +14,7 @@ from .nvtx_ranges import phase
 
 def graph_unavailable_reason(device: torch.device, cfg, fused_loaded: bool = True) -> str | None:
     """Why this run's steps are not captured, in a few words; None when they are. fused_loaded:
-    False where --fused fell back to the reference ops (fused.resolve_ops said why)."""
+    False where --fused fell back to the reference ops (ops.resolve_ops said why)."""
     if cfg.cuda_graphs == "off":
         return "--cuda-graphs off"
     if device.type != "cuda":

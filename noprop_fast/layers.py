@@ -1,10 +1,10 @@
 """Batched multi-block layers: T blocks' parameters stacked along a leading block dimension.
 
 NoProp's T blocks have the same architecture and never exchange activations while training, so
-instead of T modules run one after another, every layer here holds all T blocks' parameters in one
-tensor whose first dimension is the block, and runs them as one computation:
+every layer here holds all T blocks' parameters in one tensor whose first dimension is the block,
+and runs them as one computation:
 
-    BlockLinear      weight [T, out, in]        Y[t] = X[t] W[t]^T + b[t]       (one batched matmul)
+    BlockLinear      weight [T, out, in]        Y[t] = X[t] W[t]^T + b[t]  (`ops.block_linear`)
     BlockConv2d      weight [T, out, in, k, k]  a conv with T x out channels; groups = T when each
                                                 block reads its own input, groups = 1 when all
                                                 blocks read the same image (the first conv)
@@ -13,24 +13,17 @@ tensor whose first dimension is the block, and runs them as one computation:
     BlockEmbedding   weight [T, V, C]           a lookup table per block (token, position)
 
 Every forward takes `blocks`, a slice of the block range (default: all), and uses only those
-blocks' parameters: the sequential schedule trains one block with one block's activations in
-memory, and inference runs block t alone at step t. Activations of block-batched features are laid
-out [B, N, C] (B = blocks in the slice); conv maps are [N, B * C, H, W], block-major in channels.
-
-Compute dtype: weights stay fp32 (and so does the optimiser's state); every forward casts the
-blocks' weights to its input's dtype, so a model fed bf16 activations computes in bf16 (the
-`--precision` option; BatchNorm keeps fp32 statistics and affine parameters). `BlockLinear.fused`,
-when set (`--fused`), is the op set whose `block_linear` replaces the batched matmul.
-
-The leading block dimension is what the optimiser (`optim.BlockAdamW`) reads to keep a step count
-per block, so every parameter of a block layer carries it. No computation here mixes blocks, so no
-gradient can flow from one block's loss into another block's parameters (a test checks).
+blocks' parameters. Activations are [B, N, C] (B = blocks in the slice); conv maps [N, B * C, H, W],
+block-major. Weights stay fp32, cast to the input's dtype in every forward (`--precision`;
+BatchNorm keeps fp32 statistics). No computation here mixes blocks (a test checks).
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .ops import REFERENCE, Ops
 
 ALL_BLOCKS = slice(None)
 
@@ -39,28 +32,6 @@ def block_slice(tensor: torch.Tensor, blocks: slice) -> torch.Tensor:
     """tensor[blocks]; all blocks give the tensor itself, not a view: a view's backward would fill
     a zeroed copy of the whole parameter and copy the gradient into it, once per layer and step."""
     return tensor if blocks == ALL_BLOCKS else tensor[blocks]
-
-
-class _BatchedLinear(torch.autograd.Function):
-    """Y = X W^T + b per block, [B, N, in] x [B, out, in] -> [B, N, out], in plain PyTorch.
-
-    Autograd through `baddbmm(b, X, W.transpose(1, 2))` would produce dW as the transposed view of
-    X^T dY and copy it into W's contiguous .grad (69 ms a step for the MNIST image FC on a CPU);
-    here dW = dY^T X comes out in W's own layout.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx = torch.bmm(dy, weight) if ctx.needs_input_grad[0] else None
-        dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
-        db = dy.sum(1) if ctx.needs_input_grad[2] else None
-        return dx, dw, db
 
 
 class BlockLinear(nn.Module):
@@ -75,7 +46,7 @@ class BlockLinear(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
-        self.fused = None  # a fused.FusedOps, or None for the plain batched matmul
+        self.ops = REFERENCE  # whose block_linear computes the layer (`use_ops`)
 
     def forward(self, x: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         return self.forward_with(x, block_slice(self.weight, blocks), block_slice(self.bias, blocks))
@@ -86,9 +57,7 @@ class BlockLinear(nn.Module):
         if x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
             raise ValueError(f"BlockLinear expects [{weight.shape[0]}, N, {self.in_features}], "
                              f"got {list(x.shape)}")
-        if self.fused is not None:
-            return self.fused.block_linear(x, weight, bias)
-        return _BatchedLinear.apply(x, weight, bias)
+        return self.ops.block_linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"blocks={self.num_blocks}, in={self.in_features}, out={self.out_features}"
@@ -215,12 +184,12 @@ class BlockEmbedding(nn.Module):
 BLOCK_LAYERS = (BlockLinear, BlockConv2d, BlockBatchNorm, BlockLayerNorm, BlockEmbedding)
 
 
-def use_fused_linear(module: nn.Module, fused) -> None:
-    """Point every BlockLinear in `module` at the fused ops (`fused.block_linear`), or back to the
-    plain batched matmul (None)."""
+def use_ops(module: nn.Module, ops: Ops) -> None:
+    """Point every part of `module` that computes with the ops (an `ops` attribute of its own: the
+    BlockLinears, the models, their blocks, the attention layers) at `ops`."""
     for sub in module.modules():
-        if isinstance(sub, BlockLinear):
-            sub.fused = fused
+        if "ops" in vars(sub):
+            sub.ops = ops
 
 
 def block_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -233,18 +202,8 @@ def block_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def softmax_embedding(h: torch.Tensor, head: BlockLinear, embed_weight: torch.Tensor,
-                      blocks: slice = ALL_BLOCKS, fused=None) -> torch.Tensor:
-    """A DT block's output u_hat = softmax(head(h)) @ W_embed: [B, N, D] -> [B, N, d] in h's dtype.
-
-    It is attention with one query per row: keys = `head`'s weight rows, values = W_embed's rows.
-    Fused (`fused` a fused.FusedOps): one op that never stores the [B, N, m] logits. Reference: the
-    logits, softmax and mixture in fp32 (for bf16 / fp16 inputs too).
-    """
-    if fused is not None:
-        dtype = h.dtype
-        return fused.softmax_head(h, block_slice(head.weight, blocks).to(dtype),
-                                  block_slice(head.bias, blocks).to(dtype), embed_weight.to(dtype))
-    accumulate = torch.promote_types(h.dtype, torch.float32)
-    logits = head(h, blocks).to(accumulate)                   # [B, N, m]
-    return (torch.softmax(logits, dim=-1) @ embed_weight.to(accumulate)).to(h.dtype)
-
+                      blocks: slice, ops: Ops) -> torch.Tensor:
+    """A DT block's output u_hat = softmax(head(h)) @ W_embed: [B, N, D] -> [B, N, d] in h's dtype
+    (docs/method.md section 3): `ops.softmax_head` with keys = `head`'s weight rows."""
+    return ops.softmax_head(h, block_slice(head.weight, blocks).to(h.dtype),
+                            block_slice(head.bias, blocks).to(h.dtype), embed_weight)

@@ -4,7 +4,7 @@ language model's `eval_every` steps), each ending in the evaluation when due, a 
 state, a checkpoint, a metrics record and a printed line. The strategy (strategy.py), one process
 or several, is set up once.
 
-`--fused` picks the fused ops for the device (`fused.resolve_ops`: a one-line notice and the
+`--fused` picks the fused ops for the device (`ops.resolve_ops`: a one-line notice and the
 reference ops where they cannot be loaded), their noise from a Philox stream; `--precision` sets
 the blocks' compute dtype, fp16 with dynamic loss scaling (a step that overflows is skipped).
 
@@ -23,7 +23,7 @@ import torch
 from . import preflight, runs, threads
 from .errors import UserError
 from .finite import check_losses, check_restored_state, check_state
-from .fused import PhiloxNoise, compute_dtype, resolve_ops
+from .ops import PhiloxNoise, compute_dtype, resolve_ops
 from .graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, new_pool, once
 from .layers import ALL_BLOCKS
 from .memory import SavedTensorBytes, reset_peak
@@ -63,7 +63,6 @@ class Run:
         self.data = self.task.data
         self.ops = resolve_ops(cfg.fused, self.device,
                                warn=lambda line: print(line, file=sys.stderr, flush=True))
-        self.ops_name = "reference" if self.ops is None else self.ops.name
         self.model = self.task.build_model(cfg).configure(self.ops, compute_dtype(cfg.precision))
         self.task.prepare(self.model, pretrain, self.show_progress)
         self.parameters = parameter_count(self.model)  # the whole model's, in every process
@@ -72,12 +71,12 @@ class Run:
         # CUDA graphs (graphs.py): one captured step per block slice, made on the slice's first
         # batch; use_graphs False runs every step uncaptured (the tests compare both)
         self.graph_warn = once()
-        reason = graph_unavailable_reason(self.device, cfg, self.ops is not None)
+        reason = graph_unavailable_reason(self.device, cfg, self.ops.fused)
         announce_uncaptured(self.device, cfg, reason, self.graph_warn)
         self.use_graphs, self.captured, self.graph_pool = reason is None, {}, None
         self.optimizer = make_optimizer(self.model, cfg, capturable=self.use_graphs)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
-        self.noise = PhiloxNoise(cfg.seed, self.device) if self.ops is not None else None
+        self.noise = PhiloxNoise(cfg.seed, self.device) if self.ops.fused else None
         self.progress = self.task.Progress()
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -256,7 +255,7 @@ def train(cfg, resume: str | None = None, overwrite: bool = False, show_progress
     elif overwrite:  # the old run's files go now, the last check before the first step
         runs.clear_run(run_dir)
     print(f"{run.task.header(run)}, device {device_note(run.device, thread_note)}, "
-          f"{run.ops_name} ops, {cfg.precision}, run {run_dir}", flush=True)
+          f"{run.ops.name} ops, {cfg.precision}, run {run_dir}", flush=True)
     summary = run.fit()
     print("\n".join([*run.task.closing(run, summary), checkpoint_line(summary, run_dir),
                      *run.task.notes(run, summary)]), flush=True)

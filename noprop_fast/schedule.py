@@ -1,38 +1,11 @@
 """The mathematics of NoProp-DT: noise schedule, loss weights, inference coefficients, KL.
 
-Every task (images, language) takes its numbers from here, so there is one set of them, computed
-once (docs/method.md sections 1, 2 and 4).
-
-Index convention: T blocks, latents z_0 ... z_T. **t = 0 is pure noise, t = T is clean.**
-
-    abar_t   increasing in t: abar_0 = 0, abar_T -> 1 (clamped, below)
-    SNR(t)   = abar_t / (1 - abar_t)
-    alpha_{t-1} = abar_{t-1} / abar_t
-
-Schedule: the cosine schedule (s = 0.008) flipped so that t = T is clean,
-
-    abar_t = 1 - cos^2(((t/T + s) / (1 + s)) pi/2) / cos^2((s / (1 + s)) pi/2).
-
-abar_T = 1 would make SNR(T) infinite, so abar is clamped into [0, snr_max / (1 + snr_max)] and
-the clamped values are used everywhere: training noise, loss weights, inference coefficients.
-
-Training (block t = 1..T, trained on the same minibatch):
-
-    z_{t-1} = sqrt(abar_{t-1}) u + sqrt(1 - abar_{t-1}) eps          (sampled from q, never a chain)
-    loss_t  = w_t ||u_hat_t - u||^2,   w_t = (eta / 2) (SNR(t) - SNR(t-1)) > 0
-
-Inference (Eq. 3), z_0 ~ N(0, I), for t = 1..T:
-
-    z_t = a_t u_hat_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps_t
-    a_t = sqrt(abar_t) (1 - alpha_{t-1}) / (1 - abar_{t-1})
-    b_t = sqrt(alpha_{t-1}) (1 - abar_t) / (1 - abar_{t-1})
-    c_t = (1 - abar_t) (1 - alpha_{t-1}) / (1 - abar_{t-1})
-
-These are the posterior q(z_t | z_{t-1}, u) of the forward process, so with a perfect denoiser the
-chain's marginals are exactly q(z_t | u): mean sqrt(abar_t) u, variance 1 - abar_t (a test checks).
-
-Everything is computed in float64 on the host once and stored as float32 tensors; nothing here
-reads a tensor's value, so it is safe to call before CUDA-graph capture.
+Every task (images, language) takes its numbers from here, computed once: the flipped cosine
+schedule clamped at snr_max (docs/method.md section 1), the weights w_t = (eta / 2)(SNR(t) -
+SNR(t-1)) (section 2) and Eq. 3's coefficients a_t, b_t, c_t (section 4). With a perfect denoiser
+the chain's marginals are exactly q(z_t | u) (a test checks). **t = 0 is pure noise, t = T is
+clean.** Computed in float64 on the host and stored as float32 tensors; nothing here reads a
+tensor's value, so it is safe to call before CUDA-graph capture.
 """
 import math
 from dataclasses import dataclass
@@ -116,33 +89,6 @@ class NoiseSchedule:
             coef_b=tensor(b_coef),
             coef_c=tensor(c_coef),
         )
-
-
-def noisy_latents_ref(u: torch.Tensor, input_scale: torch.Tensor, noise_scale: torch.Tensor,
-                      noise: torch.Tensor) -> torch.Tensor:
-    """Block inputs: z[b] = sqrt(abar_{t-1}) u + sqrt(1 - abar_{t-1}) eps[b] for each block b.
-
-    u: [N, d] clean targets; input_scale, noise_scale: [B] (slices of `NoiseSchedule.input_scale`
-    and `.noise_scale`); noise: [B, N, d] standard normal. Returns [B, N, d].
-    The fused noise-injection kernel is held to this reference.
-    """
-    scale = input_scale.view(-1, 1, 1).to(u.dtype)
-    sigma = noise_scale.view(-1, 1, 1).to(u.dtype)
-    return scale * u.unsqueeze(0) + sigma * noise
-
-
-def clean_latent_sample(u: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor) -> torch.Tensor:
-    """z_T ~ q(z_T | y) = sqrt(abar_T) u + sqrt(1 - abar_T) eps: the classifier's training input."""
-    abar_T = schedule.alpha_bar[-1].to(u.dtype)
-    return abar_T.sqrt() * u + (1 - abar_T).sqrt() * noise
-
-
-def block_losses_ref(u_hat: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Unweighted per-block denoising errors: mean over the batch of ||u_hat[t] - u||^2.
-
-    u_hat: [T, N, d]; u: [N, d]. Returns [T] (sum over d, mean over N).
-    """
-    return (u_hat - u.unsqueeze(0)).square().sum(-1).mean(-1)
 
 
 def prior_kl(u: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:

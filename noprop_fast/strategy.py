@@ -11,7 +11,7 @@ import torch.distributed.nn.functional as dist_fn
 
 from .distributed import Groups, Layout, communication_volume, describe_volume, reduce_gradients
 from .errors import ConfigError, UserError
-from .fused import compute_dtype
+from .ops import compute_dtype
 from .layers import ALL_BLOCKS, BlockBatchNorm
 from .schedule import NoiseSchedule
 from .tasks.base import apply_gradients

@@ -66,7 +66,7 @@ from bench_plot import write_plot  # noqa: E402
 from bench_step import bench_step  # noqa: E402
 from noprop_fast.config import OneLineArgumentParser  # noqa: E402
 from noprop_fast.errors import UserError, cli_main  # noqa: E402
-from noprop_fast.fused import PRECISIONS  # noqa: E402
+from noprop_fast.ops import PRECISIONS  # noqa: E402
 
 SECTIONS = ("step", "lm", "ops", "memory", "methods-memory", "lm-memory")
 # step and lm: (rounds, steps per round, warm-up steps) when not given; a CPU image step at batch

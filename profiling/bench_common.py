@@ -99,7 +99,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def load_fused(device: torch.device):
-    """(FusedOps, "", load seconds) or (None, "unavailable: <reason>", seconds)."""
+    """(Ops, "", load seconds) or (None, "unavailable: <reason>", seconds)."""
     start = time.perf_counter()
     ops, status = load_fused_ops(device)
     return ops, status, time.perf_counter() - start

@@ -34,7 +34,7 @@ from bench_memory_methods import method_description, step_memory
 from bench_step import training_paths
 from bench_throughput import measure_paths
 from noprop_fast.config import LMConfig
-from noprop_fast.methods import noprop_loss
+from noprop_fast.noprop import noprop_loss
 from noprop_fast.models.lm import LanguageBlocks
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule

@@ -1,4 +1,4 @@
-"""Section 2 of profiling/bench.py: each fused op against its `<op>_ref`, forward (autograd
+"""Section 2 of profiling/bench.py: each fused op against its reference (ops/reference.py), forward (autograd
 recording, as in training) and forward + backward, at the shapes the MNIST step uses, and the head
 at a language-model shape (B=1, N=1024, D=128, m=50257, d=256). CPU: torch.utils.benchmark's
 blocked_autorange median; GPU: triton's do_bench median, and GB/s or TFLOP/s from the formulas in
@@ -22,8 +22,8 @@ import torch.nn as nn
 import head_memory
 from bench_common import H100_PEAK_BYTES, H100_PEAK_FLOPS, Sizes, mnist_model, one_line
 from head_memory import HeadShape
-from noprop_fast.fused import PRECISIONS, PhiloxNoise
 from noprop_fast.layers import ALL_BLOCKS, BlockLinear, block_slice
+from noprop_fast.ops import PRECISIONS, PhiloxNoise, reference
 
 # how a case's forward + backward takes its gradients (results.json's "gradients")
 AUTOGRAD_GRAD = "torch.autograd.grad"
@@ -62,11 +62,6 @@ def head_call(op):
 
 def op_cases(sizes: Sizes, device: torch.device, dtype: torch.dtype, ops) -> list[OpCase]:
     """The ops at the MNIST step's shapes (and the head at the language-model shape)."""
-    from noprop_fast.kernels.block_linear import block_linear_ref
-    from noprop_fast.kernels.block_loss import block_loss_ref
-    from noprop_fast.kernels.noise import noise_injection_ref
-    from noprop_fast.kernels.softmax_head import softmax_head_ref
-
     es = torch.empty((), dtype=dtype).element_size()
     T, N, m = sizes.num_blocks, sizes.batch, sizes.num_classes
     d = m  # one-hot: d = m
@@ -84,8 +79,8 @@ def op_cases(sizes: Sizes, device: torch.device, dtype: torch.dtype, ops) -> lis
     fwd = es * (T * N * d + N * d) + 8 * N
     cases.append(OpCase(
         "noise_injection", f"B={T} N={N} d={d} m={m}",
-        lambda y, W: noise_injection_ref(y, W, a, s, torch.randn(T, N, d, device=device)),
-        ops and (lambda y, W: ops.noise_injection(y, W, a, s, noise.seed, noise.offset)),
+        lambda y, W: reference.noise_injection(y, W, a, s),
+        ops and (lambda y, W: ops.noise_injection(y, W, a, s, noise)),
         {"y": torch.arange(N, device=device) % m, "W": rand(m, d)}, "bytes",
         {"forward": fwd, "forward+backward": fwd + es * (T * N * d + m * d) + 8 * N},
         "fwd: es(BNd + Nd) + 8N (read W[y], labels; write z); bwd: es(BNd + md) + 8N"))
@@ -93,7 +88,7 @@ def op_cases(sizes: Sizes, device: torch.device, dtype: torch.dtype, ops) -> lis
     fwd = es * (T * N * d + N * d)
     cases.append(OpCase(
         "block_loss", f"u_hat [{T},{N},{d}]",
-        lambda u_hat, u: block_loss_ref(u_hat, u, w),
+        lambda u_hat, u: reference.block_loss(u_hat, u, w),
         ops and (lambda u_hat, u: ops.block_loss(u_hat, u, w)),
         {"u_hat": rand(T, N, d), "u": rand(N, d)}, "bytes",
         {"forward": fwd, "forward+backward": 3 * fwd},
@@ -108,7 +103,7 @@ def op_cases(sizes: Sizes, device: torch.device, dtype: torch.dtype, ops) -> lis
         flops = 2 * T * N * k_in * k_out
         cases.append(OpCase(
             "block_linear", f"[{T},{N},{k_in}]->{k_out} ({', '.join(names)})",
-            linear_call(block_linear_ref),
+            linear_call(reference.block_linear),
             ops and linear_call(ops.block_linear),
             {"x": rand(T, N, k_in), "weight": parameter(T, k_out, k_in, scale=k_in ** -0.5),
              "bias": parameter(T, k_out)},
@@ -124,7 +119,7 @@ def op_cases(sizes: Sizes, device: torch.device, dtype: torch.dtype, ops) -> lis
                   "v": drawn["v"].to(dtype).detach().requires_grad_()}
         cases.append(OpCase(
             "softmax_head", f"h [{hs.blocks},{hs.rows},{hs.dim}] k [{hs.blocks},{hs.classes},{hs.dim}] "
-            f"v [{hs.classes},{hs.embed}]", head_call(softmax_head_ref),
+            f"v [{hs.classes},{hs.embed}]", head_call(reference.softmax_head),
             ops and head_call(ops.softmax_head), inputs,
             "flops", {"forward": flops, "forward+backward": 3 * flops},
             "fwd: 2 B N m (D + d); bwd: 2x fwd (dP, dH, dK, dV; the fused kernels' recomputation "

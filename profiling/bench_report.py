@@ -14,7 +14,7 @@ import head_memory
 from bench_common import H100_PEAK_FLOPS, HEAD_MEMORY_TARGET
 from bench_memory_methods import VARIANTS as MEMORY_VARIANTS
 
-OPS_NAMES = {"cpp": "C++ ops (noprop_fast.cpu_ops)", "triton": "Triton kernels (noprop_fast.kernels)"}
+OPS_NAMES = {"cpp": "C++ ops (noprop_fast.ops.cpp)", "triton": "Triton kernels (noprop_fast.kernels)"}
 
 
 def device_header(device: torch.device) -> dict:

@@ -23,8 +23,8 @@ import torch
 from bench_common import Sizes, mnist_model
 from bench_loop import loop_step, separate_model_from
 from bench_throughput import captured, graphs_status, measure_paths
-from noprop_fast.fused import PRECISIONS, PhiloxNoise
-from noprop_fast.methods import noprop_loss
+from noprop_fast.ops import PRECISIONS, REFERENCE, PhiloxNoise
+from noprop_fast.noprop import noprop_loss
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
 from noprop_fast.tasks.base import apply_gradients
@@ -56,7 +56,7 @@ def training_paths(model, cfg, schedule: NoiseSchedule, x: torch.Tensor, y: torc
     paths["loop"] = loop_status(precision)
     if paths["loop"] == "ok":
         paths["loop"] = make_loop(model)
-    ref = copy.deepcopy(model).configure(None, dtype)
+    ref = copy.deepcopy(model).configure(REFERENCE, dtype)
     ref_opt, ref_scaler = make_optimizer(ref, cfg), scaler()
     paths["reference"] = lambda: apply_gradients(loss_fn(ref, schedule, x, y)[0], ref_opt,
                                                  scaler=ref_scaler)

@@ -104,7 +104,7 @@ def group_runner(builder: str, a: dict, device, dtype, check_only=False):
     """A function running the group's fused op forward and backward once, on fresh random inputs
     of the group's shapes; check_only: the op's input checks on those shapes (meta tensors)."""
     import torch
-    from noprop_fast import op_checks
+    from noprop_fast.ops import checks as op_checks
 
     def rand(*shape, grad=False, dt=dtype):
         t = torch.randn(shape, device=device, dtype=dt)

@@ -2,7 +2,7 @@
 
     u_hat = softmax(h k^T + c) v     h [B, N, D], k [B, m, D], c [B, m], v [m, d], all fp32
 
-The reference (`softmax_head_ref`) materialises the logits [B, N, m] and autograd keeps the
+The reference (`ops.reference.softmax_head`) materialises the logits [B, N, m] and autograd keeps the
 softmax [B, N, m] for the backward, which then makes two more [B, N, m] tensors; at m = 50257
 that is what a language model's head costs. The fused op holds logits one tile at a time.
 
@@ -75,10 +75,10 @@ def head_inputs(shape: HeadShape, device, dtype=torch.float32) -> dict:
 
 
 def load_fused_ops(device: torch.device):
-    """(FusedOps, "") for the device (Triton on CUDA, C++ on CPU), or (None, "unavailable: <one
+    """(Ops, "") for the device (Triton on CUDA, C++ on CPU), or (None, "unavailable: <one
     line>") where they cannot be loaded. bench.py loads them through this too."""
-    from noprop_fast.cpu_ops import FusedOpsUnavailable
-    from noprop_fast.fused import fused_ops
+    from noprop_fast.ops.cpp import FusedOpsUnavailable
+    from noprop_fast.ops import fused_ops
     try:
         return fused_ops(device), ""
     except (FusedOpsUnavailable, ImportError) as err:
@@ -86,11 +86,11 @@ def load_fused_ops(device: torch.device):
 
 
 def head_op(variant: str, device: torch.device):
-    """(op, "") with op `softmax_head_ref` or the device's fused head, or (None, "unavailable:
+    """(op, "") with op the reference head or the device's fused head, or (None, "unavailable:
     <one line>") where the fused ops cannot be loaded."""
     if variant == "ref":
-        from noprop_fast.kernels.softmax_head import softmax_head_ref
-        return softmax_head_ref, ""
+        from noprop_fast.ops.reference import softmax_head
+        return softmax_head, ""
     ops, status = load_fused_ops(device)
     return (None if ops is None else ops.softmax_head), status
 

@@ -56,7 +56,7 @@ def text_shards(folder, text: str, val_tokens: int | None = None):
 
 def philox_noise(seed, offset, B, N, d):
     """The fused ops' noise for blocks [B, N, d] at (seed, offset), from the PyTorch reference."""
-    from noprop_fast.kernels.noise import philox_randn_ref
+    from noprop_fast.ops.reference import philox_randn as philox_randn_ref
     return philox_randn_ref(seed, offset + torch.arange(B * N * d, dtype=torch.int64)).view(B, N, d)
 
 

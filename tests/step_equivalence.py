@@ -11,7 +11,7 @@ import torch
 
 from noprop_fast.config import ImageConfig
 from noprop_fast.data import load_image_dataset
-from noprop_fast.fused import PRECISIONS, PhiloxNoise, fused_ops
+from noprop_fast.ops import PRECISIONS, REFERENCE, PhiloxNoise, fused_ops
 from noprop_fast.optim import make_optimizer
 from noprop_fast.schedule import NoiseSchedule
 from noprop_fast.tasks.image import build_model, train_step
@@ -35,7 +35,7 @@ def losses_side_by_side(backend: str, steps: int = 4, precision: str = "fp32", d
     device = torch.device(device)
     data = load_image_dataset("digits").to(device)
     dtype = PRECISIONS[precision]
-    reference = build_model(cfg, data, device).configure(None, dtype)
+    reference = build_model(cfg, data, device).configure(REFERENCE, dtype)
     fused = copy.deepcopy(reference).configure(fused_ops(device, backend), dtype)
     schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, device)
     paths = [(reference, make_optimizer(reference, cfg), PhiloxNoise(11, device)),

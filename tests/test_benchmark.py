@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import noprop_fast.cpu_ops as cpu_ops
+import noprop_fast.ops.cpp as cpu_ops
 
 SCRIPT = Path(__file__).resolve().parent.parent / "profiling" / "bench.py"
 
@@ -178,9 +178,9 @@ def test_loop_objective_equals_noprop_loss():
     """Same weights, same noise (one Philox stream, drawn in noprop_loss's order: the blocks'
     [T, N, d], then z_T's [1, N, d]): the loop's per-block losses, CE and total are
     noprop_loss's."""
-    from noprop_fast.fused import PhiloxNoise
+    from noprop_fast.ops import PhiloxNoise
     from noprop_fast.layers import ALL_BLOCKS
-    from noprop_fast.methods import noprop_loss
+    from noprop_fast.noprop import noprop_loss
     bench_loop, cfg, model, x, y, schedule, loop = loop_setup()
     T, n, d = cfg.num_blocks, x.shape[0], model.embedding.dim
     loss, parts = noprop_loss(model, schedule, x, y, ALL_BLOCKS, PhiloxNoise(7, x.device))
@@ -242,7 +242,7 @@ def lm_setup(num_blocks=3):
 def test_lm_loop_objective_equals_lm_loss():
     """The language loop on the same weights and noise as lm_loss (N*L = 21 rows, noise drawn in
     noprop_loss's order): the same per-block losses, CE and total objective."""
-    from noprop_fast.fused import PhiloxNoise
+    from noprop_fast.ops import PhiloxNoise
     from noprop_fast.tasks.language import lm_loss
     bench_lm, cfg, model, x, y, schedule, loop = lm_setup()
     T, rows, d = cfg.num_blocks, x.numel(), model.embedding.dim

@@ -26,12 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from noprop_fast.layers import BlockBatchNorm, block_parameters
-from noprop_fast.methods import backprop_loss, noprop_loss
+from noprop_fast.noprop import backprop_loss, noprop_loss
 from noprop_fast.models.image import (ClassEmbedding, ConvTower, DenoisingBlocks, ImageModel,
                                       _UniformDropout)
 from noprop_fast.models.separate import DTBlock, batched_from_separate, separate_blocks_from
-from noprop_fast.schedule import (NoiseSchedule, block_losses_ref, clean_latent_sample,
-                                  noisy_latents_ref, prior_kl)
+from noprop_fast.ops.reference import block_loss, noisy_latents
+from noprop_fast.schedule import NoiseSchedule, prior_kl
 
 # batched vs separate: |actual - expected| <= atol * scale + rtol * |expected|, elementwise, where
 # scale is the largest magnitude in the tensor's group: the output for the output, the largest of
@@ -308,7 +308,7 @@ def test_block_losses_reach_only_their_own_block(kind):
     x, z, _ = make_inputs(num_blocks, batch, image_shape, embed_weight.shape[1], torch.float32)
     embed_weight.requires_grad_(kind != "onehot")
     u = embed_weight[torch.tensor([0, 1, 2, 1])]
-    per_block = block_losses_ref(batched(x, z, embed_weight), u)   # [T]
+    per_block = block_loss(batched(x, z, embed_weight), u, torch.ones(num_blocks))   # [T]
     params = list(batched.parameters())
     assert len(params) == len(block_parameters(batched))
     for t in range(num_blocks):
@@ -324,10 +324,12 @@ def noprop_terms(model: ImageModel, schedule: NoiseSchedule, x, y) -> dict:
     u = model.embedding(y)
     features = model.blocks.image_features(x)
     noise = torch.randn(model.num_blocks, u.shape[0], u.shape[1], dtype=u.dtype)
-    z = noisy_latents_ref(u, schedule.input_scale, schedule.noise_scale, noise)
+    z = noisy_latents(u, schedule.input_scale, schedule.noise_scale, noise)
     u_hat = model.blocks.denoise(features, z, model.embedding.weight)
-    blocks = schedule.snr_weights * block_losses_ref(u_hat, u)
-    ce = F.cross_entropy(model.classifier(clean_latent_sample(u, schedule, torch.randn_like(u))), y)
+    blocks = block_loss(u_hat, u, schedule.snr_weights)
+    abar_T = schedule.alpha_bar[-1:]
+    z_clean = noisy_latents(u, abar_T.sqrt(), (1 - abar_T).sqrt(), torch.randn_like(u)[None])[0]
+    ce = F.cross_entropy(model.classifier(z_clean), y)
     return {"blocks": blocks, "ce": ce, "kl": prior_kl(u, schedule)}
 
 

@@ -1,4 +1,4 @@
-"""The CPU fused ops (noprop_fast.cpu_ops, C++ in csrc/) against the references in kernels/*.py.
+"""The CPU fused ops (noprop_fast.ops.cpp, C++ in csrc/) against the references in ops/reference.py.
 
 Every op: the output and every gradient against its `*_ref` in fp32 on the same (rounded) inputs,
 over odd shapes from hypothesis, in fp32, fp16 and bf16 (C++ has no interpreter limitation); sizes
@@ -18,11 +18,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from noprop_fast import cpu_ops
-from noprop_fast.kernels.block_linear import block_linear_ref
-from noprop_fast.kernels.block_loss import block_loss_ref
-from noprop_fast.kernels.noise import noise_injection_ref, philox_randn_ref
-from noprop_fast.kernels.softmax_head import softmax_head_ref
+from noprop_fast.ops import cpp as cpu_ops
+from noprop_fast.ops.reference import block_linear as block_linear_ref
+from noprop_fast.ops.reference import block_loss as block_loss_ref
+from noprop_fast.ops.reference import noise_injection as noise_injection_ref
+from noprop_fast.ops.reference import philox_randn as philox_randn_ref
+from noprop_fast.ops.reference import softmax_head as softmax_head_ref
 from helpers import TOLERANCES, CreatedTensors, assert_close, philox_noise
 
 DTYPES = list(TOLERANCES)
@@ -424,7 +425,7 @@ def test_softmax_head_bad_inputs_raise(case):
 
 def test_missing_compiler_gives_one_line_reason(tmp_path):
     """In a fresh process with no compiler (CXX points nowhere) and an empty build cache."""
-    script = ("from noprop_fast import cpu_ops\n"
+    script = ("from noprop_fast.ops import cpp as cpu_ops\n"
               "print(repr(cpu_ops.available()))\n"
               "try:\n    cpu_ops.load()\nexcept cpu_ops.FusedOpsUnavailable as err:\n"
               "    print(repr(str(err)))\n")
@@ -484,7 +485,7 @@ def test_double_backward_raises():
     """Asking for the graph of a C++ op's gradient (or of the chunked cross-entropy's) raises,
     naming the op: with create_graph=True and an incoming gradient that does not require grad,
     once_differentiable let a second derivative through x^3 silently lack the op's own term."""
-    from noprop_fast.chunked_ce import linear_cross_entropy
+    from noprop_fast.ops.chunked_ce import linear_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
     h, k, c, v = _draw(gen, 2, 3, 8), _draw(gen, 2, 5, 8), _draw(gen, 2, 5), _draw(gen, 5, 4)

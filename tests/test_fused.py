@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from noprop_fast import cpu_ops, train
-from noprop_fast.fused import resolve_ops
+from noprop_fast import train
+from noprop_fast.ops import cpp as cpu_ops
+from noprop_fast.ops import REFERENCE, resolve_ops
 from noprop_fast.runs import load_checkpoint
 from step_equivalence import assert_same_losses, losses_side_by_side
 
@@ -66,10 +67,10 @@ def test_unavailable_fused_ops_fall_back_with_one_line(monkeypatch):
         raise cpu_ops.FusedOpsUnavailable("the C++ fused ops could not be built: no C++ compiler")
     monkeypatch.setattr(cpu_ops, "load", no_compiler)
     said = []
-    assert resolve_ops(True, torch.device("cpu"), warn=said.append) is None
+    assert resolve_ops(True, torch.device("cpu"), warn=said.append).name == "reference"
     assert len(said) == 1 and "\n" not in said[0]
     assert "no C++ compiler" in said[0] and "using the reference ops" in said[0]
-    assert resolve_ops(False, torch.device("cpu"), warn=said.append) is None and len(said) == 1
+    assert resolve_ops(False, torch.device("cpu"), warn=said.append) is REFERENCE and len(said) == 1
 
 
 def test_cli_without_a_compiler_says_so_and_trains(tmp_path):
@@ -95,11 +96,11 @@ def test_fused_default_job_reaches_95_percent_on_digits(cpp, tmp_path):
 
 def test_check_labels_turns_the_noise_flag_into_a_data_error():
     """The Triton noise injection flags a label outside [0, m) on the device; the trainers call
-    fused.check_labels() when a loss is not finite, which raises it as one line (a DataError) and
+    ops.check_labels() when a loss is not finite, which raises it as one line (a DataError) and
     resets the flag. The flag is set here as the kernel would (position 3 of y, W with 4 rows)."""
     pytest.importorskip("triton")
     from noprop_fast.errors import DataError
-    from noprop_fast.fused import check_labels
+    from noprop_fast.ops import check_labels
     from noprop_fast.kernels import noise
 
     check_labels()  # nothing flagged: no error

@@ -16,7 +16,7 @@ from noprop_fast import train
 from noprop_fast.config import ImageConfig, LMConfig
 from noprop_fast.data import load_image_dataset
 from noprop_fast.data.shards import TokenData
-from noprop_fast.fused import PhiloxNoise
+from noprop_fast.ops import PhiloxNoise
 from noprop_fast.graphs import CapturedStep, announce_uncaptured, graph_unavailable_reason, once
 from noprop_fast.optim import BlockAdamW
 from noprop_fast.runs import load_checkpoint
@@ -86,7 +86,7 @@ def image_trainer(digits, tmp_path, name, **config):
     cfg = ImageConfig(**{"num_blocks": 2, "batch_size": 256, "dataset": "digits",
                          "device": "cpu", **config})
     trainer = loop_module.Run(cfg, digits, tmp_path / name, show_progress=False)
-    if trainer.ops is not None:
+    if trainer.ops.fused:
         trainer.noise = PhiloxNoise(7, trainer.device)  # a stream of its own for the direct steps
     return trainer
 

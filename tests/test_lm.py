@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from noprop_fast.chunked_ce import cross_entropy_sum, linear_cross_entropy, linear_cross_entropy_ref
+from noprop_fast.ops import REFERENCE
+from noprop_fast.ops.chunked_ce import cross_entropy_rows, linear_cross_entropy
+from noprop_fast.ops.reference import linear_cross_entropy as linear_cross_entropy_ref
 from noprop_fast.layers import BlockEmbedding, BlockLayerNorm, block_parameters
 from noprop_fast.tasks.language import lm_loss, position_logits, sample, validation_loss
-from noprop_fast.methods import noprop_loss
+from noprop_fast.noprop import noprop_loss
 from noprop_fast.models.lm import GPT, LanguageModel
 from noprop_fast.schedule import NoiseSchedule
 from helpers import CreatedTensors
@@ -35,22 +37,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def noprop_model(fused=None, seed=0, layers=1):
+def noprop_model(ops=REFERENCE, seed=0, layers=1):
     torch.manual_seed(seed)
-    return LanguageModel(T, V, L, 32, 2, layers, 8).configure(fused)
+    return LanguageModel(T, V, L, 32, 2, layers, 8).configure(ops)
 
 
-def gpt_model(fused=None, seed=0):
+def gpt_model(ops=REFERENCE, seed=0):
     torch.manual_seed(seed)
-    return GPT(T, V, L, 32, 2).configure(fused)
+    return GPT(T, V, L, 32, 2).configure(ops)
 
 
 def cpp_ops():
-    from noprop_fast.cpu_ops import available
+    from noprop_fast.ops.cpp import available
     ok, why = available()
     if not ok:
         pytest.skip(f"C++ ops unavailable: {why}")
-    from noprop_fast.fused import fused_ops
+    from noprop_fast.ops import fused_ops
     return fused_ops(torch.device("cpu"))
 
 
@@ -73,7 +75,7 @@ def test_chunked_cross_entropy_matches_full_logits(m, d, vocab, chunk, bias):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(cross_entropy_sum(z, w, b, y, chunk_elements=chunk), expected * m,
+    torch.testing.assert_close(cross_entropy_rows(z, w, b, y, chunk_elements=chunk).sum(), expected * m,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -140,7 +142,7 @@ def changed_after(x, i, seed=1):
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "cpp"])
 @pytest.mark.parametrize("i", [0, 4, L - 2])
 def test_noprop_lm_has_no_leak(fused, i):
-    model = noprop_model(cpp_ops() if fused else None).eval()
+    model = noprop_model(cpp_ops() if fused else REFERENCE).eval()
     schedule = NoiseSchedule.cosine(T)
     x = windows()
     x2 = changed_after(x, i)
@@ -161,7 +163,7 @@ def test_noprop_lm_has_no_leak(fused, i):
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "cpp"])
 @pytest.mark.parametrize("i", [0, 5])
 def test_gpt_baseline_has_no_leak(fused, i):
-    model = gpt_model(cpp_ops() if fused else None).eval()
+    model = gpt_model(cpp_ops() if fused else REFERENCE).eval()
     x = windows()
     x2 = changed_after(x, i)
     a, b = model.logits(x).view(3, L, V), model.logits(x2).view(3, L, V)
@@ -204,7 +206,7 @@ def test_fused_lm_loss_and_gradients_match_the_reference(method):
     from step_equivalence import assert_same_lm_step
     ops = cpp_ops()
     build = noprop_model if method == "noprop" else gpt_model
-    ref, fused = build(None), build(ops)
+    ref, fused = build(REFERENCE), build(ops)
     fused.load_state_dict(ref.state_dict())
     assert_same_lm_step(ref, fused, NoiseSchedule.cosine(T), windows(), windows(seed=3))
 
@@ -240,7 +242,7 @@ def test_sampling_is_reproducible_and_respects_top_k(build):
 
 
 def test_validation_loss_over_chains_is_minus_log_of_the_mean_probability():
-    from noprop_fast.methods import noprop_chain
+    from noprop_fast.noprop import noprop_chain
     model = noprop_model().eval()
     schedule = NoiseSchedule.cosine(T)
     x, y = windows(), windows(seed=3)

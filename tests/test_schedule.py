@@ -5,14 +5,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from noprop_fast.schedule import (NoiseSchedule, clean_latent_sample, cosine_alpha_bar,
-                                  denoise_step, noisy_latents_ref, prior_kl, required_snr_max)
+from noprop_fast.ops.reference import noisy_latents
+from noprop_fast.schedule import (NoiseSchedule, cosine_alpha_bar, denoise_step, prior_kl,
+                                  required_snr_max)
 
 # docs/method.md section 1: abar_t for T = 10 (before the endpoint clamp), to the printed 3 decimals
 PAPER_T10 = [0.0, 0.028, 0.101, 0.213, 0.353, 0.506, 0.659, 0.797, 0.906, 0.976, 1.0]
 
 
-def test_cosine_schedule_matches_noprop_md_for_t10():
+def test_cosine_schedule_matches_the_method_doc_for_t10():
     abar = cosine_alpha_bar(10, snr_max=1e12)  # a clamp too high to bite below 1 - 1e-12
     assert abar == pytest.approx(PAPER_T10, abs=6e-4)
 
@@ -56,7 +57,7 @@ def test_block_inputs_use_abar_of_previous_index():
     assert torch.allclose(s.noise_scale, (1 - abar[:-1]).sqrt())
     # square root on abar (docs/method.md section 8, mistake 3): variance of z_{t-1} is exactly 1 for unit u
     u = torch.randn(1, 4)
-    z = noisy_latents_ref(u, s.input_scale, s.noise_scale, torch.zeros(10, 1, 4))
+    z = noisy_latents(u, s.input_scale, s.noise_scale, torch.zeros(10, 1, 4))
     assert torch.allclose(z[:, 0], abar[:-1, None].sqrt() * u)
 
 
@@ -95,7 +96,8 @@ def test_empirical_chain_reaches_the_target():
     abar_T = s.alpha_bar[-1].item()
     assert z.mean(0).tolist() == pytest.approx((math.sqrt(abar_T) * u[0]).tolist(), abs=0.01)
     assert z.var(0).tolist() == pytest.approx([1 - abar_T] * 2, abs=0.002)
-    zT = clean_latent_sample(u, s, torch.randn_like(u))
+    zT = noisy_latents(u, s.alpha_bar[-1:].sqrt(), (1 - s.alpha_bar[-1:]).sqrt(),
+                       torch.randn_like(u)[None])[0]  # z_T ~ q(z_T | y)
     assert zT.var(0).tolist() == pytest.approx([1 - abar_T] * 2, abs=0.002)
 
 
@@ -125,7 +127,7 @@ def test_the_inference_chain_with_a_perfect_denoiser_lands_on_the_forward_margin
     noise-free chain lands on sqrt(abar_T) u exactly (abar_0 = 0 makes b_1 = 0: z_0 is forgotten).
     A small snr_max keeps abar_T far from 1, where a chain without a_t or b_t would also land near u."""
     from types import SimpleNamespace
-    from noprop_fast.methods import chain_from_features
+    from noprop_fast.noprop import chain_from_features
     T, n = 4, 100_000
     s = NoiseSchedule.cosine(T, snr_max=1.5 * required_snr_max(T))  # abar_T about 0.9
     u = torch.tensor([2.0, -1.0, 0.5])

@@ -9,7 +9,7 @@ from noprop_fast import train
 from noprop_fast.config import resolve
 from noprop_fast.data import load_image_dataset
 from noprop_fast.loop import Run
-from noprop_fast.methods import predict_classes
+from noprop_fast.noprop import predict_classes
 from noprop_fast.runs import load_checkpoint
 
 TINY = ["--num-blocks", "2", "--batch-size", "256", "--no-progress"]

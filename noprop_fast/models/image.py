@@ -1,24 +1,10 @@
-"""The image model: T NoProp-DT blocks (paper Figure 6) run as one batched computation.
+"""The image model: T NoProp-DT blocks (paper Figure 6, docs/method.md section 3) run as one
+batched computation in the block layers of `layers.py`. The image branch does not depend on z, so
+it is computed once per batch for every block (`image_features`), also at inference where the
+latent part then runs one block at a time (`denoise` with a one-block slice).
 
-One block t predicts the clean class embedding from the image x and its noisy latent z_{t-1}:
-
-    image branch   conv3x3 32 -> ReLU -> maxpool 2 -> dropout -> conv3x3 64 -> ReLU -> dropout
-                   -> conv3x3 128 -> ReLU -> maxpool 2 -> dropout -> flatten -> FC 256 -> BN
-    latent branch  h1 = ReLU(BN(FC256(z)));  h = BN(FC256(ReLU(BN(FC256(h1))))) + h1
-                   (prototype embeddings: z is image-shaped and goes through its own conv tower)
-    fusion         concat (512) -> FC 256 -> BN -> ReLU -> FC 128 -> BN -> ReLU -> FC m = logits
-    output         u_hat = softmax(logits) @ W_embed
-
-All T blocks live in the block layers of `layers.py` (stacked parameters, one conv / one batched
-matmul per layer for all blocks). The image branch does not depend on z, so it is computed once per
-batch for every block (`image_features`), also at inference where the latent part then runs one
-block at a time (`denoise` with a one-block slice).
-
-Fused path and precision (`ImageModel.configure`): `fused` swaps the block FCs and the
-softmax-embedding output for fused ops (`noprop_fast.fused`); `compute_dtype` is the dtype the blocks
-compute in (images and latents are cast on entry, weights in each layer; the softmax over classes
-and the mixture with W_embed accumulate in fp32 on both paths).
-
+`configure` picks the ops (`noprop_fast.ops`: the block FCs and the softmax-embedding output) and
+the dtype the blocks compute in (images and latents cast on entry, weights in each layer).
 `ImageModel` adds what the blocks share: the class embedding W_embed, the linear classifier on z_T,
 and, for the backprop baseline, the learnable mixing weights a_t = tanh(w_t) of Eqs. 17-19.
 """
@@ -29,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import (ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, block_slice,
-                      softmax_embedding, use_fused_linear)
+                      softmax_embedding, use_ops)
+from ..ops import REFERENCE, Ops
 
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
@@ -170,7 +157,7 @@ class DenoisingBlocks(nn.Module):
         self.fuse_fc1, self.fuse_bn1 = BlockLinear(T, 2 * HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
         self.fuse_fc2, self.fuse_bn2 = BlockLinear(T, HIDDEN, FUSION_HIDDEN), BlockBatchNorm(T, FUSION_HIDDEN)
         self.head = BlockLinear(T, FUSION_HIDDEN, num_classes)
-        self.fused = None                   # a fused.FusedOps, or None: the plain PyTorch path
+        self.ops = REFERENCE
         self.compute_dtype = None  # the blocks' activations; None: the parameters' own dtype
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
@@ -202,11 +189,11 @@ class DenoisingBlocks(nn.Module):
     def denoise(self, image_features: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
                 blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         """u_hat = softmax(logits) @ W_embed: [B, N, d] in the compute dtype, a convex combination
-        of class embeddings. Fused: one op, the [B, N, m] logits never stored."""
+        of class embeddings."""
         return softmax_embedding(self.head_input(image_features, z, blocks), self.head, embed_weight,
-                                 blocks, self.fused)
+                                 blocks, self.ops)
 
-    # the methods (methods.py) ask every task's blocks for their z-independent features
+    # the NoProp maths (noprop.py) asks every task's blocks for their z-independent features
     features = image_features
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
@@ -268,8 +255,15 @@ class ClassEmbedding(nn.Module):
 
 
 class DenoisingModel(nn.Module):
-    """What every task's NoProp model has: `blocks` (with `num_blocks`, `fused`, `compute_dtype`),
+    """What every task's NoProp model has: `blocks` (with `num_blocks`, `ops`, `compute_dtype`),
     the embedding W_embed and the linear classifier on z_T (set by the subclass)."""
+
+    def configure(self, ops: Ops = REFERENCE, compute_dtype: torch.dtype | None = None):
+        """Choose the ops and the blocks' compute dtype (None: the parameters' own). Neither
+        changes a parameter: a checkpoint loads into any backend and precision."""
+        use_ops(self, ops)
+        self.blocks.compute_dtype = compute_dtype
+        return self
 
     def matched_filter_classifier(self) -> None:
         """Row y = u_y / ||u_y||^2, bias 0: z = u_y gives logit 1 for class y."""
@@ -283,8 +277,8 @@ class DenoisingModel(nn.Module):
         return self.blocks.num_blocks
 
     @property
-    def fused(self):
-        return self.blocks.fused
+    def ops(self) -> Ops:
+        return self.blocks.ops
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -312,10 +306,3 @@ class ImageModel(DenoisingModel):
         if method == "backprop":
             # w_t with a_t = tanh(w_t) = 0.5 at the start: each step moves half way to u_hat_t
             self.mix_logits = nn.Parameter(torch.full((num_blocks,), math.atanh(0.5)))
-
-    def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "ImageModel":
-        """Choose the ops (None: plain PyTorch; a fused.FusedOps) and the blocks' compute dtype.
-        Neither changes a parameter: a checkpoint loads into either path and precision."""
-        self.blocks.fused, self.blocks.compute_dtype = fused, compute_dtype
-        use_fused_linear(self.blocks, fused)
-        return self

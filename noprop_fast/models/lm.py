@@ -1,33 +1,19 @@
 """The language models: NoProp-LM (T denoising blocks, each a small causal transformer) and the
-backprop GPT of the same width and total depth.
+backprop GPT of the same width and total depth (docs/method.md section 7, docs/language.md).
 
-NoProp-LM (docs/method.md section 7). Position i of a window predicts token x_{i+1}; its target is the
-embedding u_i = W_embed[x_{i+1}]. Block t is the DT block of the image task with its image branch
-replaced by a causal transformer over the clean context:
+NoProp-LM: block t is the DT block with its image branch replaced by a causal transformer over the
+clean context; the noisy latent enters after the attention, at its own position only:
 
-    context branch  h = tok_t[x] + pos_t  ->  `layers_per_block` pre-LN causal transformer layers
-                    -> LayerNorm                                  [N, L, D]: position i sees x_1..x_i
-    latent branch   g = GELU(FC_D(z_{t-1,i}))                     the noisy target at position i
+    context branch  h = tok_t[x] + pos_t -> `layers_per_block` pre-LN causal layers -> LayerNorm
+    latent branch   g = GELU(FC_D(z_{t-1,i}))
     fusion          q = FC_Dq(LN(GELU(FC_D(concat(h_i, g)))))
     output          u_hat_{t,i} = softmax(q K_t^T + c_t) W_embed  (the softmax-embedding head)
 
-Decision (docs/method.md section 7): the noisy latent enters after the attention, at its own
-position only. Position i then sees x_1..x_i and z_{t-1,i}; it never sees other positions' latents.
-In training those would be noisy copies of the true next tokens x_{j+1}, j < i (already in the
-context), and at inference the chain's own states, so reading them buys nothing and would make
-training and inference differ. It also makes the context branch independent of z: inference
-computes it once per window for every block, and the T chain steps are small per-position MLPs.
-
-All T blocks are one batched computation: every layer holds the T blocks' weights stacked
-([T, ...], `layers.py`) and attention runs for blocks x batch x heads in one call.
-
-GPT baseline (`--method backprop`): token and position embeddings, T x `layers_per_block` causal
-transformer layers of the same width (held in one stacked `CausalLayer`, run one after another),
-LayerNorm, and logits through the tied token embedding; cross-entropy, trained end to end.
-
-Both models: position i's outputs depend on x_1..x_i only (the leak test checks this for training
-features, the chain and the GPT). Attention is `causal_attention` of the fused ops when set (the
-Triton kernel on CUDA), else PyTorch's scaled_dot_product_attention with is_causal=True.
+The context branch is independent of z: inference computes it once per window for every block.
+All T blocks are one batched computation (`layers.py`); attention runs for blocks x batch x heads
+in one call (`ops.causal_attention`). GPT baseline (`--method backprop`): T x `layers_per_block`
+causal layers of the same width (one stacked `CausalLayer`, run one after another), LayerNorm and
+the tied token embedding's logits. Position i's outputs depend on x_1..x_i only (the leak tests).
 """
 import math
 
@@ -36,15 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import (ALL_BLOCKS, BlockEmbedding, BlockLayerNorm, BlockLinear, softmax_embedding,
-                      use_fused_linear)
+                      use_ops)
+from ..ops import REFERENCE, Ops
 from .image import ClassEmbedding, DenoisingModel
 
 MAX_QUERY = 128  # the head's query width Dq: the fused softmax head holds D <= 128 in one tile
-
-
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[Z, H, L, Dh] x3 -> [Z, H, L, Dh]: PyTorch's fused attention with the causal mask."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class CausalLayer(nn.Module):
@@ -65,7 +47,7 @@ class CausalLayer(nn.Module):
         self.ln2 = BlockLayerNorm(num_blocks, width)
         self.fc = BlockLinear(num_blocks, width, mlp_ratio * width)
         self.out = BlockLinear(num_blocks, mlp_ratio * width, width)
-        self.attention = sdpa_causal  # set by `use_ops`
+        self.ops = REFERENCE  # whose causal_attention the layer uses (`use_ops`)
 
     def forward(self, h: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         nb, n, length, width = h.shape
@@ -74,7 +56,7 @@ class CausalLayer(nn.Module):
         qkv = self.qkv(self.ln1(flat, blocks), blocks)                       # [B, N*L, 3D]
         # [B, N*L, 3D] -> 3 x [B*N, H, L, Dh]
         q, k, v = qkv.view(nb * n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        o = self.attention(q, k, v)                                          # [B*N, H, L, Dh]
+        o = self.ops.causal_attention(q, k, v)                               # [B*N, H, L, Dh]
         o = o.transpose(1, 2).reshape(nb, n * length, width)
         flat = flat + self.proj(o, blocks)
         flat = flat + self.out(F.gelu(self.fc(self.ln2(flat, blocks), blocks)), blocks)
@@ -89,15 +71,6 @@ def gpt_init(module: nn.Module, depth: int) -> None:
             std = 0.02 / math.sqrt(2 * depth) if name.endswith(("proj", "out")) else 0.02
             nn.init.normal_(sub.weight, std=std)
             nn.init.zeros_(sub.bias)
-
-
-def use_ops(module: nn.Module, fused) -> None:
-    """The fused ops (or None) for every BlockLinear and every CausalLayer's attention in `module`."""
-    use_fused_linear(module, fused)
-    attention = sdpa_causal if fused is None or fused.causal_attention is None else fused.causal_attention
-    for sub in module.modules():
-        if isinstance(sub, CausalLayer):
-            sub.attention = attention
 
 
 class LanguageBlocks(nn.Module):
@@ -118,7 +91,7 @@ class LanguageBlocks(nn.Module):
         self.query = BlockLinear(T, width, self.query_dim)
         self.head = BlockLinear(T, self.query_dim, vocab_size)  # keys [T, V, Dq] and biases [T, V]
         gpt_init(self, layers_per_block)
-        self.fused = None
+        self.ops = REFERENCE
         self.compute_dtype = None
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +118,7 @@ class LanguageBlocks(nn.Module):
                 blocks: slice = ALL_BLOCKS) -> torch.Tensor:
         """u_hat [B, M, d]: a convex combination of token embeddings for every position."""
         return softmax_embedding(self.head_input(features, z, blocks), self.head, embed_weight,
-                                 blocks, self.fused)
+                                 blocks, self.ops)
 
 
 class LanguageModel(DenoisingModel):
@@ -172,11 +145,6 @@ class LanguageModel(DenoisingModel):
         self.classifier = nn.Linear(embed_dim, vocab_size)
         self.matched_filter_classifier()  # (again after pre-trained embeddings replace W_embed)
 
-    def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "LanguageModel":
-        self.blocks.fused, self.blocks.compute_dtype = fused, compute_dtype
-        use_ops(self.blocks, fused)
-        return self
-
 
 class GPT(nn.Module):
     """The backprop baseline: a GPT of `depth` layers and width D, trained end to end."""
@@ -194,7 +162,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(width)
         self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
         gpt_init(self, depth)
-        self.fused, self.compute_dtype_ = None, None
+        self.ops, self.compute_dtype_ = REFERENCE, None
 
     @property
     def num_blocks(self) -> int:
@@ -205,9 +173,9 @@ class GPT(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.compute_dtype_ or self.tok.weight.dtype
 
-    def configure(self, fused=None, compute_dtype: torch.dtype | None = None) -> "GPT":
-        self.fused, self.compute_dtype_ = fused, compute_dtype
-        use_ops(self, fused)
+    def configure(self, ops: Ops = REFERENCE, compute_dtype: torch.dtype | None = None) -> "GPT":
+        use_ops(self, ops)
+        self.compute_dtype_ = compute_dtype
         return self
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
@@ -222,5 +190,5 @@ class GPT(nn.Module):
         return self.ln_f(h.reshape(n * length, -1).float())
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """[N, L] -> [N*L, V]; for sampling and tests (training never forms all logits when fused)."""
+        """[N, L] -> [N*L, V]; for sampling and tests (fused training never forms all logits)."""
         return F.linear(self.hidden(ids), self.tok.weight, self.lm_bias)

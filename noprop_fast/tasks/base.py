@@ -57,7 +57,7 @@ class Task:
         cfg, p, device = self.cfg, run.progress, run.device
         cuda = device.type == "cuda"
         return {"task": cfg.task, "method": cfg.method, **self.summary_fields(run),
-                "inference": cfg.inference, "ops": run.ops_name, "precision": cfg.precision,
+                "inference": cfg.inference, "ops": run.ops.name, "precision": cfg.precision,
                 "train_seconds": p.train_seconds,
                 # on CUDA the allocator's peak; on a CPU the image task's saved activations
                 "peak_memory_bytes": cuda_peak(device) if cuda else

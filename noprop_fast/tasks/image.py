@@ -11,7 +11,7 @@ import torch
 
 from ..data import ImageData, batches, load_image_dataset
 from ..layers import ALL_BLOCKS
-from ..methods import backprop_loss, noprop_loss, predict_classes
+from ..noprop import backprop_loss, noprop_loss, predict_classes
 from ..models.image import ClassEmbedding, ImageModel, prototype_embeddings
 from ..optim import BlockAdamW
 from ..schedule import NoiseSchedule

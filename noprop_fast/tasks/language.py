@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import runs
-from ..chunked_ce import cross_entropy_rows, linear_cross_entropy
+from ..ops.chunked_ce import cross_entropy_rows
 from ..data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from ..errors import UserError
 from ..layers import ALL_BLOCKS
-from ..methods import chain_from_features, noprop_chain, noprop_loss
+from ..noprop import chain_from_features, noprop_chain, noprop_loss
 from ..models.lm import GPT, LanguageModel
 from ..nvtx_ranges import phase
 from ..schedule import NoiseSchedule
@@ -37,10 +37,7 @@ def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
     with phase("forward"):
         hidden = model.hidden(x)                              # [N*L, D]
     with phase("loss"):  # the vocabulary head is part of the loss: chunked on the fused path
-        if model.fused is not None:
-            ce = linear_cross_entropy(hidden, model.tok.weight, model.lm_bias, y.reshape(-1))
-        else:
-            ce = F.cross_entropy(F.linear(hidden, model.tok.weight, model.lm_bias), y.reshape(-1))
+        ce = model.ops.linear_cross_entropy(hidden, model.tok.weight, model.lm_bias, y.reshape(-1))
     return ce, {"ce": ce.detach()}
 
 

@@ -230,9 +230,9 @@ def test_bad_inputs_raise_a_clear_error(case, device):
 
 @pytest.mark.parametrize("seed,offset", [(0, 0), (123456789012, 2**40 - 5), (-5, 3 * 2**32 + 7)])
 def test_kernel_noise_equals_cpu_op_noise(seed, offset, device):
-    """The Triton kernel and the C++ CPU op (noprop_fast.cpu_ops) draw the same noise for one seed
+    """The Triton kernel and the C++ CPU op (noprop_fast.ops.cpp) draw the same noise for one seed
     and offset: with a = 0, s = 1 each returns its eps."""
-    from noprop_fast import cpu_ops
+    from noprop_fast.ops import cpp as cpu_ops
 
     ok, reason = cpu_ops.available()
     if not ok:
@@ -253,7 +253,7 @@ def test_label_outside_the_classes_is_a_clear_error(bad, device):
     address: the forward's rows for it are NaN, the others right, and the backward adds nothing
     for it (reading or writing W's row 4, -1 or 2^40 would be garbage, a fault or heap damage).
     On a GPU the error surfaces at check_labels(), which the run calls where it syncs anyway."""
-    from noprop_fast import cpu_ops
+    from noprop_fast.ops import cpp as cpu_ops
     from noprop_fast.kernels.noise import _noise_backward, _noise_forward, check_labels
 
     B, N, d, m = 2, 5, 8, 4

@@ -13,21 +13,14 @@ pass in the backward would recompute every chunk's matmul): the backward only sc
 gradients by the incoming scalar. Under `torch.no_grad()` (evaluation) nothing is stored. The
 arithmetic is fp32 whatever the inputs' dtype; the gradients are cast back to the inputs' dtypes.
 
-`linear_cross_entropy_ref` is the plain `F.cross_entropy(F.linear(z, W, b), y)`; the tests hold the
-chunked op to it, value and gradients, and the fused paths of both tasks use the chunked op.
+The reference is `reference.linear_cross_entropy`; the fused backends of both tasks use this op.
 """
 import torch
 import torch.nn.functional as F
 
-from noprop_fast.op_checks import first_order_only
+from .checks import first_order_only
 
 CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB in fp32
-
-
-def linear_cross_entropy_ref(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(z.float(), weight.float(), None if bias is None else bias.float()),
-                           target)
 
 
 def _rows_per_chunk(vocab: int, chunk_elements: int) -> int:
@@ -110,9 +103,3 @@ def cross_entropy_rows(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         picked = logits.gather(1, target[start:start + rows].unsqueeze(1)).squeeze(1)
         out[start:start + rows] = torch.logsumexp(logits, dim=-1) - picked
     return out
-
-
-def cross_entropy_sum(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      target: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Sum (not mean) of the per-row cross-entropies, in chunks; for evaluation over many batches."""
-    return cross_entropy_rows(z, weight, bias, target, chunk_elements).sum()

@@ -3,39 +3,26 @@ section 2), the backprop baseline (section 5, Eqs. 17-19), and the Eq. 3 chain w
 predictions built on it (section 4). The language task's rows are the positions of its token
 windows (section 7).
 
-Fused path (`model.fused` set): the noisy latents and the clean z_T come from the fused noise op,
-drawing from a `PhiloxNoise` stream, and the weighted block losses from the fused loss op. Given a
-`PhiloxNoise`, the reference path draws the very same noise in plain PyTorch, so both paths can be
-compared step by step. The blocks compute in `model.compute_dtype`; the losses, the classifier and
-the KL are fp32 on both paths. Nothing here reads a tensor's value on the host.
+The model's `ops` (`noprop_fast.ops`) compute the noisy latents, the block losses and the
+classifier's cross-entropy; given a `PhiloxNoise`, every backend draws the same noise, so the
+backends can be compared step by step. The blocks compute in `model.compute_dtype`; the losses,
+the classifier and the KL are fp32. Nothing here reads a tensor's value on the host.
 """
 import torch
 import torch.nn.functional as F
 
-from .chunked_ce import linear_cross_entropy
 from .layers import ALL_BLOCKS
 from .models.image import ImageModel
 from .nvtx_ranges import phase
-from .schedule import NoiseSchedule, block_losses_ref, denoise_step, noisy_latents_ref, prior_kl
+from .schedule import NoiseSchedule, denoise_step, prior_kl
 
 
 def noisy_latents(model: ImageModel, y: torch.Tensor, input_scale: torch.Tensor,
                   noise_scale: torch.Tensor, noise=None) -> torch.Tensor:
     """z[b] = input_scale[b] W_embed[y] + noise_scale[b] eps[b]: [B, N, d] in the compute dtype,
-    differentiable in W_embed. eps: the fused op's Philox stream `noise` (a fused.PhiloxNoise;
-    required on the fused path), or torch.randn where none is given."""
+    differentiable in W_embed; eps from `noise` (`ops.noise_injection`)."""
     w = model.embedding.weight.to(model.compute_dtype)
-    shape = (input_scale.shape[0], y.shape[0], w.shape[1])
-    if model.fused is not None:
-        if noise is None:
-            raise ValueError("the fused path draws its noise from a PhiloxNoise stream; pass one")
-        offset = noise.advance(shape[0] * shape[1] * shape[2])
-        return model.fused.noise_injection(y, w, input_scale, noise_scale, noise.seed, offset)
-    accumulate = torch.promote_types(w.dtype, torch.float32)
-    eps = torch.randn(shape, device=y.device, dtype=accumulate) if noise is None else \
-        noise.normals(shape, y.device).to(accumulate)
-    return noisy_latents_ref(w[y].to(accumulate), input_scale.to(accumulate),
-                             noise_scale.to(accumulate), eps).to(w.dtype)
+    return model.ops.noise_injection(y, w, input_scale, noise_scale, noise)
 
 
 def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
@@ -46,7 +33,7 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
     `shared_terms=False` leaves out CE and KL (their z_T noise is still drawn, so the noise stream
     moves on as with them): a process that holds some of the blocks of a multi-process run
     (distributed.py) counts them only where it holds the last block."""
-    T, fused = model.num_blocks, model.fused
+    T = model.num_blocks
     with phase("forward"):
         u = model.embedding(y)                                # [N, d] fp32
         features = model.blocks.features(x, blocks)           # [B, N, F], independent of z
@@ -59,13 +46,8 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
     with phase("loss"):
         weights = schedule.snr_weights[blocks]
         target = u.to(model.compute_dtype)
-        if fused is not None:
-            weighted = fused.block_loss(u_hat, target, weights)  # [B] fp32, w_t already applied
-            per_block = weighted.detach() / weights
-        else:
-            accumulate = torch.promote_types(u_hat.dtype, torch.float32)
-            per_block = block_losses_ref(u_hat.to(accumulate), target.to(accumulate))  # [B]
-            weighted = weights * per_block
+        weighted = model.ops.block_loss(u_hat, target, weights)  # [B] fp32, w_t applied
+        per_block = weighted.detach() / weights
         denoise = (T / nb) * weighted.sum()
         # z_T ~ q(z_T | y): the same op with abar_T, for one "block"
         abar_T = schedule.alpha_bar[-1:]
@@ -81,11 +63,8 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
 
 
 def classifier_cross_entropy(model, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CE of the linear classifier on z [N, d] against y [N]. Fused: in row chunks, so a
-    vocabulary's [N, m] logits never exist at once (chunked_ce.py); reference: F.cross_entropy."""
-    if model.fused is not None:
-        return linear_cross_entropy(z, model.classifier.weight, model.classifier.bias, y)
-    return F.cross_entropy(model.classifier(z), y)
+    """CE of the linear classifier on z [N, d] against y [N] (`ops.linear_cross_entropy`)."""
+    return model.ops.linear_cross_entropy(z, model.classifier.weight, model.classifier.bias, y)
 
 
 def backprop_chain(model: ImageModel, x: torch.Tensor, generator=None) -> torch.Tensor:

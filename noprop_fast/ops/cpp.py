@@ -1,33 +1,21 @@
-"""The fused ops on the CPU: C++ (ATen + OpenMP) twins of the Triton kernels in kernels/.
-
-Same maths, shapes and gradients as the Triton files, whose docstrings and `*_ref` functions are
-the specification (kernels/noise.py, block_loss.py, block_linear.py, softmax_head.py):
-
-    noise_injection(y, W, a, s, seed, offset)   z = a[b] W[y] + s[b] eps, eps = randn(seed, offset + i)
-    block_loss(u_hat, u, w)                     losses[b] = w[b] mean_n ||u_hat[b, n] - u[n]||^2
-    block_linear(x, weight, bias)               Y[b] = X[b] W[b]^T + bias[b]
-    softmax_head(h, k, c, v)                    o = softmax(h k^T + c) v, logits in tiles
+"""The fused ops on the CPU: C++ (ATen + OpenMP) twins of the Triton kernels in kernels/, with the
+same maths, shapes and gradients (their docstrings and `reference.py` are the specification).
 
 What differs from the GPU side: every op is deterministic (no atomics; fixed reduction orders, so
 also bitwise the same for any thread count, except where ATen's BLAS sums); softmax_head takes
 any D and d; products run in fp32 through ATen's BLAS (fp16 / bf16 operands are widened first).
 The noise is the Triton kernel's: the Philox integers bitwise, the normals to about an ulp. The
 C++ files' headers give each op's loop structure (csrc/noise.cpp, block_loss.cpp, ...).
+softmax_head's logits live in tiles of SOFTMAX_TILE_ELEMENTS (an online softmax over class
+chunks); when one tile holds all B N m logits, the forward's probabilities are saved for the backward.
 
-softmax_head's memory: logits in tiles of SOFTMAX_TILE_ELEMENTS, an online softmax over class
-chunks as in the Triton kernel; when one tile holds all B N m logits (the engine's usual sizes),
-the forward's probabilities are saved (at most that tile) and the backward does not recompute them.
-
-Build: the sources of `noprop_fast.csrc` (csrc/ in the repository) are compiled on first use by
-`torch.utils.cpp_extension.load` (the system C++ compiler, $CXX or c++, and ninja; -O3 -fopenmp and
-no -march, so the cached library is portable; the hot loops carry AVX2 / AVX-512 clones chosen at
-load time) into cpp_extension's cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions. The
-extension's name carries a hash of the sources, their folder, the flags and torch's version: an
-edited source or another torch builds anew (about a minute on 2 cores), an unchanged one loads in
-a fraction of a second. When the build cannot happen (no compiler, no ninja, a compile error),
-`load()` raises FusedOpsUnavailable with a one-line reason and `available()` returns it.
-
-Inputs must be CPU tensors (ValueError otherwise); the autograd Functions make them contiguous.
+Build: `noprop_fast.csrc` is compiled on first use by `torch.utils.cpp_extension.load` (the system
+C++ compiler, $CXX or c++, and ninja; -O3 -fopenmp and no -march, so the cached library is
+portable; the hot loops carry AVX2 / AVX-512 clones chosen at load time) into
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, under a name hashing the sources, their folder,
+the flags and torch's version (about a minute on 2 cores; an unchanged build loads at once). When
+the build cannot happen, `load()` raises FusedOpsUnavailable with a one-line reason and
+`available()` returns it. Inputs must be CPU tensors (ValueError otherwise).
 """
 import functools
 import hashlib
@@ -39,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import op_checks
+from . import checks
 
 SOURCES = ("noise.cpp", "block_loss.cpp", "block_linear.cpp", "softmax_head.cpp", "bindings.cpp")
 HEADERS = ("common.h", "ops.h", "philox.h", "vec_math.h")
@@ -162,32 +150,12 @@ def philox_randn(seed: int, offset: int, numel: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Input checks: shapes and dtypes in op_checks (shared with the Triton launchers), then the device
+# The device check; shapes and dtypes are checked by checks.py (shared with the Triton launchers)
 
 def _check_cpu(op: str, **tensors):
     for name, t in tensors.items():
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"{op}: the CPU fused op needs CPU tensors, got {name} on {t.device}")
-
-
-def _check_noise(y, W, a, s, seed, offset):
-    op_checks.check_noise_injection(y, W, a, s, seed, offset)
-    _check_cpu("noise_injection", y=y, W=W, a=a, s=s, seed=seed, offset=offset)
-
-
-def _check_block_loss(u_hat, u, w):
-    op_checks.check_block_loss(u_hat, u, w)
-    _check_cpu("block_loss", u_hat=u_hat, u=u, w=w)
-
-
-def _check_block_linear(x, weight, bias):
-    op_checks.check_block_linear(x, weight, bias)
-    _check_cpu("block_linear", x=x, weight=weight, bias=bias)
-
-
-def _check_softmax_head(h, k, c, v):
-    op_checks.check_softmax_head(h, k, c, v)
-    _check_cpu("softmax_head", h=h, k=k, c=c, v=v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +173,7 @@ class _NoiseInjection(torch.autograd.Function):
         return z
 
     @staticmethod
-    @op_checks.first_order_only("noise_injection")
+    @checks.first_order_only("noise_injection")
     def backward(ctx, dz):
         if not ctx.needs_input_grad[1]:
             return None, None, None, None, None, None
@@ -222,7 +190,7 @@ class _BlockLoss(torch.autograd.Function):
         return load().block_loss_forward(u_hat, u, w)
 
     @staticmethod
-    @op_checks.first_order_only("block_loss")
+    @checks.first_order_only("block_loss")
     def backward(ctx, grad):
         u_hat, u, w = ctx.saved_tensors
         du_hat, du = load().block_loss_backward(grad, u_hat, u, w, *ctx.needs_input_grad[:2])
@@ -241,7 +209,7 @@ class _BlockLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @op_checks.first_order_only("block_linear")
+    @checks.first_order_only("block_linear")
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
@@ -265,7 +233,7 @@ class _SoftmaxHead(torch.autograd.Function):
         return o.to(h.dtype)  # the same tensor for fp32
 
     @staticmethod
-    @op_checks.first_order_only("softmax_head")
+    @checks.first_order_only("softmax_head")
     def backward(ctx, do):
         h, k, c, v, o, lse, probs = ctx.saved_tensors
         return tuple(load().softmax_head_backward(do, h, k, c, v, o, lse, probs,
@@ -281,25 +249,29 @@ def noise_injection(y, W, a, s, seed, offset):
     y [N] int64, W [m, d] fp32/fp16/bf16, a, s [B] fp32, seed and offset int64 tensors with one
     element, all on the CPU; z in W's dtype. Differentiable in W only; dW is deterministic.
     """
-    _check_noise(y, W, a, s, seed, offset)
+    checks.check_noise_injection(y, W, a, s, seed, offset)
+    _check_cpu("noise_injection", y=y, W=W, a=a, s=s, seed=seed, offset=offset)
     return _NoiseInjection.apply(y, W, a, s, seed, offset)
 
 
 def block_loss(u_hat, u, w):
     """losses [B] fp32 = w[b] mean_n ||u_hat[b, n] - u[n]||^2; u_hat [B, N, d], u [N, d], w [B] fp32."""
-    _check_block_loss(u_hat, u, w)
+    checks.check_block_loss(u_hat, u, w)
+    _check_cpu("block_loss", u_hat=u_hat, u=u, w=w)
     return _BlockLoss.apply(u_hat, u, w)
 
 
 def block_linear(x, weight, bias=None):
     """x[b] @ weight[b]^T + bias[b]: x [B, N, K], weight [B, M_out, K], bias [B, M_out] or None
     -> [B, N, M_out] in x's dtype; differentiable in all three."""
-    _check_block_linear(x, weight, bias)
+    checks.check_block_linear(x, weight, bias)
+    _check_cpu("block_linear", x=x, weight=weight, bias=bias)
     return _BlockLinear.apply(x, weight, bias)
 
 
 def softmax_head(h, k, c, v):
     """softmax(h k^T + c) v without the [B, N, m] logits: h [B, N, D], k [B, m, D], c [B, m] or
     None, v [m, d] -> [B, N, d] in h's dtype; differentiable in all four; any D and d."""
-    _check_softmax_head(h, k, c, v)
+    checks.check_softmax_head(h, k, c, v)
+    _check_cpu("softmax_head", h=h, k=k, c=c, v=v)
     return _SoftmaxHead.apply(h, k, c, v)

@@ -1,5 +1,5 @@
 """Input checks shared by the fused ops' two backends: the Triton launchers (kernels/) and the C++
-ops (cpu_ops.py). Shapes and dtypes only, each fault a ValueError naming the op; each backend adds
+ops (cpp.py). Shapes and dtypes only, each fault a ValueError naming the op; each backend adds
 its own device checks. Kept free of triton so that the CPU ops import it where triton is absent.
 Also `first_order_only`, the guard both backends' autograd Functions put on their backward.
 """
