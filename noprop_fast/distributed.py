@@ -1,63 +1,7 @@
-"""Multi-process training with torch.distributed, launched with torchrun: the blocks across
-processes, the data across processes, or both (`--parallel blocks|data|blocks+data`). This module
-holds the launch, the layout, the gradient all-reduces and the communication volume;
-strategy.py's `ManyProcesses` the rest of a rank's share (model and schedule slice, noise,
-BatchNorm, the chain's transport, checkpoints), set up once for loop.py's run.
-
-Layout. W = K x D processes: K block ranks split the T blocks into contiguous slices (the first
-T mod K ranks take one block more), D data ranks split every minibatch. Rank r holds block slice
-b = r // D and data share d = r % D. Its "data peers" (the D ranks with its block slice) sum their
-block gradients; its "block peers" (the K ranks with its data share) pass the Eq. 3 chain's latent
-along in block order. `--parallel blocks`: K = W; `data`: D = W; `blocks+data`: K =
-`--block-ranks`, which must divide W. A layout that does not fit the world (or K > T) is one line
-on every rank, before any collective.
-
-Blocks. A rank builds the model of its T_local blocks and loads them from the model one process
-would build from the same seed (built once on the host at start-up, then dropped), so every slice
-starts from the same numbers; afterwards it holds, updates and checkpoints only its slice (and the
-shared embedding and classifier). Its schedule is the global one's slice (`local_schedule`: block
-t's noise level, weight and Eq. 3 coefficients belong to the global t), and `noprop_loss` over all
-its blocks has the factor T_local / T_local = 1, as one process over all T. The single-process
-loss is sum_t w_t L_t + CE + KL; a rank's loss is its blocks' terms, plus CE + KL only on the
-rank that holds the last block (the others still draw z_T's noise), so the sum of the shared
-gradients over the block ranks counts every term once.
-
-Data. Every data rank reads the same global minibatch (same shuffling, same stream) and keeps its
-rows: images, a contiguous chunk (as `torch.tensor_split`); token windows, every D-th window
-(`TokenBatches(rank, world_size)` with batch_size / D windows). The losses are batch means, so
-rank d scales its loss by n_d / N and the gradients are summed: the gradient of the whole batch's
-mean. The image blocks' BatchNorm is synchronised over the data ranks (`SyncBlockBatchNorm`: the
-statistics of the whole batch through differentiable all-reduces), so the maths is that of one
-process on the whole batch; the language model has only LayerNorm. Dropout masks are drawn per
-rank: with dropout > 0 a run is statistically, not numerically, the single-process run.
-
-Noise. `ShardedNoise` draws the single-process noise tensor in full on every rank (same
-generator, same seed) and keeps the rank's blocks and rows: exactly the noise one process would
-use, for T N d normal draws per rank and step (small beside the blocks' compute). With fused ops
-the Philox stream moves on by the global count; a blocks-only run reads exactly its part of it,
-a run with D > 1 reads disjoint regions of it (the same distribution, not the same numbers).
-
-Gradients. Block gradients: summed over the data peers; shared gradients (classifier, learned
-embedding), the step's loss and its per-block losses: summed over all W ranks. Each is a list of
-flat buckets of at most BUCKET_BYTES, all-reduced in place (DistributedDataParallel's reduction,
-without its overlap with backward). `communication_volume` gives the bytes per step; rank 0
-prints them at start.
-
-Evaluation. The Eq. 3 chain runs across the block ranks in block order: every rank draws z_0 and
-every eps_t from the evaluation generator (so the numbers are one process's), runs its own
-blocks' steps, and sends z to the next block rank; the last broadcasts z_T to its block peers, so
-every rank computes the same logits. Data ranks evaluate the same examples (evaluation is not
-data-sharded; its result equals the single-process one).
-
-Checkpoints (strategy.py) are in the single-process format, written by rank 0 alone; a run of any
-world size resumes from them (every rank reads the file: on several machines it must be on a
-shared file system). Unsupported, each one line: fp16 loss scaling (ranks would skip steps on
-their own; use bf16), the backprop baseline or the sequential schedule with K > 1.
-
-Failures. init_process_group and every collective have a time-out (`--dist-timeout` seconds); a
-collective that times out or loses its peer, or a SIGTERM from torchrun after another rank
-failed, ends each rank with one line naming it. Backend: NCCL when the run's device is CUDA (one
-GPU per process, cuda:LOCAL_RANK), gloo otherwise.
+"""Multi-process training launched with torchrun (`--parallel blocks|data|blocks+data`): the
+launch and its failures, the layout of W = K block ranks x D data ranks (rank r: block slice
+r // D, data share r % D), the process groups, the gradient all-reduces and the communication
+volume. strategy.py's `ManyProcesses` holds the rest of a rank's share. Design: docs/distributed.md.
 """
 import datetime
 import os
@@ -210,7 +154,7 @@ def session(cfg):
         if cfg.precision == "fp16":
             raise ConfigError("--parallel with fp16: each process would skip overflowing steps "
                               "on its own; use bf16")
-        if getattr(cfg, "cuda_graphs", "off") == "on":
+        if cfg.cuda_graphs == "on":
             raise ConfigError("--parallel runs its steps uncaptured (collectives in every step); "
                               "drop --cuda-graphs on")
     except ConfigError as err:

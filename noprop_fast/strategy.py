@@ -11,7 +11,6 @@ import torch.distributed.nn.functional as dist_fn
 
 from .distributed import Groups, Layout, communication_volume, describe_volume, reduce_gradients
 from .errors import ConfigError, UserError
-from .ops import compute_dtype
 from .layers import ALL_BLOCKS, BlockBatchNorm
 from .schedule import NoiseSchedule
 from .tasks.base import apply_gradients
@@ -78,7 +77,8 @@ class ManyProcesses:
                               f"{d} data ranks: choose another batch size")
 
     def localise(self, run, build):
-        """This rank's slice of run's single-process model and schedule (the same numbers)."""
+        """This rank's slice of run's single-process model and schedule (the same numbers);
+        build(cfg): the run's configured model for cfg."""
         lay, full = self.layout, run.model
         devices = [run.device] if run.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # building reseeds; keep the run's streams
@@ -87,9 +87,10 @@ class ManyProcesses:
                                           lay.span, lay.num_blocks)[0])
         for p, q in zip(full.parameters(), local.parameters()):
             q.requires_grad_(p.requires_grad)
-        local = local.configure(run.ops, compute_dtype(run.cfg.precision))
-        if lay.data_ranks > 1:
-            sync_batch_norm(local, self.groups.data)
+        if lay.data_ranks > 1:  # every BlockBatchNorm over the data ranks (same state)
+            for module in local.modules():
+                if type(module) is BlockBatchNorm:
+                    module.__class__, module.group = SyncBlockBatchNorm, self.groups.data
         print(describe_volume(communication_volume(local, lay), lay), flush=True)
         return local, local_schedule(run.schedule, lay.span)
 
@@ -171,7 +172,7 @@ class ManyProcesses:
         return {"parallel": cfg.parallel, "block_ranks": self.layout.block_ranks,
                 "data_ranks": self.layout.data_ranks}
 
-    # the Eq. 3 chain's latent z [N, d] along the block ranks (methods.chain_from_features)
+    # the Eq. 3 chain's latent z [N, d] along the block ranks (noprop.chain_from_features)
     def receive(self, z: torch.Tensor) -> None:
         lay = self.layout
         if lay.block_index > 0:
@@ -201,7 +202,7 @@ def local_schedule(schedule: NoiseSchedule, span: tuple[int, int]) -> NoiseSched
 
 
 class ShardedNoise:
-    """What `methods.noisy_latents` draws from: the single-process noise, cut to this rank.
+    """What `noprop.noisy_latents` draws from: the single-process noise, cut to this rank.
 
     noprop_loss draws twice per step: the blocks' latents [B, N, d], then z_T's [1, N, d]. The
     global shapes are [T, N_global, d] (B = T when the blocks are split, else B as asked) and
@@ -270,14 +271,6 @@ class SyncBlockBatchNorm(BlockBatchNorm):
             unbiased = var.detach() * total / (total - 1).clamp_min(1)
             self.running_var[blocks].mul_(1 - m).add_(m * unbiased.view(nb, c))
         return out.to(x.dtype).view(n, nb, c).transpose(0, 1)
-
-
-def sync_batch_norm(model, group) -> None:
-    """Make every BlockBatchNorm of `model` a SyncBlockBatchNorm over `group` (same state)."""
-    for module in model.modules():
-        if type(module) is BlockBatchNorm:
-            module.__class__ = SyncBlockBatchNorm
-            module.group = group
 
 
 # -- checkpoints: single-process format <-> a rank's slice --------------------------------------

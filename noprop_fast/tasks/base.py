@@ -1,5 +1,4 @@
-"""What loop.Run asks of a task, with the defaults (no random streams to keep, no samples), and
-the update every training step ends with."""
+"""`Task`, what loop.Run asks of a task, and the update every training step ends with."""
 import torch
 
 from .. import runs
@@ -25,10 +24,6 @@ def apply_gradients(loss: torch.Tensor, optimizer: BlockAdamW, blocks: slice = A
             scaler.step(optimizer, blocks)  # skipped (one host sync) if a gradient overflowed
             scaler.update()
     return loss.detach()
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class Task:

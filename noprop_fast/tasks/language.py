@@ -1,14 +1,9 @@
-"""The language task, NoProp-LM and the GPT baseline (docs/method.md section 7): the loss, the
-validation loss, sampling, and `LanguageTask`, whose run is counted in optimiser steps (a token
-budget), a round being `eval_every` steps ending in the validation loss on the first `eval_tokens`
-tokens of the val split (the same tokens every time). The batch stream, the global generator and
-the Philox offset are in the checkpoint, so a resumed run replays its steps exactly.
-
-A batch is x, y [N, L] token ids with y the next tokens (y[:, i] = x[:, i + 1] within a window).
-Every position is one row of the image task's maths: the NoProp loss is `methods.noprop_loss` with
-the N*L positions as its examples, the targets u = W_embed[y]. The validation loss and the
-samples come from the Eq. 3 chain at every position (the context teacher-forced; sampling: at
-the last position), y read only after the chains ran.
+"""The language task, NoProp-LM and the GPT baseline (docs/method.md section 7, docs/language.md):
+the loss, the validation loss, sampling, and `LanguageTask`, whose run is counted in optimiser
+steps, a round being `eval_every` steps ending in the validation loss on the first `eval_tokens`
+val tokens. The batch stream, the global generator and the Philox offset are in the checkpoint,
+so a resumed run replays its steps exactly. A batch is x, y [N, L] token ids, y the next tokens;
+every position is one row of the image task's maths (`noprop.noprop_loss`, u = W_embed[y]).
 """
 import math
 from dataclasses import dataclass, field
@@ -31,7 +26,7 @@ from .base import Task
 def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
             noise=None, shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
     """(loss, parts): NoProp's block, CE and KL terms over all positions, or the GPT's CE.
-    noise, shared_terms: as in `methods.noprop_loss`."""
+    noise, shared_terms: as in `noprop.noprop_loss`."""
     if model.method == "noprop":
         return noprop_loss(model, schedule, x, y.reshape(-1), ALL_BLOCKS, noise, shared_terms)
     with phase("forward"):
@@ -63,17 +58,12 @@ def position_logits(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic:
 @torch.no_grad()
 def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = True,
                     seed: int = 0, chains: int = 1, transport=None) -> dict:
-    """The validation loss over the (x, y) batches, in eval mode, with the chains' noise drawn from
-    `seed` (the same numbers at every evaluation). Returns {"val_loss", "val_loss_one_chain",
-    "val_tokens"}, losses in nats per token.
-
-    NoProp-LM is a generative chain: z_T is drawn by Eq. 3 and the classifier gives p(y | z_T), so
-    the model's probability of y is the mean of p(y | z_T) over the chain's draws. `val_loss` is
-    -log of that mean over `chains` independent chains per position (in expectation an upper bound
-    on the model's loss, tightening as chains grow); `val_loss_one_chain` is the first chain's
-    cross-entropy alone (docs/method.md section 7's recipe with one chain). The GPT has no chain: both
-    are its cross-entropy. `transport`: see `methods.chain_from_features`.
-    """
+    """The validation loss over the (x, y) batches, in eval mode, the chains' noise drawn from
+    `seed` (the same numbers at every evaluation): {"val_loss", "val_loss_one_chain",
+    "val_tokens"}, in nats per token. NoProp: `val_loss` is -log of the mean of p(y | z_T) over
+    `chains` chains per position, `val_loss_one_chain` the first chain's cross-entropy
+    (docs/language.md); the GPT: both are its cross-entropy. y is read only after the chains ran.
+    `transport`: as in `noprop.chain_from_features`."""
     was_training = model.training
     model.eval()
     weight, bias = _classifier(model)
@@ -109,7 +99,7 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, stochastic: bool = True,
            generator: torch.Generator | None = None, transport=None) -> list[int]:
     """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token
-    (`transport`: see `methods.chain_from_features`)."""
+    (`transport`: see `noprop.chain_from_features`)."""
     if not prompt:
         raise ValueError("sample: the prompt needs at least one token")
     device = next(model.parameters()).device
