@@ -50,12 +50,10 @@ class OneProcess:
 
 
 class ManyProcesses:
-    """This rank's block slice (loaded from the single-process initialisation, with its slice of
-    the schedule and BatchNorm over the data ranks), trained on its rows of each global batch
-    with the single-process noise cut to them, the gradients all-reduced before the optimiser
-    steps; the Eq. 3 chain passed from block rank to block rank; checkpoints in the
-    single-process format (gathered to rank 0, cut to a rank's slice on resume), so that a
-    checkpoint of any world size resumes in any other."""
+    """This rank's block slice and its rows of each global batch, the gradients all-reduced
+    before the optimiser steps, the Eq. 3 chain passed from block rank to block rank; checkpoints
+    in the single-process format, so that any world size resumes in any other
+    (docs/distributed.md)."""
 
     def __init__(self, layout: Layout, groups: Groups):
         self.layout, self.groups = layout, groups
