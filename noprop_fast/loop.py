@@ -253,30 +253,19 @@ def train(cfg, resume: str | None = None, overwrite: bool = False, show_progress
     print(f"{run.task.header(run)}, device {device}, "
           f"{run.ops.name} ops, {cfg.precision}, run {run_dir}", flush=True)
     summary = run.fit()
-    print("\n".join([*run.task.closing(run, summary), checkpoint_line(summary, run_dir),
-                     *run.task.notes(run, summary)]), flush=True)
-    write_plots(cfg, summary, run.progress.history, run_dir)
+    size = summary.get("checkpoint_bytes")
+    saved = "no checkpoint written" if size is None else (
+        f"checkpoint {size / 1e6:.1f} MB ({run_dir / runs.CHECKPOINT}: weights, AdamW's two "
+        f"moments, progress; resume with --resume {run_dir})")
+    print("\n".join([*run.task.closing(run, summary), saved, *run.task.notes(run, summary)]),
+          flush=True)
+    if runs.is_writer():  # the run's curves as PNGs (plots.py); rank 0 alone writes
+        from .plots import write_run_plots  # a plot that cannot be drawn: one line on stderr
+        paths = write_run_plots(summary, run.progress.history, run_dir, data_dir=cfg.data_dir,
+                                warn=lambda line: print(line, file=sys.stderr, flush=True))
+        if paths:
+            print("plots: " + ", ".join(str(path) for path in paths), flush=True)
     for text in run.task.sample_lines(run, tokenizer):
         print(text)
     return summary
-
-
-def write_plots(cfg, summary: dict, history: list[dict], run_dir: Path) -> None:
-    """The run's curves as PNGs in its folder (plots.py), one line naming them; a plot that cannot
-    be drawn is one line on stderr and the run still succeeds. Rank 0 alone writes."""
-    if not runs.is_writer():
-        return
-    from .plots import write_run_plots
-    paths = write_run_plots(summary, history, run_dir, data_dir=cfg.data_dir,
-                            warn=lambda line: print(line, file=sys.stderr, flush=True))
-    if paths:
-        print("plots: " + ", ".join(str(path) for path in paths), flush=True)
-
-
-def checkpoint_line(summary: dict, run_dir: Path) -> str:
-    size = summary.get("checkpoint_bytes")
-    if size is None:
-        return "no checkpoint written"
-    return (f"checkpoint {size / 1e6:.1f} MB ({run_dir / runs.CHECKPOINT}: weights, AdamW's two "
-            f"moments, progress; resume with --resume {run_dir})")
 
