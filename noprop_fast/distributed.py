@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -47,8 +47,7 @@ class Layout:
     block_ranks: int                    # K
     data_ranks: int                     # D
     num_blocks: int                     # T, the run's global block count
-    local_rank: int = 0
-    spans: tuple = field(default=())    # every block rank's (start, stop)
+    spans: tuple                        # every block rank's (start, stop)
 
     @property
     def block_index(self) -> int:
@@ -75,7 +74,7 @@ class Layout:
 
 
 def plan_layout(parallel: str, block_ranks: int, world_size: int, rank: int, num_blocks: int,
-                method: str = "noprop", block_schedule: str = "all", local_rank: int = 0) -> Layout:
+                method: str = "noprop", block_schedule: str = "all") -> Layout:
     """The (K, D) factorisation of the world for `parallel`, or a ConfigError in one line."""
     w = world_size
     if parallel == "blocks":
@@ -104,7 +103,7 @@ def plan_layout(parallel: str, block_ranks: int, world_size: int, rank: int, num
     if k > 1 and block_schedule != "all":
         raise ConfigError("the sequential schedule trains one block at a time: split the blocks "
                           "with --block-schedule all")
-    return Layout(rank, w, k, w // k, num_blocks, local_rank, tuple(split_blocks(num_blocks, k)))
+    return Layout(rank, w, k, w // k, num_blocks, tuple(split_blocks(num_blocks, k)))
 
 
 @dataclass
@@ -150,7 +149,7 @@ def session(cfg):
     world, rank, local_rank = (_env_int(n) for n in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     try:
         layout = plan_layout(cfg.parallel, cfg.block_ranks, world, rank, cfg.num_blocks,
-                             cfg.method, getattr(cfg, "block_schedule", "all"), local_rank)
+                             cfg.method, getattr(cfg, "block_schedule", "all"))
         if cfg.precision == "fp16":
             raise ConfigError("--parallel with fp16: each process would skip overflowing steps "
                               "on its own; use bf16")
@@ -169,7 +168,11 @@ def session(cfg):
     except (RuntimeError, ValueError) as err:
         raise DistributedFailure(f"rank {rank}: could not join the process group "
                                  f"({_one_line(err)})") from None
-    previous = signal.signal(signal.SIGTERM, _stopped_by_launcher(rank))
+
+    def stopped_by_launcher(signum, frame):
+        raise DistributedFailure(f"rank {rank}: stopped by the launcher (another process failed; "
+                                 "its message says why)")
+    previous = signal.signal(signal.SIGTERM, stopped_by_launcher)
     quiet = rank != 0
     stdout = sys.stdout
     if quiet:  # rank 0 alone prints and writes; the others keep stderr for errors
@@ -191,13 +194,6 @@ def session(cfg):
             runs.set_writer(True)
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _stopped_by_launcher(rank: int):
-    def handler(signum, frame):
-        raise DistributedFailure(f"rank {rank}: stopped by the launcher (another process failed; "
-                                 "its message says why)")
-    return handler
 
 
 def _one_line(err: Exception) -> str:

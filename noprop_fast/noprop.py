@@ -27,9 +27,8 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
                 shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
     """NoProp-DT loss for the blocks in `blocks`. Returns (loss, parts) with parts detached:
     `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`.
-    `shared_terms=False` leaves out CE and KL (their z_T noise is still drawn, so the noise stream
-    moves on as with them): a process that holds some of the blocks of a multi-process run
-    (distributed.py) counts them only where it holds the last block."""
+    `shared_terms=False` leaves out CE and KL but still draws z_T's noise (a block rank without
+    the last block, docs/distributed.md)."""
     T = model.num_blocks
     with phase("forward"):
         u = model.embedding(y)                                # [N, d] fp32

@@ -1,9 +1,8 @@
 """The image task: a round is an epoch, one pass over the data per block slice (the sequential
-schedule: one slice per block; docs/method.md section 2).
-
-The weights are drawn from `seed`; every epoch reseeds the global generator (noise, dropout), the
-shuffling generator and the fused path's Philox stream from (seed, epoch), so a run resumed after
-epoch k replays epochs k+1.. exactly as the uninterrupted run does (a test checks).
+schedule: one slice per block; docs/method.md section 2). The weights are drawn from `seed`;
+every epoch reseeds the global generator (noise, dropout), the shuffling generator and the fused
+path's Philox stream from (seed, epoch), so a run resumed after epoch k replays epochs k+1..
+exactly as the uninterrupted run does (a test checks).
 """
 from dataclasses import dataclass, field
 
