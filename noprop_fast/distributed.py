@@ -119,8 +119,8 @@ def _env_int(name: str) -> int:
         return int(os.environ[name])
     except (KeyError, ValueError):
         raise ConfigError(f"--parallel needs the launcher's {name}: start the run with torchrun "
-                          "(see docs/distributed.md), or add --parallel none to run in one process (a "
-                          "resumed run keeps its config's --parallel)") from None
+                          "(see docs/distributed.md), or add --parallel none to run in one "
+                          "process (a resumed run keeps its config's --parallel)") from None
 
 
 def _make_groups(layout: Layout, timeout) -> Groups:
@@ -219,10 +219,8 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
         if bucket:
             flat = torch.cat([b.reshape(-1) for b in bucket])
             dist.all_reduce(flat, group=group)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
         bucket, size = ([t], t.numel() * t.element_size()) if t is not None else ([], 0)
 
 
@@ -262,7 +260,7 @@ def communication_volume(model, layout: Layout) -> dict:
     else:
         out["block_grads"] = nbytes(block) if d > 1 else 0
         out["shared_grads"] = nbytes(shared) + extras
-    if d > 1:  # BatchNorm over the data ranks, per layer, forward: sums + count, centred squares; backward: again
+    if d > 1:  # BatchNorm per layer: sums + count, centred squares; forward and backward
         layers = [m for m in model.modules() if isinstance(m, BlockBatchNorm)]
         channels = sum(m.weight.numel() for m in layers)
         out["batch_norm"] = 2 * 4 * (2 * channels + len(layers))

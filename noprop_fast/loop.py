@@ -136,15 +136,10 @@ class Run:
         """The part of a step that a CUDA graph captures."""
         return self.strategy.train_step(self, x, y, blocks)
 
-    def round_batches(self):
-        """(steps at most, the next round's (x, y, blocks), each fetched in a "data" range)."""
-        total, batches = self.task.round(self.progress, self.noise)
-        return total, phase_iter("data", batches)
-
     def train_round(self) -> dict:
         """Train the next round; returns its record (before evaluation), the progress advanced."""
         p, device, task = self.progress, self.device, self.task
-        total, batches = self.round_batches()
+        total, batches = task.round(p, self.noise)  # steps at most, the round's (x, y, blocks)
         losses = torch.zeros(total, device=device)  # [steps] device buffer
         block_sum = (torch.zeros(self.cfg.num_blocks, device=device)
                      if task.keeps_block_losses else None)
@@ -153,7 +148,7 @@ class Run:
         self.model.train()
         log_every = 1 if device.type == "cpu" else LOG_EVERY
         step, read, seen, values, start = 0, 0, 0, [], time.perf_counter()
-        for x, y, blocks in batches:
+        for x, y, blocks in phase_iter("data", batches):  # each fetched in a "data" range
             if step == 0 and device.type == "cpu" and task.measures_saved:
                 resident = [*self.model.parameters(), *self.model.buffers()]
                 with SavedTensorBytes(exclude=resident) as saved:
@@ -215,10 +210,7 @@ class Run:
             runs.append_metrics(self.run_dir, record)
             print(task.round_line(record), flush=True)
             self.clock.resume(evaluated=evaluated)
-        return self.summary()
-
-    def summary(self) -> dict:
-        summary = {**self.task.summary(self), **self.strategy.summary_fields(self.cfg)}
+        summary = {**task.summary(self), **self.strategy.summary_fields(self.cfg)}
         runs.write_summary(self.run_dir, summary)
         return summary
 

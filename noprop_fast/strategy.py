@@ -17,8 +17,9 @@ from .tasks.base import apply_gradients
 
 # The differentiable all-reduce (its backward all-reduces the gradient) has no public successor yet;
 # its deprecation notice would print on every rank of every run.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+    category=FutureWarning)
 
 BLOCK_PREFIX = "blocks."  # the state-dict keys of the stacked [T, ...] block tensors
 
@@ -64,12 +65,10 @@ class ManyProcesses:
 
     def check(self, cfg, data) -> None:
         d = self.layout.data_ranks
-        if cfg.task == "lm":
-            if cfg.batch_size % d:
-                raise ConfigError(f"batch_size {cfg.batch_size} does not split into {d} equal "
-                                  "shares (one per data rank)")
-            return
-        last = data.train_x.shape[0] % cfg.batch_size
+        if cfg.task == "lm" and cfg.batch_size % d:
+            raise ConfigError(f"batch_size {cfg.batch_size} does not split into {d} equal "
+                              "shares (one per data rank)")
+        last = data.train_x.shape[0] % cfg.batch_size if cfg.task == "image" else 0
         if 2 <= last < d:
             raise ConfigError(f"the last batch of each epoch has {last} rows, fewer than the "
                               f"{d} data ranks: choose another batch size")
@@ -99,10 +98,9 @@ class ManyProcesses:
         if lay.block_ranks > 1 and blocks != ALL_BLOCKS:
             raise ValueError("a rank with a block slice trains all of its blocks on every step")
         x, y, rows, share = self._rows(run.cfg, x, y)
-        noise = None
-        if run.model.method == "noprop":
-            noise = ShardedNoise(run.noise, lay.num_blocks if lay.block_ranks > 1 else None,
-                                 lay.span, *rows, run.model.embedding.weight.shape[1])
+        noise = None if run.model.method != "noprop" else ShardedNoise(
+            run.noise, lay.num_blocks if lay.block_ranks > 1 else None, lay.span, *rows,
+            run.model.embedding.weight.shape[1])
         loss, parts = run.task.loss(run.model, run.schedule, x, y, blocks, noise,
                                     shared_terms=lay.holds_last_block)
         figures = torch.zeros(1 + lay.num_blocks, device=loss.device)  # [loss, T block losses]
@@ -201,7 +199,6 @@ def local_schedule(schedule: NoiseSchedule, span: tuple[int, int]) -> NoiseSched
 
 class ShardedNoise:
     """What `noprop.noisy_latents` draws from: the single-process noise, cut to this rank.
-
     noprop_loss draws twice per step: the blocks' latents [B, N, d], then z_T's [1, N, d]. The
     global shapes are [T, N_global, d] (B = T when the blocks are split, else B as asked) and
     [1, N_global, d]; this rank keeps blocks `span` and rows `rows` (a slice or an index tensor).

@@ -24,11 +24,12 @@ from .base import Task
 
 
 def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-            noise=None, shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
+            blocks: slice = ALL_BLOCKS, noise=None,
+            shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
     """(loss, parts): NoProp's block, CE and KL terms over all positions, or the GPT's CE.
-    noise, shared_terms: as in `noprop.noprop_loss`."""
+    blocks, noise, shared_terms: as in `noprop.noprop_loss`."""
     if model.method == "noprop":
-        return noprop_loss(model, schedule, x, y.reshape(-1), ALL_BLOCKS, noise, shared_terms)
+        return noprop_loss(model, schedule, x, y.reshape(-1), blocks, noise, shared_terms)
     with phase("forward"):
         hidden = model.hidden(x)                              # [N*L, D]
     with phase("loss"):  # the vocabulary head is part of the loss: chunked on the fused path
@@ -149,11 +150,7 @@ class LanguageTask(Task):
     unit, none_yet, state_when, Progress = "step", "none (no evaluation reached)", "at step", \
         LMProgress
     keeps_streams = True  # the batch stream, the global generator and the Philox offset
-
-    @staticmethod
-    def loss(model, schedule: NoiseSchedule, x, y, blocks: slice = ALL_BLOCKS, noise=None,
-             shared_terms: bool = True):
-        return lm_loss(model, schedule, x, y, noise, shared_terms)
+    loss = staticmethod(lm_loss)
 
     def __init__(self, cfg, data: TokenData, device: torch.device, data_share=(0, 1)):
         """data_share: (this process's data index, data processes): its windows of each batch."""
