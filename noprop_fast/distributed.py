@@ -32,12 +32,8 @@ def split_blocks(num_blocks: int, block_ranks: int) -> list[tuple[int, int]]:
         raise ConfigError(f"{block_ranks} block ranks cannot split {num_blocks} blocks: "
                           f"use at most {num_blocks} block ranks or more blocks")
     base, extra = divmod(num_blocks, block_ranks)
-    spans, start = [], 0
-    for k in range(block_ranks):
-        stop = start + base + (k < extra)
-        spans.append((start, stop))
-        start = stop
-    return spans
+    starts = [k * base + min(k, extra) for k in range(block_ranks + 1)]  # K + 1 boundaries
+    return list(zip(starts, starts[1:]))
 
 
 @dataclass(frozen=True)
@@ -201,10 +197,9 @@ def _one_line(err: Exception) -> str:
 
 
 def is_collective_failure(err: BaseException) -> bool:
-    if isinstance(err, getattr(dist, "DistError", ())):
-        return True
     text = str(err).lower()
-    return dist.is_initialized() and any(marker in text for marker in _FAILURE_MARKERS)
+    return isinstance(err, getattr(dist, "DistError", ())) or (
+        dist.is_initialized() and any(marker in text for marker in _FAILURE_MARKERS))
 
 
 # -- gradients ---------------------------------------------------------------------------------

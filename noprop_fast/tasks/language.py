@@ -49,11 +49,9 @@ def position_logits(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic:
     """Vocabulary logits at every position, [N*L, V] (small inputs only: tests and sampling), of
     NoProp's z_T from the chain or the GPT's last hidden states. Row n*L + i depends on
     x[n, :i+1] only."""
-    weight, bias = _classifier(model)
-    if model.method == "noprop":
-        return F.linear(noprop_chain(model, schedule, x, stochastic, generator).float(), weight,
-                        bias)
-    return F.linear(model.hidden(x), weight, bias)
+    state = (noprop_chain(model, schedule, x, stochastic, generator).float()
+             if model.method == "noprop" else model.hidden(x))
+    return F.linear(state, *_classifier(model))
 
 
 @torch.no_grad()
@@ -216,9 +214,8 @@ class LanguageTask(Task):
                 "tokens_per_second": tokens / max(seconds, 1e-9)}
 
     def val_batches(self):
-        cfg = self.cfg
-        return val_batches(self.data.val, cfg.batch_size, cfg.seq_len, self.device,
-                           max_tokens=cfg.eval_tokens)
+        return val_batches(self.data.val, self.cfg.batch_size, self.cfg.seq_len, self.device,
+                           max_tokens=self.cfg.eval_tokens)
 
     def evaluate(self, model, schedule: NoiseSchedule, transport=None) -> dict:
         cfg = self.cfg
