@@ -1,13 +1,7 @@
-"""Command line: `python -m noprop_fast.compare [--task {image,lm}] [--config NAME]
-[--field value ...] [--methods LIST] [--out DIR]` (options: --help).
-
-Trains NoProp and the backprop baseline of the same architecture (image: the same blocks; lm: a GPT
-of the same width and depth) from one config on the same data, loaded once, each method in its own
-run folder OUT/<method>, and writes a side-by-side report (reports.py) into OUT: report.md (data,
-config, device, torch version, command; one row per method; each epoch, or each evaluation at
-equal tokens seen), summary.json ({"config", "runs": {method: summary}, "history": {method:
-[records]}}) and the charts: loss, accuracy, time, memory (image) or val_loss (lm), as PNGs.
-"""
+"""Command line: `python -m noprop_fast.compare` (options: --help; docs/usage.md, "The comparison
+report"). Trains NoProp and the backprop baseline of the same architecture from one config on the
+same data, loaded once, each method in OUT/<method>, and writes report.md, summary.json and the
+charts into OUT (reports.py)."""
 import argparse
 import dataclasses
 import json
@@ -63,18 +57,6 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def refuse_existing_runs(out_dir: Path, methods: list[str], overwrite: bool = False) -> None:
-    """Every method's run folder: empty (or --overwrite) and writable, before any work."""
-    from . import runs
-    for m in methods:
-        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()) and not overwrite:
-            # the trainer appends to metrics.jsonl: an old run there would mix into the new one
-            raise UserError(f"{out_dir / m}: already holds a run; choose another --out "
-                            "(--overwrite replaces it)")
-    for m in methods:
-        runs.check_writable(out_dir / m)
-
-
 def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
             config_name: str | None = None, command: str | None = None,
             overwrite: bool = False) -> dict:
@@ -84,21 +66,27 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
     evaluation records]}, "report": path of report.md}.
     """
     from .loop import Run  # imported here so that --help stays fast
-    from .runs import clear_run
+    from .runs import check_writable, clear_run
     from .tasks import TASKS
 
     out_dir = Path(out_dir)
     if cfg.task == "lm" and reports.BASELINE in methods and cfg.embed_init != "learned":
         raise UserError("embed_init: the GPT baseline learns its own embeddings; compare with "
                         "embed_init learned, or --methods noprop")
-    refuse_existing_runs(out_dir, methods, overwrite)
+    for m in methods:  # every run folder empty (or --overwrite) and writable, before any work
+        if (out_dir / m).is_dir() and any((out_dir / m).iterdir()) and not overwrite:
+            # the trainer appends to metrics.jsonl: an old run there would mix into the new one
+            raise UserError(f"{out_dir / m}: already holds a run; choose another --out "
+                            "(--overwrite replaces it)")
+    for m in methods:
+        check_writable(out_dir / m)
     data = TASKS[cfg.task].load_data(cfg, show_progress)  # once for every method
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, histories = {}, {}
+    what = (f"LM on {reports.data_name(cfg)}" if cfg.task == "lm" else
+            f"on {cfg.dataset} ({data.source}), T={cfg.num_blocks}")
     for m in methods:
         run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
-        what = (f"LM on {reports.data_name(cfg)}" if cfg.task == "lm" else
-                f"on {cfg.dataset} ({data.source}), T={cfg.num_blocks}")
         print(f"== {m} {what}, run {out_dir / m}", flush=True)
         trainer = Run(run_cfg, data, out_dir / m, show_progress=show_progress)
         if overwrite:  # the old run's files go just before the new run starts

@@ -1,10 +1,6 @@
-"""Run configuration: one dataclass per task, YAML files mapped onto it, a CLI generated from it.
-
-Precedence: the dataclass defaults (the paper's hyperparameters), then the YAML config
-(`--config NAME_OR_PATH`; the task's `DEFAULT` when none is named), then command-line overrides.
-An unknown key, a value of the wrong type or outside its choices is a `ConfigError`: one line,
-non-zero exit. `TaskConfig` holds every field both tasks have; a task's class adds its own.
-"""
+"""Run configuration: one dataclass per task, YAML files mapped onto it, a CLI generated from it
+(docs/usage.md, "Configs": defaults, then the YAML config, then the command line; a bad key or
+value is a one-line `ConfigError`)."""
 import argparse
 import dataclasses
 import typing
@@ -86,8 +82,7 @@ class TaskConfig:
         return dataclasses.asdict(self)
 
     def validate(self):
-        """Choices and minimums of every field, and a schedule that exists for (num_blocks,
-        snr_max); then the task's own checks (`check`)."""
+        """Choices, minimums, a schedule for (num_blocks, snr_max), then the task's `check`."""
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if meta.get("choices") and value not in meta["choices"]:
@@ -130,8 +125,7 @@ class ImageConfig(TaskConfig):
 @dataclass
 class LMConfig(TaskConfig):
     """The language task. The defaults are the CPU config (`stdlib`): the embedded corpus, bytes."""
-    # the defaults that differ from the image task's (one task per class; the CPU config's size),
-    # and what the field means here: a GPT's depth, tokens, windows, steps
+    # the defaults that differ from the image task's, and what the field means here
     task: str = _task_default("task", "lm", choices=("lm",))
     num_blocks: int = _task_default("num_blocks", 6, help="T, the number of blocks (denoising "
                                     "steps); the GPT has T x layers_per_block layers")
@@ -243,23 +237,10 @@ def list_configs() -> list[tuple[str, str]]:
     defaults = {cls.DEFAULT: task for task, cls in TASK_CONFIGS.items()}
     rows = []
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        first = (path.read_text().splitlines() or [""])[0]
         mark = f"[default, --task {defaults[path.stem]}] " if path.stem in defaults else ""
         rows.append((path.stem, mark + first.lstrip("# ").strip()))
     return rows
-
-
-def effective_defaults(cls, config: str | None = None) -> tuple[object, str | None, set]:
-    """What a run with no field options uses: (the config, the config file's name or None, the
-    keys that file sets). `config`: the --config given, else the task's default config; one that
-    cannot be read falls back to the dataclass defaults (the run itself reports it)."""
-    name = config or cls.DEFAULT
-    try:
-        path = config_path(name)
-        values = read_yaml(path)
-        return from_mapping(values, str(path), cls=cls), name, set(values)
-    except ConfigError:
-        return cls(), None, set()
 
 
 def resolve(config: str | None, overrides: dict, base=None, cls=ImageConfig):
@@ -286,7 +267,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig,
     """One `--field-name` option per config field; unset options stay out of the namespace. Each
     help line ends in what a run without that option uses: the value of `config` (default: the
     task's default config) where the file sets it, else the dataclass default."""
-    base, name, from_file = effective_defaults(cls, config)
+    name = config or cls.DEFAULT
+    try:
+        path = config_path(name)
+        from_file = read_yaml(path)
+        base = from_mapping(from_file, str(path), cls=cls)
+    except ConfigError:  # the dataclass defaults; the run itself reports the config
+        base, name, from_file = cls(), None, {}
     group = parser.add_argument_group(
         "config fields (override the config file)",
         f"[default ...] is what a run without the option uses: the {name} config's value where it "
@@ -295,24 +282,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ImageConfig,
     for f in dataclasses.fields(cls):
         if f.name == "task":
             continue  # chosen with --task
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        value = getattr(base, f.name)
-        where = f", {name} config" if f.name in from_file else ""
+        meta, value = f.metadata, getattr(base, f.name)
         if hints[f.name] is bool:  # a switch: `--fused` turns it on
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action="store_const",
-                               const=True, help=f"{meta.get('help', '')} "
-                               f"[default {'on' if value else 'off'}{where}]")
-            continue
-        extra = f" ({'|'.join(meta['choices'])})" if meta.get("choices") else ""
-        kind = (typing.get_args(hints[f.name]) or (hints[f.name],))[0]
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                           metavar=kind.__name__.upper(),
-                           help=f"{meta.get('help', '')}{extra} [default {value}{where}]")
+            kwargs, value = {"action": "store_const", "const": True}, "on" if value else "off"
+        else:
+            kind = (typing.get_args(hints[f.name]) or (hints[f.name],))[0]
+            kwargs = {"metavar": kind.__name__.upper()}
+        choices = f" ({'|'.join(meta['choices'])})" if meta["choices"] else ""
+        where = f", {name} config" if f.name in from_file else ""
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs,
+                           default=argparse.SUPPRESS,
+                           help=f"{meta['help']}{choices} [default {value}{where}]")
 
 
 def task_parser(prog: str, description: str, task: str, task_help: str) -> OneLineArgumentParser:
-    """--task and --config, which every command that trains a task's config has; the command adds
-    its own options, then `add_run_arguments`."""
+    """--task and --config; the command adds its own options, then `add_run_arguments`."""
     parser = OneLineArgumentParser(prog=prog, description=f"{description} The config fields "
                                    f"listed are those of --task {task}.")
     parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="image",
@@ -335,9 +319,8 @@ def add_run_arguments(parser, task: str, config: str | None, overwrite_help: str
 
 
 def parse_task_args(argv: list[str] | None, build_parser, resume: bool = False):
-    """The task first (it decides which config fields exist), then everything against that task
-    with `build_parser(task, config)`. Without --task, the task is that of the --config file (or,
-    where the command has `resume`, of the --resume run), else image."""
+    """The task first (it decides which config fields exist), then `build_parser(task, config)`.
+    Without --task: the task of the --config file (or of the --resume run), else image."""
     pre = OneLineArgumentParser(add_help=False)
     pre.add_argument("--task", choices=sorted(TASK_CONFIGS))
     pre.add_argument("--config")

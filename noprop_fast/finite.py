@@ -1,9 +1,6 @@
 """Non-finite values: the loss at its usual host reads, the whole training state before a
 checkpoint (docs/usage.md, "A run's folder"). The state can go non-finite while the loss looks
-finite (BatchNorm running variances overflow, say), so `check_state` checks every parameter, buffer
-and optimiser-state tensor on the device, with one host read; a run that fails writes no checkpoint
-and names the last good one.
-"""
+finite (BatchNorm running variances overflow, say), so `check_state` checks every tensor of it."""
 import math
 
 import torch
@@ -29,20 +26,15 @@ def check_losses(values: list[float], first_step: int, where: str, last_good: st
                                 f"stopped. Last good checkpoint: {last_good}")
 
 
-def named_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """(name, tensor) of the model's parameters and buffers and the optimiser's state tensors."""
-    yield from model.named_parameters()
-    yield from model.named_buffers()
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                yield f"optimiser {key} of {names.get(id(p), '?')}", value
-
-
 def nonfinite_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Names of the state tensors that hold NaN or inf; one host sync."""
-    named = [(n, t) for n, t in named_state(model, optimizer) if t.is_floating_point()]
+    """Names of the parameters, buffers and optimiser-state tensors that hold NaN or inf; one host
+    sync."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    named = [*model.named_parameters(), *model.named_buffers()]
+    named += [(f"optimiser {key} of {names.get(id(p), '?')}", value)
+              for p, state in optimizer.state.items() for key, value in state.items()
+              if isinstance(value, torch.Tensor)]
+    named = [(n, t) for n, t in named if t.is_floating_point()]
     if not named:
         return []
     device = named[0][1].device

@@ -1,14 +1,9 @@
 """CUDA-graph-captured training steps (`--cuda-graphs`; docs/performance.md, "CUDA graphs").
 
-A captured step reads its batch from static buffers (copied in with `copy_`), keeps every counter
-on the device (the optimiser's steps and capturable lr, the Philox seed and offset, BatchNorm's
-statistics), never syncs with the host (tests/test_graphs.py guards every step), and runs its first
-`warmup_steps` calls uncaptured on a side stream, so Triton has autotuned and every lazily made
-state exists before capture. Every batch trains exactly once: call warmup_steps + 1 captures and
-replays once, later calls copy and replay. The image task's sequential schedule captures one graph
-per block slice, lazily, in one shared pool (safe: no two replay at once, and each step's outputs
-are read before the next replay). On a CPU `CapturedStep` runs "staged": the same buffers and
-function, eagerly. A batch of another shape does not fit the buffers: callers check `fits`.
+The first `warmup_steps` calls run uncaptured on a side stream, so Triton has autotuned and every
+lazily made state exists before capture; every batch trains exactly once. Graphs may share one
+pool (safe: no two replay at once, and each step's outputs are read before the next replay). On a
+CPU `CapturedStep` runs "staged": the same buffers and function, eagerly.
 """
 import sys
 
@@ -63,12 +58,12 @@ def new_pool(device: torch.device):
 
 
 class CapturedStep:
-    """`fn(*static_inputs) -> outputs`, replayed from a CUDA graph (the module docstring).
+    """`fn(*static_inputs) -> outputs`, replayed from a CUDA graph.
 
     fn: the whole step, host-sync free, reading its batch only from its arguments. example_inputs:
-    tensors of the batch's shapes, dtypes and device. pool: a `new_pool` handle shared with other
-    CapturedSteps. warn: where the one line of a failed capture goes (default stderr); that step
-    and every later one then run uncaptured.
+    tensors of the batch's shapes, dtypes and device (another shape does not fit: check `fits`).
+    pool: a `new_pool` handle. warn: where the one line of a failed capture goes (default stderr);
+    that step and every later one then run uncaptured.
     """
 
     def __init__(self, fn, example_inputs: tuple[torch.Tensor, ...], device, warmup_steps: int = 3,

@@ -1,9 +1,5 @@
-"""Memory figures: the CUDA allocator's peak, or on a CPU the bytes saved for backward.
-
-NoProp saves activation memory, which autograd keeps from the forward for the backward:
-`SavedTensorBytes` counts it with saved-tensor hooks, each storage once. The model's parameters and
-buffers are left out: resident under every method and schedule, they would hide the difference.
-"""
+"""Memory figures: the CUDA allocator's peak, or on a CPU the activation bytes autograd saved for
+backward, each storage once (docs/usage.md, "The comparison report")."""
 import torch
 
 

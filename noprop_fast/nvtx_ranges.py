@@ -1,13 +1,10 @@
 """NVTX ranges around the phases of a training step, for Nsight (docs/performance.md, "NVTX and
-Nsight"). `with phase("forward"): ...` opens the range `forward` in the NVTX domain "noprop_fast"
-with the phase's colour (PHASES) and closes it on the way out; ranges nest.
+Nsight"): `with phase("forward"): ...`, in the domain "noprop_fast", coloured per PHASES; they nest.
 
-On: NOPROP_FAST_NVTX=1 / =0 forces it on / off; otherwise on where a profiler set
-NSYS_PROFILING_SESSION_ID or NVTX_INJECTION64_PATH; decided once at import (`set_enabled` changes
-it). BACKEND emits them: the `nvtx` package; else torch.cuda.nvtx (default domain, no colours: in
-Nsight Compute's `--nvtx-include` write `forward/`); None on a CPU build of torch without it.
-Off, `phase(name)` is one dict lookup returning a shared no-op object (about 125 ns per use on
-the development CPU: `python -m noprop_fast.nvtx_ranges` measures it).
+On where NOPROP_FAST_NVTX=1 (=0: off) or a profiler's variables say so, decided once at import
+(`set_enabled` changes it). BACKEND: the `nvtx` package, else torch.cuda.nvtx (default domain, no
+colours: in Nsight Compute's `--nvtx-include` write `forward/`). Off, `phase(name)` is one dict
+lookup returning a shared no-op (`python -m noprop_fast.nvtx_ranges` measures its cost).
 """
 import contextlib
 import os
@@ -18,18 +15,13 @@ try:
 except ImportError:  # a machine without the package: torch's binding below, if any
     nvtx = None
 
-
-def _torch_nvtx():
-    """torch.cuda.nvtx where it can emit ranges, else None: a CPU build of torch has only stubs
-    that raise, and no `torch._C._nvtx`."""
-    try:
+torch_nvtx = None  # torch.cuda.nvtx where it can emit ranges
+if nvtx is None:
+    try:  # a CPU build of torch has only stubs that raise, and no `torch._C._nvtx`
         import torch.cuda.nvtx
+        torch_nvtx = torch.cuda.nvtx if hasattr(torch._C, "_nvtx") else None
     except ImportError:
-        return None
-    return torch.cuda.nvtx if hasattr(torch._C, "_nvtx") else None
-
-
-torch_nvtx = None if nvtx is not None else _torch_nvtx()
+        pass
 BACKEND = "nvtx" if nvtx is not None else "torch.cuda.nvtx" if torch_nvtx is not None else None
 
 DOMAIN = "noprop_fast"
@@ -58,8 +50,7 @@ def enabled_by_environment(environ=os.environ, nvtx_available: bool = BACKEND is
 
 
 class _Range:
-    """One phase's range; stateless, so one object per phase serves nested and repeated uses.
-    Through torch.cuda.nvtx: the default domain, no colour."""
+    """One phase's range; stateless, so one object per phase serves nested and repeated uses."""
     __slots__ = ("message", "color")
 
     def __init__(self, name: str, color: int):

@@ -1,10 +1,5 @@
-"""Plots: the charts of a run's folder and of `compare`'s reports (reports.py), in one look.
-
-`line_chart` draws one line per series, `bar_chart` one bar per method; `curves` a run's (or a
-comparison's) training curves, `write_run_plots` what `train` leaves in a run folder at the end of
-a run: loss.png, accuracy.png (image) or train_loss.png, val_loss.png (lm). matplotlib is imported
-when a chart is drawn, so the CLIs' --help stays fast; a run's plots never fail the run.
-"""
+"""The charts of a run's folder and of `compare`'s reports, in one look (docs/usage.md, "Plots and
+the progress line"). matplotlib is imported when a chart is drawn, so --help stays fast."""
 import textwrap
 from pathlib import Path
 
@@ -26,11 +21,6 @@ def pyplot():
 
 def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False))
-
-
-def token_data_name(data_dir: str | None) -> str:
-    """What a language-model chart's title calls its data: the shard folder's name."""
-    return Path(data_dir).name if data_dir is not None else "embedded corpus"
 
 
 def _log_axis(axis) -> None:
@@ -106,7 +96,8 @@ def curves(histories: dict[str, list[dict]], summary: dict, out_dir: Path, loss:
                 for label, history in histories.items()}  # unevaluated: gaps
 
     if summary.get("task") == "lm":
-        where = f"{token_data_name(data_dir)}, {summary['device']}"
+        data = Path(data_dir).name if data_dir is not None else "embedded corpus"
+        where = f"{data}, {summary['device']}"
         entropy = summary.get("unigram_entropy")
         train = [] if loss is None else [line_chart(
             series("tokens_seen", "train_loss"), "tokens seen", f"train loss ({loss})",

@@ -1,9 +1,6 @@
 """Checks made before the first training step, so that a mistake costs no training time
-(docs/usage.md, "A run's folder"): the fields a resume may change (RESUMABLE; anything else is
-refused in one line before the run folder is touched), and the language data (a validation window,
-the shards' vocabulary, a tokenizer the closing samples need). The image task's empty-split checks
-live in `data.image.load_image_dataset`.
-"""
+(docs/usage.md, "A run's folder"): the fields a resume may change (RESUMABLE) and the language
+data. The image task's empty-split checks live in `data.image.load_image_dataset`."""
 import dataclasses
 
 from .errors import ConfigError, DataError

@@ -1,13 +1,7 @@
-"""The progress line's estimate of the time left, from training time alone (docs/usage.md, "Plots
-and the progress line"): tqdm's smoothed rate counts an evaluation as one very slow step, so
-`RunClock` keeps the two apart:
-
-    train left = steps left x (training seconds / steps trained)      evaluations excluded
-    eval left  = evaluations left x (evaluation seconds / evaluations) shown beside it
-
-`progress_bar` is tqdm with the clock's estimate: `update(n)` tells the clock that n steps
-finished; the trainer calls `pause()` before an evaluation and `resume()` after it.
-"""
+"""The progress line's estimate of the time left (docs/usage.md, "Plots and the progress line"):
+tqdm's smoothed rate counts an evaluation as one very slow step, so `RunClock` keeps the two apart.
+`progress_bar`'s `update(n)` tells the clock that n steps finished; the trainer calls `pause()`
+before an evaluation and `resume()` after it."""
 import time
 
 from tqdm import tqdm

@@ -1,13 +1,7 @@
 """What a run prints at its end and what `python -m noprop_fast.compare` writes, for both tasks:
-an image run's closing table (`results_table`), a language-model run's closing lines on how to read
-its numbers (`closing_lines`), a comparison's tables, charts and report.md (`write_report`).
-
-The image memory figure is the trainer's: on CUDA the allocator's peak, on CPU the bytes autograd
-saved for backward in the first step of an epoch (memory.py). The LM's val loss is comparable
-across the methods: -log of the probability of the next token, nats per token, on the same val
-tokens; NoProp-LM's is the mean of p(y | z_T) over K chains of Eq. 3, the GPT's its softmax. A
-GPT's figure in the closing lines is never assumed (`gpt_reference`).
-"""
+an image run's closing table (`results_table`), a language-model run's closing lines
+(`closing_lines`; docs/language.md, "Reading a language-model run"), a comparison's tables, charts
+and report.md (`write_report`; docs/usage.md, "The comparison report")."""
 import datetime
 import json
 import shlex
@@ -29,16 +23,12 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _mib(n_bytes: int) -> float:
-    return n_bytes / 2**20
-
-
 def results_table(history: list[dict]) -> str:
     """An image run's closing table: one row per epoch."""
     lines = ["epoch  train loss  test acc  seconds  img/s",
              "-----  ----------  --------  -------  -----"]
     for r in history:
-        acc = "-" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}"
+        acc = _fmt(r.get("test_accuracy"), ".4f")
         lines.append(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {acc:>8}  "
                      f"{r['epoch_seconds']:>7.2f}  {r['images_per_second']:>5.0f}")
     return "\n".join(lines)
@@ -136,7 +126,7 @@ def results_markdown(runs: dict[str, dict], task: str = "image") -> str:
         ratio = s["peak_memory_bytes"] / base if base else None
         name = method if s.get("block_schedule") is None else f"{method} ({s['block_schedule']})"
         lines.append(f"| {name} | {_fmt(acc, '.2f')} | {s['seconds_per_epoch']:.2f} "
-                     f"| {_mib(s['peak_memory_bytes']):.1f} "
+                     f"| {s['peak_memory_bytes'] / 2**20:.1f} "
                      f"| {MEMORY_KINDS.get(s['memory_kind'], s['memory_kind'])} "
                      f"| {_fmt(ratio, '.2f')} |")
     return "\n".join(lines)
@@ -173,16 +163,6 @@ def equal_tokens_markdown(histories: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def memory_note(runs: dict[str, dict]) -> str | None:
-    """Under the memory chart: why NoProp saves nothing when it trains every block on every step."""
-    noprop = runs.get("noprop")
-    if noprop is None or noprop.get("block_schedule") != "all":
-        return None
-    return ("NoProp here trains all blocks on every step, so it holds every block's activations, "
-            "as backprop does: the saving comes with --block-schedule sequential (one block's "
-            "activations at a time).")
-
-
 # -- a comparison's charts and report ---------------------------------------------------------
 def write_plots(runs: dict[str, dict], histories: dict[str, list[dict]], out_dir: Path,
                 data_dir: str | None = None) -> None:
@@ -200,13 +180,18 @@ def write_plots(runs: dict[str, dict], histories: dict[str, list[dict]], out_dir
     seconds = [runs[m]["seconds_per_epoch"] for m in methods]
     bar_chart(methods, seconds, [f"{s:.2f} s" for s in seconds], "train seconds per epoch",
               f"Time per epoch: {where}", out_dir / "time.png")
-    mib = [_mib(runs[m]["peak_memory_bytes"]) for m in methods]
+    mib = [runs[m]["peak_memory_bytes"] / 2**20 for m in methods]
     base = runs.get(BASELINE, {}).get("peak_memory_bytes")
     captions = [f"{v:.1f} MiB" + (f"\n{runs[m]['peak_memory_bytes'] / base:.2f} x {BASELINE}"
                                   if base else "") for m, v in zip(methods, mib)]
     kind = MEMORY_KINDS.get(first["memory_kind"], first["memory_kind"])
+    # why NoProp saves nothing when it trains every block on every step
+    all_blocks = runs.get("noprop", {}).get("block_schedule") == "all"
+    note = ("NoProp here trains all blocks on every step, so it holds every block's activations, "
+            "as backprop does: the saving comes with --block-schedule sequential (one block's "
+            "activations at a time).") if all_blocks else None
     bar_chart(methods, mib, captions, f"MiB: {kind}", f"Memory: {where}", out_dir / "memory.png",
-              note=memory_note(runs))
+              note=note)
 
 
 def data_name(cfg) -> str:

@@ -1,12 +1,6 @@
-"""The run folder (docs/usage.md, "A run's folder"): config.yaml (the resolved config, what
-`--resume DIR` starts from), metrics.jsonl (one JSON object per epoch), checkpoint.pt (what an
-exact resume needs after the last finished epoch) and summary.json.
-
-Every file is written to a temporary file beside it and renamed over the old one; a write that
-fails removes its temporary file and ends in one line (`RunFolderError`), the last good checkpoint
-kept. In a multi-process run only rank 0 writes: `set_writer(False)` on every other rank turns the
-writers here into no-ops.
-"""
+"""The run folder (docs/usage.md, "A run's folder"): every file written to a temporary file and
+renamed over the old one; a failed write is one line (`RunFolderError`). In a multi-process run
+only rank 0 writes: `set_writer(False)` on every other rank turns the writers here into no-ops."""
 import json
 import os
 import time
@@ -41,14 +35,10 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / f"{getattr(cfg, 'dataset', cfg.task)}-{cfg.method}-{stamp}"
 
 
-def holds_run(run_dir: Path) -> bool:
-    return any((Path(run_dir) / name).exists() for name in RUN_FILES)
-
-
 def refuse_existing_run(run_dir: Path, overwrite: bool = False) -> None:
     """A new run into a folder that holds one would mix the two (metrics appended to the old ones,
     one run's config beside the other's checkpoint): refused unless `overwrite`."""
-    if holds_run(run_dir) and not overwrite:
+    if any((Path(run_dir) / name).exists() for name in RUN_FILES) and not overwrite:
         raise UserError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or "
                         "pick another --out (--overwrite replaces it)")
 

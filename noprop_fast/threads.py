@@ -1,11 +1,6 @@
-"""How many intra-op threads a CPU run uses, and how its OpenMP threads wait (train, compare and
-profiling/bench.py all go through here; the rule and its measurements: docs/performance.md,
-"Threads on a CPU"): one thread per core (torch's own count, fixed for a machine: another count
-picks other conv algorithms and the weights differ in their last bits), and OpenMP threads that
-sleep while they wait (OMP_WAIT_POLICY=PASSIVE; spinning collapses on cores shared with other
-work). The runtime reads the policy once, when torch loads it, so the entry points call
-`passive_wait_unless_set()` before anything imports torch. Overrides: `--threads N`,
-OMP_NUM_THREADS / MKL_NUM_THREADS (torch reads them), OMP_WAIT_POLICY / GOMP_SPINCOUNT (left alone).
+"""How many intra-op threads a CPU run uses, and how its OpenMP threads wait (the rule and its
+measurements: docs/performance.md, "Threads on a CPU"). The runtime reads the wait policy once, when
+torch loads it, so the entry points call `passive_wait_unless_set()` before anything imports torch.
 """
 import os
 import sys

@@ -13,7 +13,7 @@ from noprop_fast.schedule import (NoiseSchedule, cosine_alpha_bar, denoise_step,
 PAPER_T10 = [0.0, 0.028, 0.101, 0.213, 0.353, 0.506, 0.659, 0.797, 0.906, 0.976, 1.0]
 
 
-def test_cosine_schedule_matches_noprop_md_for_t10():
+def test_cosine_schedule_matches_the_method_doc_for_t10():
     abar = cosine_alpha_bar(10, snr_max=1e12)  # a clamp too high to bite below 1 - 1e-12
     assert abar == pytest.approx(PAPER_T10, abs=6e-4)
 

@@ -1,9 +1,7 @@
 """The embedded default corpus of `--task lm` (docs/language.md, "Token data"): English text that
-every CPython carries, so a fresh machine trains offline. Documents: the topics of
-`pydoc_data.topics` and the stdlib's docstrings of at least MIN_DOCSTRING_CHARS, read with `ast`
-(never imported), each text once; byte tokens, EOT before each document. A document is in val when
-the CRC-32 of its text is 0 mod VAL_MODULUS, whatever the order. The two shards are built on first
-use into `<cache>/noprop_fast/stdlib-corpus-<key>/`, named like FineWeb's.
+every CPython carries, so a fresh machine trains offline. A document is in val when the CRC-32 of
+its text is 0 mod VAL_MODULUS, whatever the order. The two shards are built on first use into
+`<cache>/noprop_fast/stdlib-corpus-<key>/`, named like FineWeb's.
 """
 import ast
 import hashlib

@@ -75,15 +75,12 @@ def read_idx(path: str, magic: int | None = None) -> np.ndarray:
     found = int.from_bytes(raw[:4], "big")
     type_byte, ndim = raw[2], raw[3]
     if magic is not None and found != magic:
-        raise DataError(
-            f"{path}: bad IDX magic 0x{found:08x} (type 0x{type_byte:02x}, {ndim} dims), "
-            f"expected 0x{magic:08x} ({_MAGIC_NAMES.get(magic, 'IDX')})"
-        )
+        raise DataError(f"{path}: bad IDX magic 0x{found:08x} (type 0x{type_byte:02x}, {ndim} "
+                        f"dims), expected 0x{magic:08x} ({_MAGIC_NAMES.get(magic, 'IDX')})")
     if raw[:2] != b"\x00\x00" or type_byte not in _IDX_TYPES or ndim == 0:
-        raise DataError(
-            f"{path}: bad IDX magic 0x{found:08x}, expected 2 zero bytes, a type byte "
-            f"({', '.join(f'0x{t:02x}' for t in _IDX_TYPES)}) and a dimension count >= 1"
-        )
+        types = ", ".join(f"0x{t:02x}" for t in _IDX_TYPES)
+        raise DataError(f"{path}: bad IDX magic 0x{found:08x}, expected 2 zero bytes, a type byte "
+                        f"({types}) and a dimension count >= 1")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header of {ndim} dims ({header} bytes)")
@@ -107,15 +104,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles only what a CIFAR batch holds (dicts, lists, strings, numbers, numpy arrays):
     an arbitrary pickle can run arbitrary code, so every other global is refused."""
 
-    _ALLOWED = {
-        (mod, name)
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")
-    } | {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 pickles of arrays
-        ("numpy._core.numeric", "_frombuffer"),
+    _ALLOWED = {(mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+                for name in ("_reconstruct", "scalar")} | {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
         ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle
     }
 

@@ -1,12 +1,6 @@
 """Image classification datasets as normalised tensors, small enough to live whole on the device
-(docs/usage.md, "Data"): digits (scikit-learn's 8x8, a fixed stratified 1437 / 360 split), mnist,
-cifar10, cifar100 (the standard splits). Pixels go to [0, 1], then every channel is normalised with
-the TRAIN split's mean and std (computed here); no augmentation.
-
-MNIST and CIFAR come from, in this order: a `datasets` save in `data_dir` (has dataset_dict.json);
-the original files in `data_dir` or a sub-folder up to depth 3 (see `formats.py`); without
-`data_dir`, the dataset hub. Every problem a user can cause is a one-line `DataError`.
-"""
+(docs/usage.md, "Data": the splits, where MNIST and CIFAR are looked for, the normalisation). Every
+problem a user can cause is a one-line `DataError`."""
 
 import dataclasses
 import os
@@ -26,7 +20,6 @@ IMAGE_DATASETS = ("digits", "mnist", "cifar10", "cifar100")
 @dataclass(frozen=True)
 class _Spec:
     """What a dataset looks like and where the hub keeps it."""
-
     title: str
     hub_id: str
     channels: int
@@ -49,16 +42,14 @@ _CIFAR100_FILES = {"train": ("train",), "test": ("test",)}
 _SPECS = {
     "mnist": _Spec("MNIST", "ylecun/mnist", 1, 10, ("image",), ("label",), _MNIST_FILES),
     "cifar10": _Spec("CIFAR-10", "uoft-cs/cifar10", 3, 10, ("img", "image"), ("label",), _CIFAR10_FILES),
-    "cifar100": _Spec(
-        "CIFAR-100", "uoft-cs/cifar100", 3, 100, ("img", "image"), ("fine_label", "label"), _CIFAR100_FILES
-    ),
+    "cifar100": _Spec("CIFAR-100", "uoft-cs/cifar100", 3, 100, ("img", "image"),
+                      ("fine_label", "label"), _CIFAR100_FILES),
 }
 
 
 @dataclass
 class ImageData:
     """A train/test pair of normalised images and their labels, all on one device."""
-
     name: str
     train_x: torch.Tensor  # [N, C, H, W] float32, per-channel (x - train mean) / train std
     train_y: torch.Tensor  # [N] int64 in [0, num_classes)
@@ -106,20 +97,13 @@ def load_image_dataset(name: str, data_dir: str | None = None, device="cpu") -> 
     return ImageData(key, train_x, train_y, test_x, test_y, num_classes, source).to(device)
 
 
-def batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    shuffle: bool = True,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (xb [B, ...], yb [B]) from tensors that already sit on their device.
-
-    With `shuffle`, a `torch.randperm` on x's device (`generator` must live there) and a gather per
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+            generator: torch.Generator | None = None, shuffle: bool = True,
+            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (xb [B, ...], yb [B]) from tensors that already sit on their device. With
+    `shuffle`, a `torch.randperm` on x's device (`generator` must live there) and a gather per
     batch: no workers, no host round trip. The last batch has N % batch_size rows unless
-    `drop_last` drops it.
-    """
+    `drop_last` drops it."""
     n = x.shape[0]
     if y.shape[0] != n or x.device != y.device:
         raise ValueError(f"x has {n} rows on {x.device}, y has {y.shape[0]} on {y.device}; expected the same")
@@ -164,10 +148,9 @@ def _load_folder(key: str, spec: _Spec, data_dir: str):
     if files is None:
         shown = ", ".join(spec.files)
         extra = "" if key == "mnist" else f" (unpacked from the {spec.title} python tar.gz)"
-        raise DataError(
-            f"no {spec.title} data in {folder}: expected a datasets save (dataset_dict.json) or the files "
-            f"{shown}{extra}, in it or a sub-folder up to depth 3"
-        )
+        raise DataError(f"no {spec.title} data in {folder}: expected a datasets save "
+                        f"(dataset_dict.json) or the files {shown}{extra}, in it or a sub-folder "
+                        "up to depth 3")
     found_in = os.path.dirname(next(iter(files.values())))  # all files sit in one folder
     if key == "mnist":
         return (*_mnist_from_idx(list(files.values())), f"IDX files in {found_in}")
@@ -202,10 +185,9 @@ def _load_hub(spec: _Spec):
     try:
         loaded = datasets.load_dataset(spec.hub_id)
     except Exception as e:  # offline shows up as ConnectionError, OfflineModeIsEnabled, OSError, ...
-        raise DataError(
-            f"could not reach the dataset hub for {spec.hub_id} ({one_line_error(e)}); pass --data-dir DIR "
-            f"with a datasets save or the original {spec.title} files"
-        ) from None
+        raise DataError(f"could not reach the dataset hub for {spec.hub_id} ({one_line_error(e)}); "
+                        f"pass --data-dir DIR with a datasets save or the original {spec.title} "
+                        "files") from None
     return _from_dataset_dict(loaded, spec, f"hub: {spec.hub_id}")
 
 
@@ -232,9 +214,8 @@ def _split_arrays(split, spec: _Spec, where: str):
     image_col = next((c for c in spec.image_columns if c in columns), None)
     if image_col is None:
         first = split.with_format("numpy")[0]  # decodes one row, to find the column of images
-        image_col = next(
-            (c for c in columns if isinstance(first[c], np.ndarray) and first[c].ndim in (2, 3)), None
-        )
+        image_col = next((c for c in columns
+                          if isinstance(first[c], np.ndarray) and first[c].ndim in (2, 3)), None)
     label_col = next((c for c in spec.label_columns if c in columns), None)
     if label_col is None:
         class_cols = [c for c, f in split.features.items() if isinstance(f, datasets.ClassLabel)]
@@ -263,10 +244,8 @@ def _split_arrays(split, spec: _Spec, where: str):
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: label column {label_col!r} is {labels.dtype} {labels.shape}, expected [n] ints")
     if labels.min() < 0 or labels.max() >= spec.num_classes:
-        raise DataError(
-            f"{where}: column {label_col!r} has values in [{labels.min()}, {labels.max()}], "
-            f"expected 0..{spec.num_classes - 1}"
-        )
+        raise DataError(f"{where}: column {label_col!r} has values in [{labels.min()}, "
+                        f"{labels.max()}], expected 0..{spec.num_classes - 1}")
     return images, labels.astype(np.int64)
 
 

@@ -1,13 +1,8 @@
 """Command line: `python -m noprop_fast.data.prepare --out DIR [--input FILE_OR_GLOB ...]`
 (docs/language.md, "Token data"; the options: `--help`).
-
-Tokenizes FineWeb (streamed from the Hub) or local text files into shards named like published
-FineWeb token shards (`{prefix}_val_000000.bin`, then `{prefix}_train_000001.bin`, ...; the format
-is in `shards.py`). EOT starts each document. The val shard takes the first documents, whole,
-until it holds at least --val-tokens tokens, so no document is in both splits; the rest fill train
-shards of exactly --shard-tokens tokens (the last one shorter), a document running on into the
-next. A shard is written only when full or at the input's end, through a temporary file, so a
-crash or Ctrl-C leaves only complete shards.
+Shards named like FineWeb's (`{prefix}_val_000000.bin`, `{prefix}_train_000001.bin`, ...); the
+val shard takes whole documents, so none is in both splits. A shard is written only when full or
+at the input's end, through a temporary file, so a crash or Ctrl-C leaves only complete shards.
 """
 import argparse
 import functools

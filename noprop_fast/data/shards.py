@@ -44,20 +44,15 @@ class ShardInfo:
     vocab_size: int  # resolved: the header's 0 becomes the tokenizer's default
 
 
-def _resolve_vocab(tokenizer: str, vocab_size: int | None) -> int:
+def write_shard(path, tokens, tokenizer: str = "gpt2", vocab_size: int | None = None) -> ShardInfo:
+    """Write `tokens` (ints, 0 <= id < vocab_size) as a shard; through a temp file and a rename,
+    so a crash leaves either the old file or the complete new one."""
+    path = Path(path)
     if tokenizer not in TOKENIZER_CODES:
         raise ConfigError(f"unknown tokenizer {tokenizer!r}, expected one of: {', '.join(TOKENIZER_CODES)}")
     vocab = DEFAULT_VOCAB[tokenizer] if vocab_size is None else int(vocab_size)
     if not 1 <= vocab <= MAX_VOCAB:
         raise ConfigError(f"vocab_size {vocab} does not fit a uint16 token shard (1..{MAX_VOCAB})")
-    return vocab
-
-
-def write_shard(path, tokens, tokenizer: str = "gpt2", vocab_size: int | None = None) -> ShardInfo:
-    """Write `tokens` (ints, 0 <= id < vocab_size) as a shard; through a temp file and a rename,
-    so a crash leaves either the old file or the complete new one."""
-    path = Path(path)
-    vocab = _resolve_vocab(tokenizer, vocab_size)
     ids = np.asarray(tokens)
     if ids.size == 0:
         ids = np.zeros(0, dtype=np.uint16)
@@ -141,10 +136,9 @@ def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
     if vocab < MAX_VOCAB:
         bad = _first_out_of_range(ids, vocab)
         if bad is not None:
-            raise DataError(
-                f"{info.path}: token id {ids[bad]} at index {bad} is outside the vocabulary of "
-                f"{vocab} ids ({info.tokenizer}): a corrupt shard or the wrong tokenizer"
-            )
+            raise DataError(f"{info.path}: token id {ids[bad]} at index {bad} is outside the "
+                            f"vocabulary of {vocab} ids ({info.tokenizer}): a corrupt shard or the "
+                            "wrong tokenizer")
     return ids
 
 
@@ -185,16 +179,14 @@ class TokenData:
         first = infos[0]
         for info in infos[1:]:
             if (info.tokenizer, info.vocab_size) != (first.tokenizer, first.vocab_size):
-                raise DataError(
-                    f"{info.path}: tokenizer {info.tokenizer} with vocabulary {info.vocab_size}, but "
-                    f"{first.path} has {first.tokenizer} with {first.vocab_size}; every shard must use the same"
-                )
+                raise DataError(f"{info.path}: tokenizer {info.tokenizer} with vocabulary "
+                                f"{info.vocab_size}, but {first.path} has {first.tokenizer} with "
+                                f"{first.vocab_size}; every shard must use the same")
         shards = {split: [read_shard(p, first.vocab_size) for p in paths[split]] for split in paths}
         counts = {split: sum(len(s) for s in shards[split]) for split in shards}
-        source = (
-            f"{data_dir}: {len(shards['train'])} train shards ({counts['train']} tokens), "
-            f"{len(shards['val'])} val ({counts['val']} tokens), {first.tokenizer} vocabulary {first.vocab_size}"
-        )
+        source = (f"{data_dir}: {len(shards['train'])} train shards ({counts['train']} tokens), "
+                  f"{len(shards['val'])} val ({counts['val']} tokens), {first.tokenizer} "
+                  f"vocabulary {first.vocab_size}")
         return cls(shards["train"], shards["val"], first.tokenizer, first.vocab_size, source)
 
     def num_tokens(self, split) -> int:
@@ -241,9 +233,8 @@ def _assemble(stream: _Stream, starts: np.ndarray, seq_len: int, device: torch.d
     in pinned host memory, copied without blocking, widened on the device (PyTorch's host allocator
     does not reuse a pinned buffer before the copy that reads it has finished)."""
     on_host = device.type == "cpu"
-    windows = torch.empty(
-        (len(starts), seq_len + 1), dtype=torch.int64 if on_host else torch.int32, pin_memory=device.type == "cuda"
-    )
+    windows = torch.empty((len(starts), seq_len + 1), dtype=torch.int64 if on_host else torch.int32,
+                          pin_memory=device.type == "cuda")
     rows = windows.numpy()
     for row, start in zip(rows, starts):
         stream.copy_into(int(start), row)
@@ -260,23 +251,15 @@ def _check_sizes(batch_size: int, seq_len: int, rank: int, world_size: int) -> N
 
 
 def _too_short(split: str, stream: _Stream, seq_len: int) -> DataError:
-    return DataError(
-        f"{split} split: {stream.num_tokens} tokens in {len(stream.shards)} shards, fewer than "
-        f"seq_len + 1 = {seq_len + 1} needed for one window"
-    )
+    return DataError(f"{split} split: {stream.num_tokens} tokens in {len(stream.shards)} shards, "
+                     f"fewer than seq_len + 1 = {seq_len + 1} needed for one window")
 
 
 def _check_windows(split: str, num_tokens: int, num_windows: int, seq_len: int, world_size: int):
     if num_windows < world_size:
-        raise DataError(
-            f"{split} split: {num_tokens} tokens make {num_windows} windows of seq_len + 1 = "
-            f"{seq_len + 1} tokens, fewer than the {world_size} processes that each need one"
-        )
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # SeedSequence mixes (seed, epoch) so that nearby pairs give unrelated streams.
-    return int(np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0] >> 1)
+        raise DataError(f"{split} split: {num_tokens} tokens make {num_windows} windows of "
+                        f"seq_len + 1 = {seq_len + 1} tokens, fewer than the {world_size} "
+                        "processes that each need one")
 
 
 class TokenBatches:
@@ -308,7 +291,9 @@ class TokenBatches:
 
     def _set_position(self, epoch: int, position: int) -> None:
         """This rank's window starts for `epoch`, to be read from index `position` on."""
-        g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        # SeedSequence mixes (seed, epoch) so that nearby pairs give unrelated streams
+        mixed = np.random.SeedSequence([self.seed % 2**64, epoch]).generate_state(1, np.uint64)[0]
+        g = torch.Generator().manual_seed(int(mixed >> 1))
         offset = int(torch.randint(self._max_offset, (1,), generator=g))
         order = torch.randperm(self._num_windows, generator=g).numpy()
         mine = order[: self.windows_per_epoch * self.world_size][self.rank :: self.world_size]
@@ -336,10 +321,8 @@ class TokenBatches:
             if int(state[key]) != ours[key]:
                 raise ConfigError(f"the batch stream was saved with {key} = {state[key]}, this run has {ours[key]}")
         if int(state["num_tokens"]) != ours["num_tokens"]:
-            raise DataError(
-                f"the batch stream was saved over {state['num_tokens']} training tokens, this run has "
-                f"{ours['num_tokens']}: resume with the same data"
-            )
+            raise DataError(f"the batch stream was saved over {state['num_tokens']} training "
+                            f"tokens, this run has {ours['num_tokens']}: resume with the same data")
         if not 0 <= int(state["position"]) <= self.windows_per_epoch:
             raise DataError(f"batch stream position {state['position']} is outside 0..{self.windows_per_epoch}")
         self.seed = int(state["seed"])

@@ -55,15 +55,13 @@ class GPT2Tokenizer:
     def __init__(self):
         try:
             import tiktoken
-
             self._enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # ImportError, or no network for the first download (many kinds)
             reason = " ".join(str(e).split())[:160] or type(e).__name__
-            error = DataError(
-                "the GPT-2 tokenizer needs `pip install tiktoken` and, the first time, a network "
-                f"connection to fetch its vocabulary ({type(e).__name__}: {reason}); "
-                "use --tokenizer byte to work offline"
-            )
+            error = DataError("the GPT-2 tokenizer needs `pip install tiktoken` and, the first "
+                              "time, a network connection to fetch its vocabulary "
+                              f"({type(e).__name__}: {reason}); use --tokenizer byte to work "
+                              "offline")
             error.reason = f"{type(e).__name__}: {reason}"  # for callers with other advice
             raise error from None
 
