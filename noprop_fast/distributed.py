@@ -1,70 +1,14 @@
-"""Multi-process training with torch.distributed, launched with torchrun: the blocks across
-processes, the data across processes, or both (`--parallel blocks|data|blocks+data`). This module
-holds the launch, the layout, the gradient all-reduces and the communication volume;
-strategy.py's `ManyProcesses` the rest of a rank's share (model and schedule slice, noise,
-BatchNorm, the chain's transport, checkpoints), set up once for loop.py's run.
-
-Layout. W = K x D processes: K block ranks split the T blocks into contiguous slices (the first
-T mod K ranks take one block more), D data ranks split every minibatch. Rank r holds block slice
-b = r // D and data share d = r % D. Its "data peers" (the D ranks with its block slice) sum their
-block gradients; its "block peers" (the K ranks with its data share) pass the Eq. 3 chain's latent
-along in block order. `--parallel blocks`: K = W; `data`: D = W; `blocks+data`: K =
-`--block-ranks`, which must divide W. A layout that does not fit the world (or K > T) is one line
-on every rank, before any collective.
-
-Blocks. A rank builds the model of its T_local blocks and loads them from the model one process
-would build from the same seed (built once on the host at start-up, then dropped), so every slice
-starts from the same numbers; afterwards it holds, updates and checkpoints only its slice (and the
-shared embedding and classifier). Its schedule is the global one's slice (`local_schedule`: block
-t's noise level, weight and Eq. 3 coefficients belong to the global t), and `noprop_loss` over all
-its blocks has the factor T_local / T_local = 1, as one process over all T. The single-process
-loss is sum_t w_t L_t + CE + KL; a rank's loss is its blocks' terms, plus CE + KL only on the
-rank that holds the last block (the others still draw z_T's noise), so the sum of the shared
-gradients over the block ranks counts every term once.
-
-Data. Every data rank reads the same global minibatch (same shuffling, same stream) and keeps its
-rows: images, a contiguous chunk (as `torch.tensor_split`); token windows, every D-th window
-(`TokenBatches(rank, world_size)` with batch_size / D windows). The losses are batch means, so
-rank d scales its loss by n_d / N and the gradients are summed: the gradient of the whole batch's
-mean. The image blocks' BatchNorm is synchronised over the data ranks (`SyncBlockBatchNorm`: the
-statistics of the whole batch through differentiable all-reduces), so the maths is that of one
-process on the whole batch; the language model has only LayerNorm. Dropout masks are drawn per
-rank: with dropout > 0 a run is statistically, not numerically, the single-process run.
-
-Noise. `ShardedNoise` draws the single-process noise tensor in full on every rank (same
-generator, same seed) and keeps the rank's blocks and rows: exactly the noise one process would
-use, for T N d normal draws per rank and step (small beside the blocks' compute). With fused ops
-the Philox stream moves on by the global count; a blocks-only run reads exactly its part of it,
-a run with D > 1 reads disjoint regions of it (the same distribution, not the same numbers).
-
-Gradients. Block gradients: summed over the data peers; shared gradients (classifier, learned
-embedding), the step's loss and its per-block losses: summed over all W ranks. Each is a list of
-flat buckets of at most BUCKET_BYTES, all-reduced in place (DistributedDataParallel's reduction,
-without its overlap with backward). `communication_volume` gives the bytes per step; rank 0
-prints them at start.
-
-Evaluation. The Eq. 3 chain runs across the block ranks in block order: every rank draws z_0 and
-every eps_t from the evaluation generator (so the numbers are one process's), runs its own
-blocks' steps, and sends z to the next block rank; the last broadcasts z_T to its block peers, so
-every rank computes the same logits. Data ranks evaluate the same examples (evaluation is not
-data-sharded; its result equals the single-process one).
-
-Checkpoints (strategy.py) are in the single-process format, written by rank 0 alone; a run of any
-world size resumes from them (every rank reads the file: on several machines it must be on a
-shared file system). Unsupported, each one line: fp16 loss scaling (ranks would skip steps on
-their own; use bf16), the backprop baseline or the sequential schedule with K > 1.
-
-Failures. init_process_group and every collective have a time-out (`--dist-timeout` seconds); a
-collective that times out or loses its peer, or a SIGTERM from torchrun after another rank
-failed, ends each rank with one line naming it. Backend: NCCL when the run's device is CUDA (one
-GPU per process, cuda:LOCAL_RANK), gloo otherwise.
+"""Multi-process training launched with torchrun (`--parallel blocks|data|blocks+data`): the
+launch and its failures, the layout of W = K block ranks x D data ranks (rank r: block slice
+r // D, data share r % D), the process groups, the gradient all-reduces and the communication
+volume. strategy.py's `ManyProcesses` holds the rest of a rank's share. Design: docs/distributed.md.
 """
 import datetime
 import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -88,12 +32,8 @@ def split_blocks(num_blocks: int, block_ranks: int) -> list[tuple[int, int]]:
         raise ConfigError(f"{block_ranks} block ranks cannot split {num_blocks} blocks: "
                           f"use at most {num_blocks} block ranks or more blocks")
     base, extra = divmod(num_blocks, block_ranks)
-    spans, start = [], 0
-    for k in range(block_ranks):
-        stop = start + base + (k < extra)
-        spans.append((start, stop))
-        start = stop
-    return spans
+    starts = [k * base + min(k, extra) for k in range(block_ranks + 1)]  # K + 1 boundaries
+    return list(zip(starts, starts[1:]))
 
 
 @dataclass(frozen=True)
@@ -103,8 +43,7 @@ class Layout:
     block_ranks: int                    # K
     data_ranks: int                     # D
     num_blocks: int                     # T, the run's global block count
-    local_rank: int = 0
-    spans: tuple = field(default=())    # every block rank's (start, stop)
+    spans: tuple                        # every block rank's (start, stop)
 
     @property
     def block_index(self) -> int:
@@ -131,7 +70,7 @@ class Layout:
 
 
 def plan_layout(parallel: str, block_ranks: int, world_size: int, rank: int, num_blocks: int,
-                method: str = "noprop", block_schedule: str = "all", local_rank: int = 0) -> Layout:
+                method: str = "noprop", block_schedule: str = "all") -> Layout:
     """The (K, D) factorisation of the world for `parallel`, or a ConfigError in one line."""
     w = world_size
     if parallel == "blocks":
@@ -160,7 +99,7 @@ def plan_layout(parallel: str, block_ranks: int, world_size: int, rank: int, num
     if k > 1 and block_schedule != "all":
         raise ConfigError("the sequential schedule trains one block at a time: split the blocks "
                           "with --block-schedule all")
-    return Layout(rank, w, k, w // k, num_blocks, local_rank, tuple(split_blocks(num_blocks, k)))
+    return Layout(rank, w, k, w // k, num_blocks, tuple(split_blocks(num_blocks, k)))
 
 
 @dataclass
@@ -176,8 +115,8 @@ def _env_int(name: str) -> int:
         return int(os.environ[name])
     except (KeyError, ValueError):
         raise ConfigError(f"--parallel needs the launcher's {name}: start the run with torchrun "
-                          "(see docs/distributed.md), or add --parallel none to run in one process (a "
-                          "resumed run keeps its config's --parallel)") from None
+                          "(see docs/distributed.md), or add --parallel none to run in one "
+                          "process (a resumed run keeps its config's --parallel)") from None
 
 
 def _make_groups(layout: Layout, timeout) -> Groups:
@@ -206,11 +145,11 @@ def session(cfg):
     world, rank, local_rank = (_env_int(n) for n in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     try:
         layout = plan_layout(cfg.parallel, cfg.block_ranks, world, rank, cfg.num_blocks,
-                             cfg.method, getattr(cfg, "block_schedule", "all"), local_rank)
+                             cfg.method, getattr(cfg, "block_schedule", "all"))
         if cfg.precision == "fp16":
             raise ConfigError("--parallel with fp16: each process would skip overflowing steps "
                               "on its own; use bf16")
-        if getattr(cfg, "cuda_graphs", "off") == "on":
+        if cfg.cuda_graphs == "on":
             raise ConfigError("--parallel runs its steps uncaptured (collectives in every step); "
                               "drop --cuda-graphs on")
     except ConfigError as err:
@@ -225,7 +164,11 @@ def session(cfg):
     except (RuntimeError, ValueError) as err:
         raise DistributedFailure(f"rank {rank}: could not join the process group "
                                  f"({_one_line(err)})") from None
-    previous = signal.signal(signal.SIGTERM, _stopped_by_launcher(rank))
+
+    def stopped_by_launcher(signum, frame):
+        raise DistributedFailure(f"rank {rank}: stopped by the launcher (another process failed; "
+                                 "its message says why)")
+    previous = signal.signal(signal.SIGTERM, stopped_by_launcher)
     quiet = rank != 0
     stdout = sys.stdout
     if quiet:  # rank 0 alone prints and writes; the others keep stderr for errors
@@ -249,22 +192,14 @@ def session(cfg):
             dist.destroy_process_group()
 
 
-def _stopped_by_launcher(rank: int):
-    def handler(signum, frame):
-        raise DistributedFailure(f"rank {rank}: stopped by the launcher (another process failed; "
-                                 "its message says why)")
-    return handler
-
-
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())[:200]
 
 
 def is_collective_failure(err: BaseException) -> bool:
-    if isinstance(err, getattr(dist, "DistError", ())):
-        return True
     text = str(err).lower()
-    return dist.is_initialized() and any(marker in text for marker in _FAILURE_MARKERS)
+    return isinstance(err, getattr(dist, "DistError", ())) or (
+        dist.is_initialized() and any(marker in text for marker in _FAILURE_MARKERS))
 
 
 # -- gradients ---------------------------------------------------------------------------------
@@ -279,10 +214,8 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
         if bucket:
             flat = torch.cat([b.reshape(-1) for b in bucket])
             dist.all_reduce(flat, group=group)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
         bucket, size = ([t], t.numel() * t.element_size()) if t is not None else ([], 0)
 
 
@@ -322,7 +255,7 @@ def communication_volume(model, layout: Layout) -> dict:
     else:
         out["block_grads"] = nbytes(block) if d > 1 else 0
         out["shared_grads"] = nbytes(shared) + extras
-    if d > 1:  # BatchNorm over the data ranks, per layer, forward: sums + count, centred squares; backward: again
+    if d > 1:  # BatchNorm per layer: sums + count, centred squares; forward and backward
         layers = [m for m in model.modules() if isinstance(m, BlockBatchNorm)]
         channels = sum(m.weight.numel() for m in layers)
         out["batch_norm"] = 2 * 4 * (2 * channels + len(layers))

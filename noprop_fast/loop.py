@@ -1,18 +1,8 @@
 """The training loop of both tasks, in one process or several: `train`, the entry the CLI calls,
 and `Run`. A run is a sequence of rounds (tasks/: an image epoch, made of block passes; a
 language model's `eval_every` steps), each ending in the evaluation when due, a check of the
-state, a checkpoint, a metrics record and a printed line. The strategy (strategy.py), one process
-or several, is set up once.
-
-`--fused` picks the fused ops for the device (`ops.resolve_ops`: a one-line notice and the
-reference ops where they cannot be loaded), their noise from a Philox stream; `--precision` sets
-the blocks' compute dtype, fp16 with dynamic loss scaling (a step that overflows is skipped).
-
-Host syncs: the per-step losses go into a device buffer read every `LOG_EVERY` steps on CUDA (every
-step on a CPU, where a read costs nothing) for the progress bar and to stop on a non-finite loss,
-naming its step; before every checkpoint one read says whether the whole state is finite
-(finite.py). CUDA graphs (graphs.py): with --fused on CUDA each block slice's step is captured once
-and replayed; elsewhere one line says why not.
+state (finite.py), a checkpoint, a metrics record and a printed line. The strategy (strategy.py)
+and the ops (`ops.resolve_ops`, `--fused`) are set up once; CUDA graphs: docs/performance.md.
 """
 import sys
 import time
@@ -33,7 +23,6 @@ from .progress import RunClock, evaluations_between, progress_bar
 from .schedule import NoiseSchedule
 from .strategy import ManyProcesses, OneProcess
 from .tasks import TASKS
-from .tasks.base import parameter_count
 
 LOG_EVERY = 10  # CUDA: steps between reads of the loss buffer (each read is one host sync)
 
@@ -63,11 +52,15 @@ class Run:
         self.data = self.task.data
         self.ops = resolve_ops(cfg.fused, self.device,
                                warn=lambda line: print(line, file=sys.stderr, flush=True))
-        self.model = self.task.build_model(cfg).configure(self.ops, compute_dtype(cfg.precision))
+
+        def build(c):  # the task's model on the run's ops, its blocks in the compute dtype
+            return self.task.build_model(c).configure(self.ops, compute_dtype(cfg.precision))
+        self.model = build(cfg)
         self.task.prepare(self.model, pretrain, self.show_progress)
-        self.parameters = parameter_count(self.model)  # the whole model's, in every process
+        # the whole model's parameter count, in every process
+        self.parameters = sum(p.numel() for p in self.model.parameters())
         self.schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, self.device)
-        self.model, self.schedule = self.strategy.localise(self, self.task.build_model)
+        self.model, self.schedule = self.strategy.localise(self, build)
         # CUDA graphs (graphs.py): one captured step per block slice, made on the slice's first
         # batch; use_graphs False runs every step uncaptured (the tests compare both)
         self.graph_warn = once()
@@ -75,6 +68,7 @@ class Run:
         announce_uncaptured(self.device, cfg, reason, self.graph_warn)
         self.use_graphs, self.captured, self.graph_pool = reason is None, {}, None
         self.optimizer = make_optimizer(self.model, cfg, capturable=self.use_graphs)
+        # fp16: dynamic loss scaling (a step that overflows is skipped)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.noise = PhiloxNoise(cfg.seed, self.device) if self.ops.fused else None
         self.progress = self.task.Progress()
@@ -142,15 +136,10 @@ class Run:
         """The part of a step that a CUDA graph captures."""
         return self.strategy.train_step(self, x, y, blocks)
 
-    def round_batches(self):
-        """(steps at most, the next round's (x, y, blocks), each fetched in a "data" range)."""
-        total, batches = self.task.round(self.progress, self.noise)
-        return total, phase_iter("data", batches)
-
     def train_round(self) -> dict:
         """Train the next round; returns its record (before evaluation), the progress advanced."""
         p, device, task = self.progress, self.device, self.task
-        total, batches = self.round_batches()
+        total, batches = task.round(p, self.noise)  # steps at most, the round's (x, y, blocks)
         losses = torch.zeros(total, device=device)  # [steps] device buffer
         block_sum = (torch.zeros(self.cfg.num_blocks, device=device)
                      if task.keeps_block_losses else None)
@@ -159,7 +148,7 @@ class Run:
         self.model.train()
         log_every = 1 if device.type == "cpu" else LOG_EVERY
         step, read, seen, values, start = 0, 0, 0, [], time.perf_counter()
-        for x, y, blocks in batches:
+        for x, y, blocks in phase_iter("data", batches):  # each fetched in a "data" range
             if step == 0 and device.type == "cpu" and task.measures_saved:
                 resident = [*self.model.parameters(), *self.model.buffers()]
                 with SavedTensorBytes(exclude=resident) as saved:
@@ -221,10 +210,7 @@ class Run:
             runs.append_metrics(self.run_dir, record)
             print(task.round_line(record), flush=True)
             self.clock.resume(evaluated=evaluated)
-        return self.summary()
-
-    def summary(self) -> dict:
-        summary = {**self.task.summary(self), **self.strategy.summary_fields(self.cfg)}
+        summary = {**task.summary(self), **self.strategy.summary_fields(self.cfg)}
         runs.write_summary(self.run_dir, summary)
         return summary
 
@@ -254,37 +240,24 @@ def train(cfg, resume: str | None = None, overwrite: bool = False, show_progress
         print(f"resuming {run_dir} after {run.task.unit} {run.position()}")
     elif overwrite:  # the old run's files go now, the last check before the first step
         runs.clear_run(run_dir)
-    print(f"{run.task.header(run)}, device {device_note(run.device, thread_note)}, "
+    # on a CPU: "cpu (2 threads: one per core, waiting threads sleep)"
+    device = f"cpu ({thread_note})" if run.device.type == "cpu" else runs.device_name(run.device)
+    print(f"{run.task.header(run)}, device {device}, "
           f"{run.ops.name} ops, {cfg.precision}, run {run_dir}", flush=True)
     summary = run.fit()
-    print("\n".join([*run.task.closing(run, summary), checkpoint_line(summary, run_dir),
-                     *run.task.notes(run, summary)]), flush=True)
-    write_plots(cfg, summary, run.progress.history, run_dir)
+    size = summary.get("checkpoint_bytes")
+    saved = "no checkpoint written" if size is None else (
+        f"checkpoint {size / 1e6:.1f} MB ({run_dir / runs.CHECKPOINT}: weights, AdamW's two "
+        f"moments, progress; resume with --resume {run_dir})")
+    print("\n".join([*run.task.closing(run, summary), saved, *run.task.notes(run, summary)]),
+          flush=True)
+    if runs.is_writer():  # the run's curves as PNGs (plots.py); rank 0 alone writes
+        from .plots import write_run_plots  # a plot that cannot be drawn: one line on stderr
+        paths = write_run_plots(summary, run.progress.history, run_dir, data_dir=cfg.data_dir,
+                                warn=lambda line: print(line, file=sys.stderr, flush=True))
+        if paths:
+            print("plots: " + ", ".join(str(path) for path in paths), flush=True)
     for text in run.task.sample_lines(run, tokenizer):
         print(text)
     return summary
 
-
-def write_plots(cfg, summary: dict, history: list[dict], run_dir: Path) -> None:
-    """The run's curves as PNGs in its folder (plots.py), one line naming them; a plot that cannot
-    be drawn is one line on stderr and the run still succeeds. Rank 0 alone writes."""
-    if not runs.is_writer():
-        return
-    from .plots import write_run_plots
-    paths = write_run_plots(summary, history, run_dir, data_dir=cfg.data_dir,
-                            warn=lambda line: print(line, file=sys.stderr, flush=True))
-    if paths:
-        print("plots: " + ", ".join(str(path) for path in paths), flush=True)
-
-
-def checkpoint_line(summary: dict, run_dir: Path) -> str:
-    size = summary.get("checkpoint_bytes")
-    if size is None:
-        return "no checkpoint written"
-    return (f"checkpoint {size / 1e6:.1f} MB ({run_dir / runs.CHECKPOINT}: weights, AdamW's two "
-            f"moments, progress; resume with --resume {run_dir})")
-
-
-def device_note(device, thread_note: str) -> str:
-    """The header's device: "cpu (2 threads: one per core, waiting threads sleep)" on a CPU."""
-    return f"cpu ({thread_note})" if device.type == "cpu" else runs.device_name(device)

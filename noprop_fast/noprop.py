@@ -1,12 +1,9 @@
-"""The NoProp maths both tasks share: the noisy latents, the NoProp-DT loss (docs/method.md
-section 2), the backprop baseline (section 5, Eqs. 17-19), and the Eq. 3 chain with the
-predictions built on it (section 4). The language task's rows are the positions of its token
-windows (section 7).
-
-The model's `ops` (`noprop_fast.ops`) compute the noisy latents, the block losses and the
-classifier's cross-entropy; given a `PhiloxNoise`, every backend draws the same noise, so the
-backends can be compared step by step. The blocks compute in `model.compute_dtype`; the losses,
-the classifier and the KL are fp32. Nothing here reads a tensor's value on the host.
+"""The NoProp maths both tasks share (docs/method.md): the noisy latents, the NoProp-DT loss
+(section 2), the backprop baseline (section 5, Eqs. 17-19), and the Eq. 3 chain with the
+predictions built on it (section 4); a language task's rows are its positions (section 7).
+The model's `ops` compute the noisy latents, the block losses and the classifier's
+cross-entropy (given a `PhiloxNoise`, every backend draws the same noise); the blocks compute in
+`model.compute_dtype`, the losses, the classifier and the KL in fp32. No host reads here.
 """
 import torch
 import torch.nn.functional as F
@@ -30,9 +27,8 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
                 shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
     """NoProp-DT loss for the blocks in `blocks`. Returns (loss, parts) with parts detached:
     `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`.
-    `shared_terms=False` leaves out CE and KL (their z_T noise is still drawn, so the noise stream
-    moves on as with them): a process that holds some of the blocks of a multi-process run
-    (distributed.py) counts them only where it holds the last block."""
+    `shared_terms=False` leaves out CE and KL but still draws z_T's noise (a block rank without
+    the last block, docs/distributed.md)."""
     T = model.num_blocks
     with phase("forward"):
         u = model.embedding(y)                                # [N, d] fp32
@@ -53,18 +49,14 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
         abar_T = schedule.alpha_bar[-1:]
         with phase("noise"):
             z_clean = noisy_latents(model, y, abar_T.sqrt(), (1 - abar_T).sqrt(), noise)[0]
-        if shared_terms:
-            ce = classifier_cross_entropy(model, z_clean.to(u.dtype), y)
+        if shared_terms:  # the classifier's CE on z_T [N, d] against y [N]
+            ce = model.ops.linear_cross_entropy(z_clean.to(u.dtype), model.classifier.weight,
+                                                model.classifier.bias, y)
             kl = prior_kl(u, schedule)
         else:
             ce = kl = torch.zeros((), device=u.device, dtype=u.dtype)
     parts = {"block_losses": per_block.detach(), "ce": ce.detach(), "kl": kl.detach()}
     return denoise + ce + kl, parts
-
-
-def classifier_cross_entropy(model, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CE of the linear classifier on z [N, d] against y [N] (`ops.linear_cross_entropy`)."""
-    return model.ops.linear_cross_entropy(z, model.classifier.weight, model.classifier.bias, y)
 
 
 def backprop_chain(model: ImageModel, x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -103,12 +95,10 @@ def chain_from_features(model, schedule: NoiseSchedule, features: torch.Tensor,
                         stochastic: bool = True, generator: torch.Generator | None = None,
                         transport=None) -> torch.Tensor:
     """`noprop_chain` given the z-independent features [T_local, N, F] of the blocks this process
-    holds (a language model samples from the last position's row alone).
-
-    transport: None in one process; in several (strategy.ManyProcesses), this process holds
-    blocks span = (start, stop) of the `num_blocks` with its slice of `schedule`: it receives z
-    before its first block, sends it after its last, and z_T is broadcast at the end. Every process
-    draws z_0 and every eps_t, so the numbers are one process's."""
+    holds (a language model samples from the last position's row alone). transport: None in one
+    process; in several (strategy.ManyProcesses), this process holds blocks transport.span with
+    its slice of `schedule`, receives z before its first block, sends it after its last, and z_T
+    is broadcast; every process draws z_0 and every eps_t (docs/distributed.md)."""
     w = model.embedding.weight
     z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype,
                     generator=generator)

@@ -11,15 +11,15 @@ import torch.distributed.nn.functional as dist_fn
 
 from .distributed import Groups, Layout, communication_volume, describe_volume, reduce_gradients
 from .errors import ConfigError, UserError
-from .ops import compute_dtype
 from .layers import ALL_BLOCKS, BlockBatchNorm
 from .schedule import NoiseSchedule
 from .tasks.base import apply_gradients
 
 # The differentiable all-reduce (its backward all-reduces the gradient) has no public successor yet;
 # its deprecation notice would print on every rank of every run.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+    category=FutureWarning)
 
 BLOCK_PREFIX = "blocks."  # the state-dict keys of the stacked [T, ...] block tensors
 
@@ -51,12 +51,10 @@ class OneProcess:
 
 
 class ManyProcesses:
-    """This rank's block slice (loaded from the single-process initialisation, with its slice of
-    the schedule and BatchNorm over the data ranks), trained on its rows of each global batch
-    with the single-process noise cut to them, the gradients all-reduced before the optimiser
-    steps; the Eq. 3 chain passed from block rank to block rank; checkpoints in the
-    single-process format (gathered to rank 0, cut to a rank's slice on resume), so that a
-    checkpoint of any world size resumes in any other."""
+    """This rank's block slice and its rows of each global batch, the gradients all-reduced
+    before the optimiser steps, the Eq. 3 chain passed from block rank to block rank; checkpoints
+    in the single-process format, so that any world size resumes in any other
+    (docs/distributed.md)."""
 
     def __init__(self, layout: Layout, groups: Groups):
         self.layout, self.groups = layout, groups
@@ -67,18 +65,17 @@ class ManyProcesses:
 
     def check(self, cfg, data) -> None:
         d = self.layout.data_ranks
-        if cfg.task == "lm":
-            if cfg.batch_size % d:
-                raise ConfigError(f"batch_size {cfg.batch_size} does not split into {d} equal "
-                                  "shares (one per data rank)")
-            return
-        last = data.train_x.shape[0] % cfg.batch_size
+        if cfg.task == "lm" and cfg.batch_size % d:
+            raise ConfigError(f"batch_size {cfg.batch_size} does not split into {d} equal "
+                              "shares (one per data rank)")
+        last = data.train_x.shape[0] % cfg.batch_size if cfg.task == "image" else 0
         if 2 <= last < d:
             raise ConfigError(f"the last batch of each epoch has {last} rows, fewer than the "
                               f"{d} data ranks: choose another batch size")
 
     def localise(self, run, build):
-        """This rank's slice of run's single-process model and schedule (the same numbers)."""
+        """This rank's slice of run's single-process model and schedule (the same numbers);
+        build(cfg): the run's configured model for cfg."""
         lay, full = self.layout, run.model
         devices = [run.device] if run.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # building reseeds; keep the run's streams
@@ -87,9 +84,10 @@ class ManyProcesses:
                                           lay.span, lay.num_blocks)[0])
         for p, q in zip(full.parameters(), local.parameters()):
             q.requires_grad_(p.requires_grad)
-        local = local.configure(run.ops, compute_dtype(run.cfg.precision))
-        if lay.data_ranks > 1:
-            sync_batch_norm(local, self.groups.data)
+        if lay.data_ranks > 1:  # every BlockBatchNorm over the data ranks (same state)
+            for module in local.modules():
+                if type(module) is BlockBatchNorm:
+                    module.__class__, module.group = SyncBlockBatchNorm, self.groups.data
         print(describe_volume(communication_volume(local, lay), lay), flush=True)
         return local, local_schedule(run.schedule, lay.span)
 
@@ -100,10 +98,9 @@ class ManyProcesses:
         if lay.block_ranks > 1 and blocks != ALL_BLOCKS:
             raise ValueError("a rank with a block slice trains all of its blocks on every step")
         x, y, rows, share = self._rows(run.cfg, x, y)
-        noise = None
-        if run.model.method == "noprop":
-            noise = ShardedNoise(run.noise, lay.num_blocks if lay.block_ranks > 1 else None,
-                                 lay.span, *rows, run.model.embedding.weight.shape[1])
+        noise = None if run.model.method != "noprop" else ShardedNoise(
+            run.noise, lay.num_blocks if lay.block_ranks > 1 else None, lay.span, *rows,
+            run.model.embedding.weight.shape[1])
         loss, parts = run.task.loss(run.model, run.schedule, x, y, blocks, noise,
                                     shared_terms=lay.holds_last_block)
         figures = torch.zeros(1 + lay.num_blocks, device=loss.device)  # [loss, T block losses]
@@ -171,7 +168,7 @@ class ManyProcesses:
         return {"parallel": cfg.parallel, "block_ranks": self.layout.block_ranks,
                 "data_ranks": self.layout.data_ranks}
 
-    # the Eq. 3 chain's latent z [N, d] along the block ranks (methods.chain_from_features)
+    # the Eq. 3 chain's latent z [N, d] along the block ranks (noprop.chain_from_features)
     def receive(self, z: torch.Tensor) -> None:
         lay = self.layout
         if lay.block_index > 0:
@@ -201,8 +198,7 @@ def local_schedule(schedule: NoiseSchedule, span: tuple[int, int]) -> NoiseSched
 
 
 class ShardedNoise:
-    """What `methods.noisy_latents` draws from: the single-process noise, cut to this rank.
-
+    """What `noprop.noisy_latents` draws from: the single-process noise, cut to this rank.
     noprop_loss draws twice per step: the blocks' latents [B, N, d], then z_T's [1, N, d]. The
     global shapes are [T, N_global, d] (B = T when the blocks are split, else B as asked) and
     [1, N_global, d]; this rank keeps blocks `span` and rows `rows` (a slice or an index tensor).
@@ -270,14 +266,6 @@ class SyncBlockBatchNorm(BlockBatchNorm):
             unbiased = var.detach() * total / (total - 1).clamp_min(1)
             self.running_var[blocks].mul_(1 - m).add_(m * unbiased.view(nb, c))
         return out.to(x.dtype).view(n, nb, c).transpose(0, 1)
-
-
-def sync_batch_norm(model, group) -> None:
-    """Make every BlockBatchNorm of `model` a SyncBlockBatchNorm over `group` (same state)."""
-    for module in model.modules():
-        if type(module) is BlockBatchNorm:
-            module.__class__ = SyncBlockBatchNorm
-            module.group = group
 
 
 # -- checkpoints: single-process format <-> a rank's slice --------------------------------------

@@ -85,7 +85,7 @@ def assert_same_lm_step(ref, fused, schedule, x, y, seed: int = 11) -> None:
     from noprop_fast.tasks.language import lm_loss
     losses, grads = [], []
     for model in (ref, fused):
-        loss, _ = lm_loss(model, schedule, x, y, PhiloxNoise(seed, x.device))
+        loss, _ = lm_loss(model, schedule, x, y, noise=PhiloxNoise(seed, x.device))
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -247,7 +247,7 @@ def test_lm_loop_objective_equals_lm_loss():
     bench_lm, cfg, model, x, y, schedule, loop = lm_setup()
     T, rows, d = cfg.num_blocks, x.numel(), model.embedding.dim
     assert len(loop.blocks) == T and all(b.num_blocks == 1 for b in loop.blocks)
-    loss, parts = lm_loss(model, schedule, x, y, PhiloxNoise(11, x.device))
+    loss, parts = lm_loss(model, schedule, x, y, noise=PhiloxNoise(11, x.device))
     stream = PhiloxNoise(11, x.device)
     eps = stream.normals((T, rows, d), x.device)
     eps_clean = stream.normals((1, rows, d), x.device)[0]

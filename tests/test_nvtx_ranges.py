@@ -152,7 +152,7 @@ def test_lm_step_and_evaluation_phases(recorded, tmp_path, method, expected):
     cfg = LMConfig(method=method, num_blocks=2, width=16, heads=2, embed_dim=8, seq_len=8,
                    batch_size=2, eval_tokens=32, eval_chains=1, device="cpu")
     trainer = Run(cfg, data, tmp_path, show_progress=False)
-    trainer.step(*next(trainer.round_batches()[1]))
+    trainer.step(*next(phase_iter("data", trainer.task.round(trainer.progress, None)[1])))
     assert top_level_phases(recorded) == expected
     recorded.clear()
     trainer.evaluate()

@@ -1,5 +1,4 @@
-"""What loop.Run asks of a task, with the defaults (no random streams to keep, no samples), and
-the update every training step ends with."""
+"""`Task`, what loop.Run asks of a task, and the update every training step ends with."""
 import torch
 
 from .. import runs
@@ -27,16 +26,11 @@ def apply_gradients(loss: torch.Tensor, optimizer: BlockAdamW, blocks: slice = A
     return loss.detach()
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 class Task:
-    """What loop.Run asks of a task. A task names its `unit` ("epoch" or "step", also its
-    `Progress`'s counter; Progress: what a checkpoint carries besides the weights) and supplies
-    load_data, build_model, loss, round, step_label, bar, end_round, evaluate, eval_fields,
-    round_line, summary_fields, header and closing. The defaults: no random streams to keep in
-    the checkpoint, no samples."""
+    """A task names its `unit` ("epoch" or "step", also its `Progress`'s counter; Progress: what
+    a checkpoint carries besides the weights) and supplies load_data, build_model, loss, round,
+    step_label, bar, end_round, evaluate, eval_fields, round_line, summary_fields, header and
+    closing; the defaults below keep no random streams and draw no samples."""
     keeps_streams = measures_saved = keeps_block_losses = False
     steps_per_unit = 1  # steps per epoch or step
 

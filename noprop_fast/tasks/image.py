@@ -1,9 +1,8 @@
 """The image task: a round is an epoch, one pass over the data per block slice (the sequential
-schedule: one slice per block; docs/method.md section 2).
-
-The weights are drawn from `seed`; every epoch reseeds the global generator (noise, dropout), the
-shuffling generator and the fused path's Philox stream from (seed, epoch), so a run resumed after
-epoch k replays epochs k+1.. exactly as the uninterrupted run does (a test checks).
+schedule: one slice per block; docs/method.md section 2). The weights are drawn from `seed`;
+every epoch reseeds the global generator (noise, dropout), the shuffling generator and the fused
+path's Philox stream from (seed, epoch), so a run resumed after epoch k replays epochs k+1..
+exactly as the uninterrupted run does (a test checks).
 """
 from dataclasses import dataclass, field
 
@@ -29,23 +28,12 @@ def build_model(cfg, data: ImageData, device: torch.device) -> ImageModel:
     return model.to(device)
 
 
-def image_loss(model, schedule: NoiseSchedule, x, y, blocks: slice = ALL_BLOCKS, noise=None,
-               shared_terms: bool = True):
-    if model.method == "noprop":
-        return noprop_loss(model, schedule, x, y, blocks, noise, shared_terms)
-    return backprop_loss(model, x, y)
-
-
 def train_step(model: ImageModel, optimizer: BlockAdamW, schedule: NoiseSchedule,
                x: torch.Tensor, y: torch.Tensor, blocks: slice = ALL_BLOCKS, noise=None,
                scaler=None):
     """One image step on one process: (loss, parts) as device tensors (noise: a PhiloxNoise)."""
-    loss, parts = image_loss(model, schedule, x, y, blocks, noise)
+    loss, parts = ImageTask.loss(model, schedule, x, y, blocks, noise)
     return apply_gradients(loss, optimizer, blocks, scaler), parts
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
 
 
 @dataclass
@@ -61,7 +49,13 @@ class ImageTask(Task):
     unit, none_yet, state_when, Progress = "epoch", "none (no epoch finished)", "after epoch", \
         ImageProgress
     measures_saved = True   # CPU: the activation bytes of each epoch's first step
-    loss = staticmethod(image_loss)
+
+    @staticmethod
+    def loss(model, schedule: NoiseSchedule, x, y, blocks: slice = ALL_BLOCKS, noise=None,
+             shared_terms: bool = True):
+        if model.method == "noprop":
+            return noprop_loss(model, schedule, x, y, blocks, noise, shared_terms)
+        return backprop_loss(model, x, y)
 
     def __init__(self, cfg, data: ImageData, device: torch.device, data_share=(0, 1)):
         super().__init__(cfg, data.to(device), device, cfg.epochs)
@@ -90,7 +84,7 @@ class ImageTask(Task):
 
     def round(self, p: ImageProgress, noise):
         """(steps at most, the (x, y, blocks) of epoch p.epoch + 1), its streams reseeded."""
-        cfg, seed = self.cfg, epoch_seed(self.cfg.seed, p.epoch + 1)
+        cfg, seed = self.cfg, self.cfg.seed * 1_000_003 + p.epoch + 1  # (seed, epoch)
         torch.manual_seed(seed)
         shuffle = torch.Generator(device=self.device).manual_seed(seed)
         if noise is not None:

@@ -1,14 +1,9 @@
-"""The language task, NoProp-LM and the GPT baseline (docs/method.md section 7): the loss, the
-validation loss, sampling, and `LanguageTask`, whose run is counted in optimiser steps (a token
-budget), a round being `eval_every` steps ending in the validation loss on the first `eval_tokens`
-tokens of the val split (the same tokens every time). The batch stream, the global generator and
-the Philox offset are in the checkpoint, so a resumed run replays its steps exactly.
-
-A batch is x, y [N, L] token ids with y the next tokens (y[:, i] = x[:, i + 1] within a window).
-Every position is one row of the image task's maths: the NoProp loss is `methods.noprop_loss` with
-the N*L positions as its examples, the targets u = W_embed[y]. The validation loss and the
-samples come from the Eq. 3 chain at every position (the context teacher-forced; sampling: at
-the last position), y read only after the chains ran.
+"""The language task, NoProp-LM and the GPT baseline (docs/method.md section 7, docs/language.md):
+the loss, the validation loss, sampling, and `LanguageTask`, whose run is counted in optimiser
+steps, a round being `eval_every` steps ending in the validation loss on the first `eval_tokens`
+val tokens. The batch stream, the global generator and the Philox offset are in the checkpoint,
+so a resumed run replays its steps exactly. A batch is x, y [N, L] token ids, y the next tokens;
+every position is one row of the image task's maths (`noprop.noprop_loss`, u = W_embed[y]).
 """
 import math
 from dataclasses import dataclass, field
@@ -29,11 +24,12 @@ from .base import Task
 
 
 def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
-            noise=None, shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
+            blocks: slice = ALL_BLOCKS, noise=None,
+            shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
     """(loss, parts): NoProp's block, CE and KL terms over all positions, or the GPT's CE.
-    noise, shared_terms: as in `methods.noprop_loss`."""
+    blocks, noise, shared_terms: as in `noprop.noprop_loss`."""
     if model.method == "noprop":
-        return noprop_loss(model, schedule, x, y.reshape(-1), ALL_BLOCKS, noise, shared_terms)
+        return noprop_loss(model, schedule, x, y.reshape(-1), blocks, noise, shared_terms)
     with phase("forward"):
         hidden = model.hidden(x)                              # [N*L, D]
     with phase("loss"):  # the vocabulary head is part of the loss: chunked on the fused path
@@ -53,27 +49,20 @@ def position_logits(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic:
     """Vocabulary logits at every position, [N*L, V] (small inputs only: tests and sampling), of
     NoProp's z_T from the chain or the GPT's last hidden states. Row n*L + i depends on
     x[n, :i+1] only."""
-    weight, bias = _classifier(model)
-    if model.method == "noprop":
-        return F.linear(noprop_chain(model, schedule, x, stochastic, generator).float(), weight,
-                        bias)
-    return F.linear(model.hidden(x), weight, bias)
+    state = (noprop_chain(model, schedule, x, stochastic, generator).float()
+             if model.method == "noprop" else model.hidden(x))
+    return F.linear(state, *_classifier(model))
 
 
 @torch.no_grad()
 def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = True,
                     seed: int = 0, chains: int = 1, transport=None) -> dict:
-    """The validation loss over the (x, y) batches, in eval mode, with the chains' noise drawn from
-    `seed` (the same numbers at every evaluation). Returns {"val_loss", "val_loss_one_chain",
-    "val_tokens"}, losses in nats per token.
-
-    NoProp-LM is a generative chain: z_T is drawn by Eq. 3 and the classifier gives p(y | z_T), so
-    the model's probability of y is the mean of p(y | z_T) over the chain's draws. `val_loss` is
-    -log of that mean over `chains` independent chains per position (in expectation an upper bound
-    on the model's loss, tightening as chains grow); `val_loss_one_chain` is the first chain's
-    cross-entropy alone (docs/method.md section 7's recipe with one chain). The GPT has no chain: both
-    are its cross-entropy. `transport`: see `methods.chain_from_features`.
-    """
+    """The validation loss over the (x, y) batches, in eval mode, the chains' noise drawn from
+    `seed` (the same numbers at every evaluation): {"val_loss", "val_loss_one_chain",
+    "val_tokens"}, in nats per token. NoProp: `val_loss` is -log of the mean of p(y | z_T) over
+    `chains` chains per position, `val_loss_one_chain` the first chain's cross-entropy
+    (docs/language.md); the GPT: both are its cross-entropy. y is read only after the chains ran.
+    `transport`: as in `noprop.chain_from_features`."""
     was_training = model.training
     model.eval()
     weight, bias = _classifier(model)
@@ -109,7 +98,7 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, stochastic: bool = True,
            generator: torch.Generator | None = None, transport=None) -> list[int]:
     """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token
-    (`transport`: see `methods.chain_from_features`)."""
+    (`transport`: see `noprop.chain_from_features`)."""
     if not prompt:
         raise ValueError("sample: the prompt needs at least one token")
     device = next(model.parameters()).device
@@ -159,11 +148,7 @@ class LanguageTask(Task):
     unit, none_yet, state_when, Progress = "step", "none (no evaluation reached)", "at step", \
         LMProgress
     keeps_streams = True  # the batch stream, the global generator and the Philox offset
-
-    @staticmethod
-    def loss(model, schedule: NoiseSchedule, x, y, blocks: slice = ALL_BLOCKS, noise=None,
-             shared_terms: bool = True):
-        return lm_loss(model, schedule, x, y, noise, shared_terms)
+    loss = staticmethod(lm_loss)
 
     def __init__(self, cfg, data: TokenData, device: torch.device, data_share=(0, 1)):
         """data_share: (this process's data index, data processes): its windows of each batch."""
@@ -229,9 +214,8 @@ class LanguageTask(Task):
                 "tokens_per_second": tokens / max(seconds, 1e-9)}
 
     def val_batches(self):
-        cfg = self.cfg
-        return val_batches(self.data.val, cfg.batch_size, cfg.seq_len, self.device,
-                           max_tokens=cfg.eval_tokens)
+        return val_batches(self.data.val, self.cfg.batch_size, self.cfg.seq_len, self.device,
+                           max_tokens=self.cfg.eval_tokens)
 
     def evaluate(self, model, schedule: NoiseSchedule, transport=None) -> dict:
         cfg = self.cfg
