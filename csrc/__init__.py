@@ -1,1 +1,1 @@
-"""C++ sources of the CPU fused ops, built by noprop_fast.cpu_ops"""
+"""C++ sources of the CPU fused ops, built by noprop_fast.ops.cpp"""
