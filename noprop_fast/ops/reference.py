@@ -21,17 +21,21 @@ def _accumulate(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------------
 # Noise: z[b] = a[b] W[y] + s[b] eps[b]
 
+def _per_row(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [B] (per block) or [B, N] (per example) coefficient as [B, 1, 1] or [B, N, 1]."""
+    return (scale.view(-1, 1, 1) if scale.dim() == 1 else scale.unsqueeze(-1)).to(dtype)
+
+
 def noisy_latents(u: torch.Tensor, input_scale: torch.Tensor, noise_scale: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
-    """z[b] = input_scale[b] u + noise_scale[b] noise[b]: u [N, d], scales [B], noise [B, N, d]
-    -> [B, N, d] in u's dtype."""
-    scale = input_scale.view(-1, 1, 1).to(u.dtype)
-    sigma = noise_scale.view(-1, 1, 1).to(u.dtype)
-    return scale * u.unsqueeze(0) + sigma * noise
+    """z[b, n] = input_scale[b, n] u[n] + noise_scale[b, n] noise[b, n]: u [N, d], scales [B] (one
+    per block) or [B, N] (one per example), noise [B, N, d] -> [B, N, d] in u's dtype."""
+    return _per_row(input_scale, u.dtype) * u.unsqueeze(0) + _per_row(noise_scale, u.dtype) * noise
 
 
 def noise_injection(y, W, a, s, noise=None):
-    """z [B, N, d] = a[b] W[y] + s[b] eps[b] in W's dtype (fp32 arithmetic), differentiable in W.
+    """z [B, N, d] = a W[y] + s eps in W's dtype (fp32 arithmetic), a and s [B] (per block) or
+    [B, N] (per example); differentiable in W, and in a and s where they require it.
     eps: the next normals of the stream `noise` (a PhiloxNoise: those the fused ops draw),
     torch.randn where it is None, or `noise` itself where it is a tensor [B, N, d] (tests)."""
     accumulate = _accumulate(W.dtype)
@@ -130,10 +134,13 @@ def softmax_head(h, k, c, v):
 
 
 def block_loss(u_hat, u, w):
-    """losses[b] = w[b] mean_n ||u_hat[b, n] - u[n]||^2 in fp32: [B, N, d], [N, d], [B] -> [B]."""
+    """losses[b] = mean_n w[b, n] ||u_hat[b, n] - u[n]||^2 in fp32: [B, N, d], [N, d] and w [B]
+    (per block) or [B, N] (per example) -> [B]; differentiable in u_hat, u and w."""
     accumulate = _accumulate(u_hat.dtype)
     diff = u_hat.to(accumulate) - u.to(accumulate).unsqueeze(0)
-    return w.to(accumulate) * diff.square().sum(-1).mean(-1)
+    if w.dim() == 1:
+        return w.to(accumulate) * diff.square().sum(-1).mean(-1)
+    return (w.to(accumulate) * diff.square().sum(-1)).mean(-1)
 
 
 # ------------------------------------------------------------------------------------------------
