@@ -111,7 +111,7 @@ def assert_same_state(a, b):
 
 IMAGE_CASES = {"noprop-all": {}, "noprop-sequential": {"block_schedule": "sequential"},
                "backprop": {"method": "backprop"}, "noprop-ct": {"method": "noprop-ct"},
-               "noprop-fm": {"method": "noprop-fm", "embedding": "learned"}}
+               "noprop-fm": {"method": "noprop-fm"}}
 
 
 # -- when capture is used --------------------------------------------------------------------------
@@ -416,3 +416,27 @@ def test_ct_and_fm_inference_through_the_staged_step_equals_the_eager_one(digits
     eager, staged = (continuous.predict_classes(trainer.model, x, 7, solver=solver, seed=2,
                                                 graphs=graphs) for graphs in (False, True))
     assert torch.equal(eager, staged) and len(calls) == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method, extra", [("noprop-ct", {"inference": "noise-free"}),
+                                           ("noprop-fm", {"ode_solver": "euler"}),
+                                           ("noprop-fm", {"ode_solver": "heun"})])
+def test_captured_inference_equals_the_eager_one(digits, tmp_path, method, extra, monkeypatch):
+    """On a GPU the chain's (ODE's) one step is captured and replayed: the same predictions as
+    the eager loop (z_0 is drawn outside the graph; CT without Eq. 3's noise)."""
+    from noprop_fast import continuous
+    from noprop_fast.graphs import CapturedStep
+    made = []
+    monkeypatch.setattr(continuous, "CapturedStep",
+                        lambda *a, **k: made.append(CapturedStep(*a, **k)) or made[-1])
+    trainer = loop_module.Run(ImageConfig(method=method, batch_size=64, device="cuda", fused=True,
+                                          **extra), digits, tmp_path / "r", show_progress=False)
+    x, steps = trainer.data.test_x, 40
+    stochastic = trainer.cfg.inference == "stochastic"
+    eager, captured = (continuous.predict_classes(trainer.model, x, steps, stochastic,
+                                                  trainer.cfg.ode_solver, seed=4, graphs=graphs)
+                       for graphs in (False, True))
+    assert torch.equal(eager, captured)
+    assert made and made[0].captured and made[0].failed is None and made[0].replays == steps - 1
