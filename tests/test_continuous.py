@@ -170,6 +170,13 @@ def test_ct_loss_parts_and_gradients(digits):
         assert p.grad is not None, f"{name} got no gradient"
 
 
+def test_the_dt_schedule_check_does_not_bind_the_one_network_methods():
+    """snr_max = 10 flattens the top of DT's 10-block cosine schedule (refused below); CT and FM
+    have no blocks, so it is theirs to choose."""
+    for method in ("noprop-ct", "noprop-fm"):
+        assert ImageConfig(method=method, snr_max=10.0).validate().schedule_blocks == 1
+
+
 def test_one_network_whatever_num_blocks(digits):
     _, a = model_for(digits, "noprop-ct", num_blocks=10)
     _, b = model_for(digits, "noprop-ct", num_blocks=3)
@@ -182,6 +189,7 @@ def test_one_network_whatever_num_blocks(digits):
     ({"method": "noprop-fm", "parallel": "blocks"}, "one process"),
     ({"method": "noprop-ct", "snr_min": 200.0}, "snr_min"),
     ({"method": "noprop-fm", "fm_readout": "classifier"}, "anchor"),
+    ({"method": "noprop", "snr_max": 10.0}, "snr_max > 40.51"),
 ])
 def test_settings_that_do_not_apply_are_refused_in_one_line(fields, words):
     with pytest.raises(ConfigError, match=words) as err:
