@@ -22,6 +22,7 @@ from .errors import UserError, cli_main  # noqa: E402
 METHODS = ("noprop", "noprop-ct", "noprop-fm", "backprop")  # every method some task compares
 TASK_METHODS = {"image": METHODS, "lm": ("noprop", "backprop")}  # the ones each task has
 DEFAULT_METHODS = ("noprop", "backprop")
+ONE_NETWORK = ("noprop-ct", "noprop-fm")  # no blocks: the block schedule is NoProp-DT's alone
 # LMConfig's sampling fields: a comparison prints no samples, so --help leaves them out
 LM_SAMPLING = ("sample", "sample_tokens", "num_samples", "temperature", "top_k")
 
@@ -72,6 +73,15 @@ def check_methods(methods: list[str], task: str) -> None:
                         f"image-only; --task {task} compares {','.join(TASK_METHODS[task])}")
 
 
+def run_config(cfg, method: str, out_dir: Path):
+    """One method's config: the comparison's, with that method and its run folder; NoProp-CT and
+    -FM train one network, so they take block_schedule all whatever NoProp-DT's is."""
+    changes = {"method": method, "out": str(out_dir / method)}
+    if method in ONE_NETWORK:
+        changes["block_schedule"] = "all"
+    return dataclasses.replace(cfg, **changes).validate()
+
+
 def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
             config_name: str | None = None, command: str | None = None,
             overwrite: bool = False) -> dict:
@@ -94,6 +104,7 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
             # the trainer appends to metrics.jsonl: an old run there would mix into the new one
             raise UserError(f"{out_dir / m}: already holds a run; choose another --out "
                             "(--overwrite replaces it)")
+    run_cfgs = {m: run_config(cfg, m, out_dir) for m in methods}  # a bad pairing fails here
     for m in methods:
         check_writable(out_dir / m)
     data = TASKS[cfg.task].load_data(cfg, show_progress)  # once for every method
@@ -102,12 +113,11 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
     what = (f"LM on {reports.data_name(cfg)}" if cfg.task == "lm" else
             f"on {cfg.dataset} ({data.source})")
     for m in methods:
-        run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
         detail = "" if cfg.task == "lm" else (
             f", {reports.prediction_steps(m, {}, cfg) or 'inference steps as configured'}"
-            if m in ("noprop-ct", "noprop-fm") else f", T={cfg.num_blocks}")
+            if m in ONE_NETWORK else f", T={cfg.num_blocks}")
         print(f"== {m} {what}{detail}, run {out_dir / m}", flush=True)
-        trainer = Run(run_cfg, data, out_dir / m, show_progress=show_progress)
+        trainer = Run(run_cfgs[m], data, out_dir / m, show_progress=show_progress)
         if overwrite:  # the old run's files go just before the new run starts
             clear_run(out_dir / m)
         runs[m] = trainer.fit()
@@ -143,9 +153,12 @@ def run(argv: list[str] | None = None) -> dict:
                      config_name=args.config or cls.DEFAULT, overwrite=args.overwrite,
                      command=shlex.join(["python", "-m", "noprop_fast.compare", *argv]))
     print(reports.results_markdown(result["runs"], args.task))
-    print(f"accuracy with {cfg.inference} inference; report in {result['report']}"
-          if args.task == "image" else
-          f"val loss in nats/token on the same val tokens; report in {result['report']}")
+    if args.task == "image":
+        one_network = [m for m in methods if m in ONE_NETWORK]  # their chain or ODE: report.md
+        how = f" ({', '.join(one_network)}: see report.md)" if one_network else ""
+        print(f"accuracy with {cfg.inference} inference{how}; report in {result['report']}")
+    else:
+        print(f"val loss in nats/token on the same val tokens; report in {result['report']}")
     return result
 
 

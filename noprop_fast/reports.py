@@ -234,6 +234,7 @@ def method_lines(cfg, runs: dict[str, dict]) -> list[str]:
     prediction time where the summary has it)."""
     steps = {m: prediction_steps(m, s, cfg) or "its configured number of steps"
              for m, s in runs.items()}
+    fm_readout = runs.get("noprop-fm", {}).get("readout", getattr(cfg, "fm_readout", "nearest"))
     texts = {
         "noprop": f"T = {cfg.num_blocks} blocks, each trained alone to denoise a noisy class "
                   "embedding (its error weighted by the SNR step of its block), plus the "
@@ -247,7 +248,8 @@ def method_lines(cfg, runs: dict[str, dict]) -> list[str]:
                      "u_y - z_0 along z_t = t u_y + (1 - t) z_0, plus an anchor cross-entropy "
                      "when the class embedding is learned. Predicts by integrating the ODE "
                      f"dz/dt = v(z, x, t) from z_0 ~ N(0, I) ({steps.get('noprop-fm')}), then "
-                     "the class whose embedding is nearest to z_1.",
+                     + ("the classifier on z_1." if fm_readout == "classifier" else
+                        "the class whose embedding is nearest to z_1."),
         "backprop": f"the same T = {cfg.num_blocks} blocks and classifier, chained and trained "
                     "end to end on the classifier's cross-entropy. Predicts by running the chain "
                     "from z_0, then the classifier on z_T.",
@@ -284,10 +286,13 @@ def _image_sections(cfg, data, runs, histories, config_name: str) -> tuple[list,
              f"- dataset: {cfg.dataset} ({first['data_source']})",
              _image_config_line(cfg, methods, config_name),
              f"- device: {first['device']}"]
-    when = "Test accuracy is measured after the last epoch"
-    accuracy = (f"{when}, NoProp-DT's with {cfg.inference} inference. With the sequential block "
-                "schedule an epoch of NoProp-DT is T passes over the data." if "noprop" in runs
-                else f"{when}.")
+    chains = [display_name(m) for m in methods if m in ("noprop", "noprop-ct")]
+    accuracy = "Test accuracy is measured after the last epoch" + (
+        "." if not chains else f"; the Eq. 3 chain of {chains[0]} uses {cfg.inference} inference."
+        if len(chains) == 1 else
+        f"; the Eq. 3 chains of {' and '.join(chains)} use {cfg.inference} inference.")
+    if "noprop" in runs:
+        accuracy += " With the sequential block schedule an epoch of NoProp-DT is T passes."
     body = [accuracy, "",
             "## What each method trains on and how it predicts", "",
             *method_lines(cfg, runs), "",

@@ -225,6 +225,8 @@ def test_four_method_report_has_a_row_per_method_and_says_how_each_predicts(tmp_
     report = write_fake_report(tmp_path, FOUR, block_schedule="sequential")
     assert report.startswith("# NoProp-DT vs NoProp-CT vs NoProp-FM vs backprop on mnist\n")
     assert "block schedule sequential (NoProp-DT)" in report and "T=10" in report
+    assert ("the Eq. 3 chains of NoProp-DT and NoProp-CT use stochastic inference. With the "
+            "sequential block schedule an epoch of NoProp-DT is T passes.") in report
     rows = {row[0]: row for row in rows_of(report, "noprop") + rows_of(report, "backprop")
             if len(row) == 6}
     assert list(rows) == ["noprop (sequential)", "noprop-ct (1000 steps)",
@@ -263,7 +265,8 @@ def test_subsets_name_only_the_methods_run_and_tolerate_missing_fields(tmp_path)
     assert "T=" not in config_line and "block schedule" not in config_line
     assert "NoProp-DT" not in report and "- backprop" not in report
     assert "noprop (" not in report and "| backprop |" not in report
-    assert "Test accuracy is measured after the last epoch." in report
+    assert ("Test accuracy is measured after the last epoch; the Eq. 3 chain of NoProp-CT uses "
+            "stochastic inference.") in report
     rows = [row for row in rows_of(report, "noprop-") if len(row) == 6]
     assert [row[0].split(" ")[0] for row in rows] == ["noprop-fm", "noprop-ct"]
     assert all(row[5] == "-" for row in rows)  # no backprop run: no memory ratio
@@ -271,6 +274,8 @@ def test_subsets_name_only_the_methods_run_and_tolerate_missing_fields(tmp_path)
     report = write_fake_report(tmp_path / "b", ("noprop-ct", "backprop"))
     assert report.startswith("# NoProp-CT vs backprop on mnist\n")
     assert "T=10" in report and "block schedule" not in report
+    report = write_fake_report(tmp_path / "c", ("noprop-fm", "backprop"), inference="noise-free")
+    assert "Test accuracy is measured after the last epoch.\n" in report  # no Eq. 3 chain run
 
 
 def test_four_method_charts_name_the_methods_and_keep_labels_inside(tmp_path, monkeypatch):
@@ -302,3 +307,26 @@ def test_four_method_charts_name_the_methods_and_keep_labels_inside(tmp_path, mo
     renderer = memory.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in memory.axes[0].texts]
     assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def test_one_network_methods_take_the_all_schedule_and_bad_pairs_fail_before_any_work(tmp_path):
+    from noprop_fast.compare import run_config
+    cfg = resolve(None, {"block_schedule": "sequential", "inference_steps": "7"})
+    configs = {m: run_config(cfg, m, tmp_path) for m in FOUR}
+    assert {m: c.block_schedule for m, c in configs.items()} == {
+        "noprop": "sequential", "noprop-ct": "all", "noprop-fm": "all", "backprop": "sequential"}
+    assert all(c.out == str(tmp_path / m) and c.method == m for m, c in configs.items())
+    # valid for NoProp-DT, not for NoProp-FM: refused before the data loads or a folder exists
+    cfg = resolve(None, {"fm_readout": "classifier", "embedding": "onehot"})
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="fm_readout"):
+        compare(cfg, ["noprop", "noprop-fm"], out)
+    assert not out.exists()
+
+
+def test_fm_read_out_by_the_classifier_says_so(tmp_path):
+    report = write_fake_report(tmp_path, ("noprop-fm",), embedding="learned",
+                               fm_readout="classifier")
+    fm = next(line for line in report.splitlines() if line.startswith("- noprop-fm"))
+    assert fm.endswith("then the classifier on z_1. Prediction: 0.75 s per 1000 test images.")
+    assert "nearest" not in fm
