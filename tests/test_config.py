@@ -63,7 +63,7 @@ def test_precedence_defaults_then_file_then_command_line(tmp_path):
     ("epochs: ten\n", "epochs: 'ten' is not a valid int"),
     ("epochs: 2.5\n", "epochs: 2.5 is not a valid int"),
     ("lr: [1, 2]\n", "lr: [1, 2] is not a valid float"),
-    ("method: sgd\n", "method: 'sgd' is not one of noprop, backprop"),
+    ("method: sgd\n", "method: 'sgd' is not one of noprop, noprop-ct, noprop-fm, backprop"),
     ("epochs: 0\n", "epochs: 0 is below its minimum 1"),
     ("dropout: 1.0\n", "dropout: 1.0 must be below 1"),
     ("num_blocks: 40\n", "use snr_max >"),
