@@ -132,7 +132,7 @@ def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPO
 # -- a comparison's tables ----------------------------------------------------------------------
 def results_markdown(runs: dict[str, dict], task: str = "image") -> str:
     """One row per method. image: accuracy, time, memory, what the memory is, ratio to the
-    baseline; lm: final val loss, one chain's, perplexity, unigram entropy, throughput."""
+    baseline, NoProp-DT's block schedule and NoProp-CT's or -FM's steps beside the name; lm: final val loss, one chain's, perplexity, unigram entropy, throughput."""
     if task == "lm":
         lines = ["| method | val loss (nats/token) | one chain | perplexity | unigram entropy "
                  "| tokens seen | train s | tokens/s | parameters |",
@@ -286,11 +286,9 @@ def _image_sections(cfg, data, runs, histories, config_name: str) -> tuple[list,
              f"- dataset: {cfg.dataset} ({first['data_source']})",
              _image_config_line(cfg, methods, config_name),
              f"- device: {first['device']}"]
-    chains = [display_name(m) for m in methods if m in ("noprop", "noprop-ct")]
+    chains = " and ".join(display_name(m) for m in methods if m in ("noprop", "noprop-ct"))
     accuracy = "Test accuracy is measured after the last epoch" + (
-        "." if not chains else f"; the Eq. 3 chain of {chains[0]} uses {cfg.inference} inference."
-        if len(chains) == 1 else
-        f"; the Eq. 3 chains of {' and '.join(chains)} use {cfg.inference} inference.")
+        f"; the Eq. 3 chain ({chains}) uses {cfg.inference} inference." if chains else ".")
     if "noprop" in runs:
         accuracy += " With the sequential block schedule an epoch of NoProp-DT is T passes."
     body = [accuracy, "",

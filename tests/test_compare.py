@@ -225,7 +225,7 @@ def test_four_method_report_has_a_row_per_method_and_says_how_each_predicts(tmp_
     report = write_fake_report(tmp_path, FOUR, block_schedule="sequential")
     assert report.startswith("# NoProp-DT vs NoProp-CT vs NoProp-FM vs backprop on mnist\n")
     assert "block schedule sequential (NoProp-DT)" in report and "T=10" in report
-    assert ("the Eq. 3 chains of NoProp-DT and NoProp-CT use stochastic inference. With the "
+    assert ("the Eq. 3 chain (NoProp-DT and NoProp-CT) uses stochastic inference. With the "
             "sequential block schedule an epoch of NoProp-DT is T passes.") in report
     rows = {row[0]: row for row in rows_of(report, "noprop") + rows_of(report, "backprop")
             if len(row) == 6}
@@ -265,7 +265,7 @@ def test_subsets_name_only_the_methods_run_and_tolerate_missing_fields(tmp_path)
     assert "T=" not in config_line and "block schedule" not in config_line
     assert "NoProp-DT" not in report and "- backprop" not in report
     assert "noprop (" not in report and "| backprop |" not in report
-    assert ("Test accuracy is measured after the last epoch; the Eq. 3 chain of NoProp-CT uses "
+    assert ("Test accuracy is measured after the last epoch; the Eq. 3 chain (NoProp-CT) uses "
             "stochastic inference.") in report
     rows = [row for row in rows_of(report, "noprop-") if len(row) == 6]
     assert [row[0].split(" ")[0] for row in rows] == ["noprop-fm", "noprop-ct"]
