@@ -90,8 +90,8 @@ class TaskConfig:
             if meta.get("minimum") is not None and value < meta["minimum"]:
                 raise ConfigError(f"{f.name}: {value!r} is below its minimum {meta['minimum']}")
         try:
-            cosine_alpha_bar(self.num_blocks, self.snr_max)
-            NoiseSchedule.cosine(self.num_blocks, self.snr_max, self.eta)
+            cosine_alpha_bar(self.schedule_blocks, self.snr_max)
+            NoiseSchedule.cosine(self.schedule_blocks, self.snr_max, self.eta)
         except ValueError as err:
             raise ConfigError(f"snr_max / num_blocks: {err}") from None
         self.check()
@@ -99,6 +99,12 @@ class TaskConfig:
 
     def check(self) -> None:
         """What a task's fields must satisfy together."""
+
+    @property
+    def schedule_blocks(self) -> int:
+        """The T of the fixed cosine schedule: num_blocks, except for the one-network methods
+        (NoProp-CT and -FM), which do not use it."""
+        return 1 if self.method in ("noprop-ct", "noprop-fm") else self.num_blocks
 
 
 @dataclass

@@ -59,7 +59,8 @@ class Run:
         self.task.prepare(self.model, pretrain, self.show_progress)
         # the whole model's parameter count, in every process
         self.parameters = sum(p.numel() for p in self.model.parameters())
-        self.schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, self.device)
+        self.schedule = NoiseSchedule.cosine(cfg.schedule_blocks, cfg.snr_max, cfg.eta,
+                                             self.device)
         self.model, self.schedule = self.strategy.localise(self, build)
         # CUDA graphs (graphs.py): one captured step per block slice, made on the slice's first
         # batch; use_graphs False runs every step uncaptured (the tests compare both)
