@@ -1,7 +1,7 @@
 """Command line: `python -m noprop_fast.compare` (options: --help; docs/usage.md, "The comparison
-report"). Trains NoProp and the backprop baseline of the same architecture from one config on the
-same data, loaded once, each method in OUT/<method>, and writes report.md, summary.json and the
-charts into OUT (reports.py)."""
+report"). Trains the methods of --methods (image: NoProp-DT, -CT, -FM and the backprop baseline of
+the same architecture; lm: NoProp-LM and a GPT) from one config on the same data, loaded once, each
+method in OUT/<method>, and writes report.md, summary.json and the charts into OUT (reports.py)."""
 import argparse
 import dataclasses
 import json
@@ -19,7 +19,10 @@ from .config import (TASK_CONFIGS, add_run_arguments, field_overrides,  # noqa: 
                      parse_task_args, resolve, task_parser)
 from .errors import UserError, cli_main  # noqa: E402
 
-METHODS = ("noprop", "backprop")
+METHODS = ("noprop", "noprop-ct", "noprop-fm", "backprop")  # every method some task compares
+TASK_METHODS = {"image": METHODS, "lm": ("noprop", "backprop")}  # the ones each task has
+DEFAULT_METHODS = ("noprop", "backprop")
+ONE_NETWORK = ("noprop-ct", "noprop-fm")  # no blocks: the block schedule is NoProp-DT's alone
 # LMConfig's sampling fields: a comparison prints no samples, so --help leaves them out
 LM_SAMPLING = ("sample", "sample_tokens", "num_samples", "temperature", "top_k")
 
@@ -28,10 +31,11 @@ def build_parser(task: str = "image", config: str | None = None) -> argparse.Arg
     parser = task_parser(
         "python -m noprop_fast.compare",
         "Train NoProp and its backprop baseline on the same data; write a report.", task,
-        "image: NoProp-DT vs backprop on digits, MNIST, CIFAR; lm: NoProp-LM vs a backprop GPT on "
-        "token shards")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated methods to run [default {','.join(METHODS)}]")
+        "image: NoProp-DT, NoProp-CT, NoProp-FM and backprop on digits, MNIST, CIFAR; lm: "
+        "NoProp-LM vs a backprop GPT on token shards")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated methods to run, from "
+                        f"{','.join(TASK_METHODS[task])} [default {','.join(DEFAULT_METHODS)}]")
     add_run_arguments(parser, task, config,
                       "replace the runs that OUT/<method> already holds (refused without it)")
     for action in parser._actions:  # two config fields mean something else here
@@ -49,12 +53,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parse_task_args(argv, build_parser)
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, task: str = "image") -> list[str]:
+    """The methods of a --methods value, in its order; a UserError if one is unknown, repeated or
+    not one of the task's."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise UserError(f"--methods: {text!r} must name distinct methods from {','.join(METHODS)}")
+        raise UserError(f"--methods: {text!r} must name distinct methods from "
+                        f"{','.join(TASK_METHODS[task])}")
+    check_methods(methods, task)
     return methods
+
+
+def check_methods(methods: list[str], task: str) -> None:
+    """Refuse, in one line, a method that the task does not have (lm: no NoProp-CT or -FM)."""
+    foreign = [m for m in methods if m not in TASK_METHODS[task]]
+    if foreign:
+        raise UserError(f"--methods: {','.join(foreign)} {'is' if len(foreign) == 1 else 'are'} "
+                        f"image-only; --task {task} compares {','.join(TASK_METHODS[task])}")
+
+
+def run_config(cfg, method: str, out_dir: Path):
+    """One method's config: the comparison's, with that method and its run folder; NoProp-CT and
+    -FM train one network, so they take block_schedule all whatever NoProp-DT's is."""
+    changes = {"method": method, "out": str(out_dir / method)}
+    if method in ONE_NETWORK:
+        changes["block_schedule"] = "all"
+    return dataclasses.replace(cfg, **changes).validate()
 
 
 def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
@@ -70,6 +95,7 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
     from .tasks import TASKS
 
     out_dir = Path(out_dir)
+    check_methods(methods, cfg.task)
     if cfg.task == "lm" and reports.BASELINE in methods and cfg.embed_init != "learned":
         raise UserError("embed_init: the GPT baseline learns its own embeddings; compare with "
                         "embed_init learned, or --methods noprop")
@@ -78,17 +104,20 @@ def compare(cfg, methods: list[str], out_dir, show_progress: bool = False, *,
             # the trainer appends to metrics.jsonl: an old run there would mix into the new one
             raise UserError(f"{out_dir / m}: already holds a run; choose another --out "
                             "(--overwrite replaces it)")
+    run_cfgs = {m: run_config(cfg, m, out_dir) for m in methods}  # a bad pairing fails here
     for m in methods:
         check_writable(out_dir / m)
     data = TASKS[cfg.task].load_data(cfg, show_progress)  # once for every method
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, histories = {}, {}
     what = (f"LM on {reports.data_name(cfg)}" if cfg.task == "lm" else
-            f"on {cfg.dataset} ({data.source}), T={cfg.num_blocks}")
+            f"on {cfg.dataset} ({data.source})")
     for m in methods:
-        run_cfg = dataclasses.replace(cfg, method=m, out=str(out_dir / m))
-        print(f"== {m} {what}, run {out_dir / m}", flush=True)
-        trainer = Run(run_cfg, data, out_dir / m, show_progress=show_progress)
+        detail = "" if cfg.task == "lm" else (
+            f", {reports.prediction_steps(m, {}, cfg) or 'inference steps as configured'}"
+            if m in ONE_NETWORK else f", T={cfg.num_blocks}")
+        print(f"== {m} {what}{detail}, run {out_dir / m}", flush=True)
+        trainer = Run(run_cfgs[m], data, out_dir / m, show_progress=show_progress)
         if overwrite:  # the old run's files go just before the new run starts
             clear_run(out_dir / m)
         runs[m] = trainer.fit()
@@ -110,7 +139,7 @@ def run(argv: list[str] | None = None) -> dict:
     overrides.pop("out", None)  # the report's folder
     if "method" in overrides:
         raise UserError("--method: compare runs every method in --methods; use --methods instead")
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, args.task)
     cls = TASK_CONFIGS[args.task]
     cfg = resolve(args.config, overrides, cls=cls)
     name = cfg.dataset if args.task == "image" else "lm"
@@ -124,9 +153,12 @@ def run(argv: list[str] | None = None) -> dict:
                      config_name=args.config or cls.DEFAULT, overwrite=args.overwrite,
                      command=shlex.join(["python", "-m", "noprop_fast.compare", *argv]))
     print(reports.results_markdown(result["runs"], args.task))
-    print(f"accuracy with {cfg.inference} inference; report in {result['report']}"
-          if args.task == "image" else
-          f"val loss in nats/token on the same val tokens; report in {result['report']}")
+    if args.task == "image":
+        one_network = [m for m in methods if m in ONE_NETWORK]  # their chain or ODE: report.md
+        how = f" ({', '.join(one_network)}: see report.md)" if one_network else ""
+        print(f"accuracy with {cfg.inference} inference{how}; report in {result['report']}")
+    else:
+        print(f"val loss in nats/token on the same val tokens; report in {result['report']}")
     return result
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 # the training objective's name by task and method, for the train-loss axes
 LOSS_NAMES = {
     ("image", "noprop"): "NoProp: denoising + CE + KL",
+    ("image", "noprop-ct"): "NoProp-CT: CE + KL + SNR'-weighted denoising",
+    ("image", "noprop-fm"): "NoProp-FM: vector-field regression (+ anchor CE)",
     ("image", "backprop"): "cross-entropy",
     ("lm", "noprop"): "NoProp objective, not a cross-entropy",
     ("lm", "backprop"): "cross-entropy, nats/token",
@@ -75,9 +77,10 @@ def line_chart(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel
 def bar_chart(labels: list[str], values: list[float], bar_labels: list[str], ylabel: str,
               title: str, path: Path, note: str | None = None) -> Path:
     """One bar per label, each captioned with its bar_labels entry; `note`: a sentence under the
-    chart. A long y label is wrapped so that it fits beside the axes."""
+    chart. A long y label is wrapped so that it fits beside the axes; past three bars the figure
+    widens, so that the captions of neighbouring bars stay apart."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    fig, ax = plt.subplots(figsize=(max(5.6, 1.6 * len(labels)), 4.4))
     bars = ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
     ax.bar_label(bars, labels=bar_labels)
     ax.margins(y=0.15)  # room for the captions above the tallest bar

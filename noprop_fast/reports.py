@@ -8,6 +8,15 @@ import shlex
 from pathlib import Path
 
 BASELINE = "backprop"  # the memory ratio is against this method; the GPT has no one-chain loss
+# what a report and its charts call each (task, method); --methods and the run folders use the keys
+DISPLAY_NAMES = {
+    ("image", "noprop"): "NoProp-DT",
+    ("image", "noprop-ct"): "NoProp-CT",
+    ("image", "noprop-fm"): "NoProp-FM",
+    ("image", "backprop"): "backprop",
+    ("lm", "noprop"): "NoProp-LM",
+    ("lm", "backprop"): "backprop GPT",
+}
 MEMORY_KINDS = {
     "cuda_peak_allocated": "CUDA allocator peak",
     "cpu_saved_for_backward": "CPU activation bytes saved for backward (saved-tensor hooks)",
@@ -21,6 +30,23 @@ FEW_TOKENS = 100_000_000
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def display_name(method: str, task: str = "image") -> str:
+    """The name a report gives a method: NoProp-DT, NoProp-CT, NoProp-FM, backprop (image)."""
+    return DISPLAY_NAMES.get((task, method), method)
+
+
+def prediction_steps(method: str, summary: dict, cfg=None) -> str | None:
+    """How many steps a NoProp-CT or -FM run predicts with, in words ("1000 steps", "100 heun
+    steps"), from its summary, else from `cfg`; None for the other methods or when neither says."""
+    if method not in ("noprop-ct", "noprop-fm"):
+        return None
+    steps = summary.get("inference_steps", getattr(cfg, "inference_steps", None))
+    if steps is None:
+        return None
+    solver = summary.get("ode_solver", getattr(cfg, "ode_solver", None))
+    return f"{steps} {solver} steps" if method == "noprop-fm" and solver else f"{steps} steps"
 
 
 def results_table(history: list[dict]) -> str:
@@ -106,7 +132,7 @@ def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPO
 # -- a comparison's tables ----------------------------------------------------------------------
 def results_markdown(runs: dict[str, dict], task: str = "image") -> str:
     """One row per method. image: accuracy, time, memory, what the memory is, ratio to the
-    baseline; lm: final val loss, one chain's, perplexity, unigram entropy, throughput."""
+    baseline, NoProp-DT's block schedule and NoProp-CT's or -FM's steps beside the name; lm: final val loss, one chain's, perplexity, unigram entropy, throughput."""
     if task == "lm":
         lines = ["| method | val loss (nats/token) | one chain | perplexity | unigram entropy "
                  "| tokens seen | train s | tokens/s | parameters |",
@@ -124,7 +150,8 @@ def results_markdown(runs: dict[str, dict], task: str = "image") -> str:
     for method, s in runs.items():
         acc = None if s["test_accuracy"] is None else 100 * s["test_accuracy"]
         ratio = s["peak_memory_bytes"] / base if base else None
-        name = method if s.get("block_schedule") is None else f"{method} ({s['block_schedule']})"
+        detail = s.get("block_schedule") or prediction_steps(method, s)
+        name = method if detail is None else f"{method} ({detail})"
         lines.append(f"| {name} | {_fmt(acc, '.2f')} | {s['seconds_per_epoch']:.2f} "
                      f"| {s['peak_memory_bytes'] / 2**20:.1f} "
                      f"| {MEMORY_KINDS.get(s['memory_kind'], s['memory_kind'])} "
@@ -174,23 +201,24 @@ def write_plots(runs: dict[str, dict], histories: dict[str, list[dict]], out_dir
     if first.get("task") == "lm":  # the two train losses are not comparable: no chart of them
         curves(histories, first, out_dir, None, data_dir)
         return
-    # log scale: NoProp's objective (denoising + CE + KL) and backprop's cross-entropy differ
-    curves(histories, first, out_dir, "each method's own objective")
+    names = [display_name(m) for m in methods]
+    # log scale: the objectives (NoProp-DT's denoising + CE + KL, backprop's cross-entropy, ...)
+    curves(dict(zip(names, histories.values())), first, out_dir, "each method's own objective")
     where = f"{first['dataset']}, {first['device']}"
     seconds = [runs[m]["seconds_per_epoch"] for m in methods]
-    bar_chart(methods, seconds, [f"{s:.2f} s" for s in seconds], "train seconds per epoch",
+    bar_chart(names, seconds, [f"{s:.2f} s" for s in seconds], "train seconds per epoch",
               f"Time per epoch: {where}", out_dir / "time.png")
     mib = [runs[m]["peak_memory_bytes"] / 2**20 for m in methods]
     base = runs.get(BASELINE, {}).get("peak_memory_bytes")
     captions = [f"{v:.1f} MiB" + (f"\n{runs[m]['peak_memory_bytes'] / base:.2f} x {BASELINE}"
                                   if base else "") for m, v in zip(methods, mib)]
     kind = MEMORY_KINDS.get(first["memory_kind"], first["memory_kind"])
-    # why NoProp saves nothing when it trains every block on every step
+    # why NoProp-DT saves nothing when it trains every block on every step
     all_blocks = runs.get("noprop", {}).get("block_schedule") == "all"
-    note = ("NoProp here trains all blocks on every step, so it holds every block's activations, "
-            "as backprop does: the saving comes with --block-schedule sequential (one block's "
-            "activations at a time).") if all_blocks else None
-    bar_chart(methods, mib, captions, f"MiB: {kind}", f"Memory: {where}", out_dir / "memory.png",
+    note = ("NoProp-DT here trains all blocks on every step, so it holds every block's "
+            "activations, as backprop does: the saving comes with --block-schedule sequential (one "
+            "block's activations at a time).") if all_blocks else None
+    bar_chart(names, mib, captions, f"MiB: {kind}", f"Memory: {where}", out_dir / "memory.png",
               note=note)
 
 
@@ -201,20 +229,74 @@ def data_name(cfg) -> str:
     return cfg.data_dir if cfg.data_dir is not None else "the embedded corpus (Python's docs)"
 
 
+def method_lines(cfg, runs: dict[str, dict]) -> list[str]:
+    """One bullet per image method run: what it trains on and how it predicts (with its measured
+    prediction time where the summary has it)."""
+    steps = {m: prediction_steps(m, s, cfg) or "its configured number of steps"
+             for m, s in runs.items()}
+    fm_readout = runs.get("noprop-fm", {}).get("readout", getattr(cfg, "fm_readout", "nearest"))
+    texts = {
+        "noprop": f"T = {cfg.num_blocks} blocks, each trained alone to denoise a noisy class "
+                  "embedding (its error weighted by the SNR step of its block), plus the "
+                  "classifier's cross-entropy on z_T and a KL term. Predicts by the Eq. 3 chain "
+                  "through the T blocks, then the classifier on z_T.",
+        "noprop-ct": "one network with the time t as an input, t drawn per example; loss: the "
+                     "classifier's cross-entropy + KL + the denoising error weighted by SNR'(t) "
+                     "of a learned noise schedule. Predicts by the Eq. 3 chain over the points "
+                     f"of a grid on t ({steps.get('noprop-ct')}), then the classifier on z_1.",
+        "noprop-fm": "one network with the time t as an input, regressed on the vector field "
+                     "u_y - z_0 along z_t = t u_y + (1 - t) z_0, plus an anchor cross-entropy "
+                     "when the class embedding is learned. Predicts by integrating the ODE "
+                     f"dz/dt = v(z, x, t) from z_0 ~ N(0, I) ({steps.get('noprop-fm')}), then "
+                     + ("the classifier on z_1." if fm_readout == "classifier" else
+                        "the class whose embedding is nearest to z_1."),
+        "backprop": f"the same T = {cfg.num_blocks} blocks and classifier, chained and trained "
+                    "end to end on the classifier's cross-entropy. Predicts by running the chain "
+                    "from z_0, then the classifier on z_T.",
+    }
+    lines = []
+    for m, s in runs.items():
+        seconds = s.get("eval_seconds_per_1000")
+        timing = "" if seconds is None else f" Prediction: {seconds:.2f} s per 1000 test images."
+        name = m if display_name(m) == m else f"{m} ({display_name(m)})"
+        lines.append(f"- {name}: {texts.get(m, 'no description.')}{timing}")
+    return lines
+
+
+def _image_config_line(cfg, methods: list[str], config_name: str) -> str:
+    """The config's fields that matter to the methods run, in one bullet."""
+    parts = []
+    if "noprop" in methods or BASELINE in methods:
+        parts.append(f"T={cfg.num_blocks}")
+    parts.append(f"{cfg.embedding} embedding")
+    if "noprop" in methods:
+        parts.append(f"block schedule {cfg.block_schedule} (NoProp-DT)")
+    steps, solver = getattr(cfg, "inference_steps", None), getattr(cfg, "ode_solver", None)
+    if steps is not None and {"noprop-ct", "noprop-fm"} & set(methods):
+        parts.append(f"inference_steps {steps}")
+    if solver is not None and "noprop-fm" in methods:
+        parts.append(f"ode_solver {solver}")
+    parts += [f"{cfg.epochs} epochs", f"batch {cfg.batch_size}", f"lr {cfg.lr}", f"seed {cfg.seed}"]
+    return f"- config: {config_name}; " + ", ".join(parts)
+
+
 def _image_sections(cfg, data, runs, histories, config_name: str) -> tuple[list, list]:
-    first = next(iter(runs.values()))
-    about = [f"# NoProp vs backprop on {cfg.dataset}", "",
+    first, methods = next(iter(runs.values())), list(runs)
+    about = [f"# {' vs '.join(display_name(m) for m in methods)} on {cfg.dataset}", "",
              f"- dataset: {cfg.dataset} ({first['data_source']})",
-             f"- config: {config_name}; T={cfg.num_blocks}, {cfg.embedding} embedding, block "
-             f"schedule {cfg.block_schedule} (NoProp), {cfg.epochs} epochs, batch "
-             f"{cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}",
+             _image_config_line(cfg, methods, config_name),
              f"- device: {first['device']}"]
-    body = [f"Test accuracy uses {cfg.inference} inference, after the last epoch. "
-            "With the sequential block schedule an epoch is T passes over the data.", "",
+    chains = " and ".join(display_name(m) for m in methods if m in ("noprop", "noprop-ct"))
+    accuracy = "Test accuracy is measured after the last epoch" + (
+        f"; the Eq. 3 chain ({chains}) uses {cfg.inference} inference." if chains else ".")
+    if "noprop" in runs:
+        accuracy += " With the sequential block schedule an epoch of NoProp-DT is T passes."
+    body = [accuracy, "",
+            "## What each method trains on and how it predicts", "",
+            *method_lines(cfg, runs), "",
             "## Per epoch", "",
-            "The losses are each method's own objective (NoProp: denoising + CE + KL; backprop: "
-            "cross-entropy) and are not comparable in value.", "",
-            epochs_markdown(histories), "",
+            "The losses are each method's own objective (above) and are not comparable in value.",
+            "", epochs_markdown(histories), "",
             "Plots: loss.png, accuracy.png, time.png, memory.png."]
     return about, body
 

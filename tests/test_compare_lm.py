@@ -128,7 +128,7 @@ def test_task_image_compare_runs(tmp_path, capsys):
     assert main(["--task", "image", "--epochs", "1", "--num-blocks", "1", "--batch-size", "512",
                  "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert report.startswith("# NoProp vs backprop on digits")
+    assert report.startswith("# NoProp-DT vs backprop on digits")
     assert "- config: digits;" in report
     assert re.search(r"^\| noprop \(all\) \|", report, re.M)
     assert re.search(r"^\| backprop \|", report, re.M)

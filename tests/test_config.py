@@ -24,6 +24,32 @@ def test_every_packaged_config_is_valid_and_the_paper_grid_is_complete():
     assert all(description for _, description in list_configs())
 
 
+def test_the_continuous_time_grid_is_complete_with_the_papers_settings():
+    """NoProp-CT and -FM, one file per dataset x embedding: the paper's appendix values for CT
+    (FM: the same; its row could not be read), 1000 inference steps, the DT configs' T."""
+    names = {name for name, _ in list_configs()}
+    for method in ("noprop-ct", "noprop-fm"):
+        for dataset, epochs in (("mnist", 100), ("cifar10", 500), ("cifar100", 1000)):
+            for embedding in ("onehot", "learned", "prototype"):
+                name = f"{dataset}-{method}-{embedding}"
+                assert name in names
+                cfg = load_config(name).validate()
+                assert (cfg.dataset, cfg.method, cfg.embedding) == (dataset, method, embedding)
+                assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.eta) == (1e-3, 1e-3, 128, 1.0)
+                assert (cfg.epochs, cfg.inference_steps, cfg.num_blocks) == (epochs, 1000, 10)
+                assert cfg.embed_dim == 20 or embedding != "learned"
+                if method == "noprop-fm":
+                    assert cfg.ode_solver == "euler"
+
+
+def test_every_packaged_config_loads_and_validates():
+    from noprop_fast.config import TASK_CONFIGS, read_yaml
+    for name, _ in list_configs():
+        path = CONFIG_DIR / f"{name}.yaml"
+        cls = TASK_CONFIGS[read_yaml(path).get("task", "image")]
+        assert load_config(name, cls).validate().task == cls().task, name
+
+
 def test_precedence_defaults_then_file_then_command_line(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("epochs: 7\nlr: 0.01\n")
@@ -37,7 +63,7 @@ def test_precedence_defaults_then_file_then_command_line(tmp_path):
     ("epochs: ten\n", "epochs: 'ten' is not a valid int"),
     ("epochs: 2.5\n", "epochs: 2.5 is not a valid int"),
     ("lr: [1, 2]\n", "lr: [1, 2] is not a valid float"),
-    ("method: sgd\n", "method: 'sgd' is not one of noprop, backprop"),
+    ("method: sgd\n", "method: 'sgd' is not one of noprop, noprop-ct, noprop-fm, backprop"),
     ("epochs: 0\n", "epochs: 0 is below its minimum 1"),
     ("dropout: 1.0\n", "dropout: 1.0 must be below 1"),
     ("num_blocks: 40\n", "use snr_max >"),
