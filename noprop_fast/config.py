@@ -133,8 +133,11 @@ class ImageConfig(TaskConfig):
     fm_readout: str = _opt("nearest", "noprop-fm: the class of z_1: its nearest class embedding, "
                            "or the classifier (trained by the anchor, so learned or prototype "
                            "embeddings only)", ("nearest", "classifier"))
-    snr_min: float = _opt(1e-3, "noprop-ct: SNR at t = 0, the fixed noisy end of the learned "
-                          "schedule (snr_max: its clean end)", minimum=1e-12)
+    ct_snr_min: float = _opt(1e-3, "noprop-ct: SNR(0), the fixed noisy end of the learned "
+                             "schedule", minimum=1e-12)
+    ct_snr_max: float = _opt(10.0, "noprop-ct: SNR(1), its fixed clean end (NoProp-DT's is "
+                             "snr_max; docs/method.md section 5 says why CT's is lower)",
+                             minimum=1e-12)
 
     DEFAULT = "digits"  # the config --task image uses when none is named
 
@@ -148,9 +151,9 @@ class ImageConfig(TaskConfig):
         if one_network and self.parallel != "none":
             raise ConfigError(f"parallel: {self.method} runs in one process (--parallel splits "
                               "NoProp-DT's blocks or batches)")
-        if self.method == "noprop-ct" and not self.snr_min < self.snr_max:
-            raise ConfigError(f"snr_min: {self.snr_min:g} must be below snr_max "
-                              f"({self.snr_max:g})")
+        if self.method == "noprop-ct" and not self.ct_snr_min < self.ct_snr_max:
+            raise ConfigError(f"ct_snr_min: {self.ct_snr_min:g} must be below ct_snr_max "
+                              f"({self.ct_snr_max:g})")
         if (self.method == "noprop-fm" and self.fm_readout == "classifier"
                 and self.embedding == "onehot"):
             raise ConfigError("fm_readout: the classifier is trained by the anchor, which "

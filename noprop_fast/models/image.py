@@ -302,7 +302,7 @@ class ImageModel(DenoisingModel):
     def __init__(self, method: str, num_blocks: int, image_shape: tuple[int, int, int],
                  num_classes: int, embedding: ClassEmbedding, dropout: float = 0.2,
                  classifier_init: str = "embedding", snr_min: float = 1e-3,
-                 snr_max: float = 100.0, eta: float = 0.1):
+                 snr_max: float = 10.0, eta: float = 0.1):
         super().__init__()
         self.method, self.num_classes = method, num_classes
         self.embedding = embedding

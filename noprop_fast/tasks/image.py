@@ -25,7 +25,8 @@ def build_model(cfg, data: ImageData, device: torch.device) -> ImageModel:
         prototypes = prototype_embeddings(data.train_x, data.train_y, data.num_classes)
     embedding = ClassEmbedding(cfg.embedding, data.num_classes, cfg.embed_dim, prototypes)
     model = ImageModel(cfg.method, cfg.num_blocks, data.image_shape, data.num_classes, embedding,
-                       cfg.dropout, cfg.classifier_init, cfg.snr_min, cfg.snr_max, cfg.eta)
+                       cfg.dropout, cfg.classifier_init, cfg.ct_snr_min, cfg.ct_snr_max,
+                       cfg.eta)
     return model.to(device)
 
 
