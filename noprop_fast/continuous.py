@@ -99,13 +99,13 @@ def ct_chain(model: ImageModel, features: torch.Tensor, steps: int,
     grid = model.noise_schedule.grid(steps)
     times = torch.linspace(0.0, 1.0, steps + 1, device=features.device)
     w = model.embedding.weight
-    n = features.shape[1]
+    denoise = model.blocks.field_on_grid(features, w, times)
 
     def step(z, k):
-        u_hat = model.blocks.denoise(features, z[None], w, t=times[k].expand(n))[0].to(z.dtype)
+        u_hat = denoise(z, k).to(z.dtype)
         noise = torch.randn(z.shape, device=z.device, dtype=z.dtype) if stochastic else None
         return denoise_step(z, u_hat, grid, k + 1, noise)
-    z = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
+    z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype)
     return _integrate(step, z, steps, graphs)
 
 
@@ -117,18 +117,16 @@ def fm_ode(model: ImageModel, features: torch.Tensor, steps: int, solver: str = 
     if solver not in ("euler", "heun"):
         raise ValueError(f"unknown ODE solver {solver!r}")
     w = model.embedding.weight
-    n, dt = features.shape[1], 1.0 / steps
-
-    def field(z, t):
-        return model.blocks.denoise(features, z[None], w, t=t.expand(n))[0].to(z.dtype)
+    dt = 1.0 / steps
+    times = torch.linspace(0.0, 1.0, steps + 1, device=features.device)
+    field = model.blocks.field_on_grid(features, w, times)
 
     def step(z, k):
-        t = k.to(z.dtype) * dt
-        v = field(z, t)
+        v = field(z, k).to(z.dtype)
         if solver == "euler":
             return z + dt * v
-        return z + dt / 2 * (v + field(z + dt * v, t + dt))
-    z = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
+        return z + dt / 2 * (v + field(z + dt * v, k + 1).to(z.dtype))
+    z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype)
     return _integrate(step, z, steps, graphs)
 
 

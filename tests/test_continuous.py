@@ -93,18 +93,39 @@ def test_from_alpha_bar_gives_the_cosine_schedule_bit_for_bit():
 
 
 class PerfectDenoiser:
-    """Stands in for `model.blocks.denoise`: CT returns u_y; FM returns u_y - z_0, z_0 being the
-    latent it saw first (t = 0)."""
+    """Stands in for `model.blocks.field_on_grid`: CT's field returns u_y; FM's u_y - z_0, z_0
+    being the latent it saw first (t = 0)."""
 
     def __init__(self, u: torch.Tensor, flow: bool):
         self.u, self.flow, self.z0 = u, flow, None
 
-    def __call__(self, features, z, w, blocks=None, t=None):
+    def __call__(self, features, w, times):
+        return self.field
+
+    def field(self, z, k):
         if self.flow:
             if self.z0 is None:
-                self.z0 = z[0].clone()
-            return (self.u - self.z0)[None]
-        return self.u[None]
+                self.z0 = z.clone()
+            return self.u - self.z0
+        return self.u
+
+
+@pytest.mark.parametrize("method, embedding", [("noprop-ct", "onehot"), ("noprop-fm", "learned"),
+                                               ("noprop-ct", "prototype")])
+def test_the_chains_field_equals_the_blocks_denoise(digits, method, embedding):
+    """field_on_grid's precomputed image and time columns give what denoise gives."""
+    _, model = model_for(digits, method, embedding=embedding)
+    model.eval()
+    x, n = digits.test_x[:40], 40
+    times = torch.linspace(0, 1, 6)
+    with torch.no_grad():
+        features = model.blocks.features(x)
+        field = model.blocks.field_on_grid(features, model.embedding.weight, times)
+        for k in (0, 3, 5):
+            z = torch.randn(n, model.embedding.dim)
+            plain = model.blocks.denoise(features, z[None], model.embedding.weight,
+                                         t=times[k].expand(n))[0]
+            torch.testing.assert_close(field(z, torch.tensor(k)), plain, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
@@ -114,7 +135,7 @@ def test_ct_chain_with_a_perfect_denoiser_lands_on_u(digits, stochastic):
     _, model = model_for(digits, "noprop-ct")
     n, d = 4000, model.embedding.dim
     u = model.embedding.weight[torch.arange(n) % 10]
-    model.blocks.denoise = PerfectDenoiser(u, flow=False)
+    model.blocks.field_on_grid = PerfectDenoiser(u, flow=False)
     torch.manual_seed(0)
     z = continuous.ct_chain(model, torch.zeros(1, n, 1), steps=200, stochastic=stochastic)
     abar_1 = 10 / 11  # the default ct_snr_max
@@ -135,7 +156,7 @@ def test_fm_ode_with_the_exact_field_lands_on_u(digits, solver):
     _, model = model_for(digits, "noprop-fm", embedding="learned")
     n = 64
     u = model.embedding.weight.detach()[torch.arange(n) % 10]
-    model.blocks.denoise = PerfectDenoiser(u, flow=True)
+    model.blocks.field_on_grid = PerfectDenoiser(u, flow=True)
     z = continuous.fm_ode(model, torch.zeros(1, n, 1), steps=50, solver=solver)
     torch.testing.assert_close(z, u, rtol=1e-5, atol=1e-5)
 

@@ -204,6 +204,31 @@ class DenoisingBlocks(nn.Module):
             return self.head(h, blocks)
         return softmax_embedding(h, self.head, embed_weight, blocks, self.ops)
 
+    def field_on_grid(self, image_features: torch.Tensor, embed_weight: torch.Tensor,
+                      times: torch.Tensor):
+        """CT / FM inference: `field(z [N, d], k)` = denoise(image_features, z, ., t = times[k])
+        [N, d] (k: a 0-dim int64 tensor), with what does not change along the chain computed
+        once. The first fusion layer is linear in its input [image, latent, time]: its image
+        columns (and bias) are applied to every image and its time columns to every grid time
+        [S + 1] here, so a step computes the latent branch, one 256 x 256 product and the rest."""
+        w, b = self.fuse_fc1.weight, self.fuse_fc1.bias               # [1, 256, 768], [1, 256]
+        w = w.to(image_features.dtype)
+        n, H = image_features.shape[1], HIDDEN
+        fixed = self.ops.block_linear(image_features, w[..., :H], b.to(w.dtype))  # [1, N, 256]
+        # [1, S + 1, 256]: the time columns at every grid time
+        timed = self.ops.block_linear(self.time_features(times), w[..., 2 * H:], None)
+        latent_weight = w[..., H:2 * H]
+
+        def field(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            latent = self.latent_features(self._cast(z).unsqueeze(0))  # [1, N, 256]
+            h = self.ops.block_linear(latent, latent_weight, None) + fixed + timed[:, k].unsqueeze(1)
+            h = F.relu(self.fuse_bn1(h))
+            h = F.relu(self.fuse_bn2(self.fuse_fc2(h)))
+            if self.vector_output:
+                return self.head(h)[0]
+            return softmax_embedding(h, self.head, embed_weight, ALL_BLOCKS, self.ops)[0]
+        return field
+
     # the NoProp maths (noprop.py) asks every task's blocks for their z-independent features
     features = image_features
 
