@@ -103,6 +103,11 @@ class TaskConfig:
 
 @dataclass
 class ImageConfig(TaskConfig):
+    method: str = _task_default(
+        "method", "noprop", choices=("noprop", "noprop-ct", "noprop-fm", "backprop"),
+        help="noprop: NoProp-DT (T blocks); noprop-ct: NoProp-CT (one network, continuous t, "
+        "learned schedule); noprop-fm: NoProp-FM (one network, flow matching); backprop: the "
+        "DT blocks trained end to end")
     dataset: str = _opt("digits", "digits ships with scikit-learn, so it runs offline",
                         ("digits", "mnist", "cifar10", "cifar100"))
     embedding: str = _opt("onehot", "class embedding W_embed", ("onehot", "learned", "prototype"))
@@ -114,12 +119,36 @@ class ImageConfig(TaskConfig):
                                ("all", "sequential"))
     epochs: int = _opt(100, "passes over the training data (sequential: T passes each)", minimum=1)
     dropout: float = _opt(0.2, "dropout in the conv branch", minimum=0.0)
+    # NoProp-CT and -FM (docs/method.md section 5)
+    inference_steps: int = _opt(1000, "noprop-ct: points of the Eq. 3 grid t_k = k / S; "
+                                "noprop-fm: ODE steps (the paper: 1000)", minimum=1)
+    ode_solver: str = _opt("euler", "noprop-fm: the ODE solver (heun: second order, two field "
+                           "evaluations a step)", ("euler", "heun"))
+    fm_readout: str = _opt("nearest", "noprop-fm: the class of z_1: its nearest class embedding, "
+                           "or the classifier (trained by the anchor, so learned or prototype "
+                           "embeddings only)", ("nearest", "classifier"))
+    snr_min: float = _opt(1e-3, "noprop-ct: SNR at t = 0, the fixed noisy end of the learned "
+                          "schedule (snr_max: its clean end)", minimum=1e-12)
 
     DEFAULT = "digits"  # the config --task image uses when none is named
 
     def check(self) -> None:
         if self.dropout >= 1:
             raise ConfigError(f"dropout: {self.dropout} must be below 1")
+        one_network = self.method in ("noprop-ct", "noprop-fm")
+        if one_network and self.block_schedule != "all":
+            raise ConfigError(f"block_schedule: {self.method} trains one network, so there are "
+                              "no blocks to schedule; use block_schedule all")
+        if one_network and self.parallel != "none":
+            raise ConfigError(f"parallel: {self.method} runs in one process (--parallel splits "
+                              "NoProp-DT's blocks or batches)")
+        if self.method == "noprop-ct" and not self.snr_min < self.snr_max:
+            raise ConfigError(f"snr_min: {self.snr_min:g} must be below snr_max "
+                              f"({self.snr_max:g})")
+        if (self.method == "noprop-fm" and self.fm_readout == "classifier"
+                and self.embedding == "onehot"):
+            raise ConfigError("fm_readout: the classifier is trained by the anchor, which "
+                              "learned or prototype embeddings have; one-hot uses nearest")
 
 
 @dataclass

@@ -29,7 +29,12 @@ def cpp():
     {"embedding": "learned", "block_schedule": "sequential"},
     {"embedding": "prototype"},
     {"embedding": "onehot", "method": "backprop"},
-], ids=["onehot", "learned-sequential", "prototype", "backprop"])
+    {"embedding": "onehot", "method": "noprop-ct"},
+    {"embedding": "learned", "method": "noprop-ct"},
+    {"embedding": "prototype", "method": "noprop-fm"},
+    {"embedding": "learned", "method": "noprop-fm"},
+], ids=["onehot", "learned-sequential", "prototype", "backprop", "ct-onehot", "ct-learned",
+        "fm-prototype", "fm-learned"])
 def test_cpp_path_matches_reference_step_by_step(cpp, config):
     assert_same_losses(losses_side_by_side("cpp", steps=4, **config))
 
@@ -39,9 +44,12 @@ def test_cpp_path_matches_reference_in_low_precision(cpp, precision):
     assert_same_losses(losses_side_by_side("cpp", steps=3, precision=precision), precision)
 
 
-def test_fused_run_resumes_exactly(cpp, tmp_path):
-    whole = train.run([*TINY, "--fused", "--epochs", "2", "--out", str(tmp_path / "whole")])
-    train.run([*TINY, "--fused", "--epochs", "1", "--out", str(tmp_path / "split")])
+@pytest.mark.parametrize("extra", [[], ["--method", "noprop-ct", "--inference-steps", "5"],
+                                   ["--method", "noprop-fm", "--inference-steps", "5"]],
+                         ids=["dt", "ct", "fm"])
+def test_fused_run_resumes_exactly(cpp, tmp_path, extra):
+    whole = train.run([*TINY, *extra, "--fused", "--epochs", "2", "--out", str(tmp_path / "whole")])
+    train.run([*TINY, *extra, "--fused", "--epochs", "1", "--out", str(tmp_path / "split")])
     split = train.run(["--resume", str(tmp_path / "split"), "--epochs", "2", "--no-progress"])
     assert whole["ops"] == split["ops"] == "cpp"
     a, b = (load_checkpoint(tmp_path / n)["model"] for n in ("whole", "split"))

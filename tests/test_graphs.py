@@ -110,7 +110,8 @@ def assert_same_state(a, b):
 
 
 IMAGE_CASES = {"noprop-all": {}, "noprop-sequential": {"block_schedule": "sequential"},
-               "backprop": {"method": "backprop"}}
+               "backprop": {"method": "backprop"}, "noprop-ct": {"method": "noprop-ct"},
+               "noprop-fm": {"method": "noprop-fm"}}
 
 
 # -- when capture is used --------------------------------------------------------------------------
@@ -288,6 +289,12 @@ STEPS = {
         slice(1, 2)),
     "image-backprop": lambda tmp, d, fused: image_steps(
         image_trainer(d, tmp, "r", batch_size=16, fused=fused, method="backprop"), slice(None)),
+    "image-noprop-ct": lambda tmp, d, fused: image_steps(
+        image_trainer(d, tmp, "r", batch_size=16, fused=fused, method="noprop-ct",
+                      embedding="learned"), slice(None)),
+    "image-noprop-fm": lambda tmp, d, fused: image_steps(
+        image_trainer(d, tmp, "r", batch_size=16, fused=fused, method="noprop-fm",
+                      embedding="learned"), slice(None)),
     "lm-noprop": lambda tmp, d, fused: lm_steps(lm_trainer(tmp, "r", fused=fused)),
     "lm-backprop": lambda tmp, d, fused: lm_steps(lm_trainer(tmp, "r", fused=fused,
                                                              method="backprop")),
@@ -386,3 +393,50 @@ def test_captured_and_uncaptured_runs_agree_bitwise(digits, tmp_path, case, prec
     assert_same_state(captured, plain)
     steps = list(captured.captured.values())
     assert steps and all(s.captured and s.failed is None and s.replays > 0 for s in steps)
+
+
+@pytest.mark.parametrize("method, solver", [("noprop-ct", "euler"), ("noprop-fm", "euler"),
+                                            ("noprop-fm", "heun")])
+def test_ct_and_fm_inference_through_the_staged_step_equals_the_eager_one(digits, tmp_path, method,
+                                                                          solver, monkeypatch):
+    """The chain and the ODE through a CapturedStep (staged on a CPU) give the eager predictions,
+    and their step reads nothing on the host (so a GPU can capture it)."""
+    from noprop_fast import continuous
+    from noprop_fast.graphs import CapturedStep
+    trainer = image_trainer(digits, tmp_path, "r", method=method)
+    calls = []
+
+    class Guarded(CapturedStep):
+        def __call__(self, *inputs):
+            calls.append(1)
+            with no_host_sync():
+                return super().__call__(*inputs)
+    monkeypatch.setattr(continuous, "CapturedStep", Guarded)
+    x = trainer.data.test_x[:50]
+    eager, staged = (continuous.predict_classes(trainer.model, x, 7, solver=solver, seed=2,
+                                                graphs=graphs) for graphs in (False, True))
+    assert torch.equal(eager, staged) and len(calls) == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method, extra", [("noprop-ct", {"inference": "noise-free"}),
+                                           ("noprop-fm", {"ode_solver": "euler"}),
+                                           ("noprop-fm", {"ode_solver": "heun"})])
+def test_captured_inference_equals_the_eager_one(digits, tmp_path, method, extra, monkeypatch):
+    """On a GPU the chain's (ODE's) one step is captured and replayed: the same predictions as
+    the eager loop (z_0 is drawn outside the graph; CT without Eq. 3's noise)."""
+    from noprop_fast import continuous
+    from noprop_fast.graphs import CapturedStep
+    made = []
+    monkeypatch.setattr(continuous, "CapturedStep",
+                        lambda *a, **k: made.append(CapturedStep(*a, **k)) or made[-1])
+    trainer = loop_module.Run(ImageConfig(method=method, batch_size=64, device="cuda", fused=True,
+                                          **extra), digits, tmp_path / "r", show_progress=False)
+    x, steps = trainer.data.test_x, 40
+    stochastic = trainer.cfg.inference == "stochastic"
+    eager, captured = (continuous.predict_classes(trainer.model, x, steps, stochastic,
+                                                  trainer.cfg.ode_solver, seed=4, graphs=graphs)
+                       for graphs in (False, True))
+    assert torch.equal(eager, captured)
+    assert made and made[0].captured and made[0].failed is None and made[0].replays == steps - 1

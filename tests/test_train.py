@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from noprop_fast import train
+from noprop_fast import continuous, train
 from noprop_fast.config import resolve
 from noprop_fast.data import load_image_dataset
 from noprop_fast.loop import Run
@@ -56,7 +56,11 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     assert a[0]["train_loss"] != c[0]["train_loss"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--block-schedule", "sequential"], ["--method", "backprop"]])
+@pytest.mark.parametrize("extra", [
+    [], ["--block-schedule", "sequential"], ["--method", "backprop"],
+    ["--method", "noprop-ct", "--embedding", "learned", "--inference-steps", "5"],
+    ["--method", "noprop-fm", "--embedding", "learned", "--inference-steps", "5"]],
+    ids=["dt", "dt-sequential", "backprop", "ct", "fm"])
 def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path, extra):
     run(tmp_path, "whole", "--epochs", "3", *extra)
     run(tmp_path, "split", "--epochs", "1", *extra)
@@ -101,6 +105,25 @@ def test_predictions_do_not_read_the_labels(tmp_path, digits):
     assert torch.equal(preds[0], preds[2]) and torch.equal(preds[1], preds[3])
     # the labels are read only to score the predictions: against random labels the same model
     # scores chance (0.1 for 10 classes; one standard deviation over 360 images is 0.016)
+    assert abs(accs[1] - 0.1) < 0.065 and accs[0] > 0.5, accs
+
+
+@pytest.mark.parametrize("method, extra", [("noprop-ct", {"inference": "noise-free"}),
+                                           ("noprop-fm", {"ode_solver": "heun"})])
+def test_ct_and_fm_predictions_do_not_read_the_labels(tmp_path, digits, method, extra):
+    """As above for the one-network variants: their chain and ODE see the images alone."""
+    cfg = resolve(None, {"method": method, "epochs": "4", "batch_size": "64",
+                         "inference_steps": "20", **extra})
+    scrambled = dataclasses.replace(digits, test_y=torch.randint(0, 10, digits.test_y.shape,
+                                                                 generator=torch.Generator().manual_seed(5)))
+    preds, accs = [], []
+    for data, name in ((digits, "true"), (scrambled, "scrambled")):
+        trainer = Run(cfg, data, tmp_path / name, show_progress=False)
+        trainer.fit()
+        preds.append(continuous.predict_classes(trainer.model, trainer.data.test_x, 20, seed=3,
+                                                solver=cfg.ode_solver))
+        accs.append(trainer.evaluate())
+    assert torch.equal(preds[0], preds[1])
     assert abs(accs[1] - 0.1) < 0.065 and accs[0] > 0.5, accs
 
 

@@ -2,6 +2,8 @@
 (`layers.py`). The image branch does not depend on z: `image_features` runs once per batch for
 every block, also at inference, where `denoise` then runs one block at a time. `ImageModel` adds
 the class embedding W_embed, the classifier on z_T and (backprop) the mixing weights of Eqs. 17-19.
+NoProp-CT and -FM (section 5) are one such block with the time t as a third input of the fusion;
+FM's block outputs a vector field through a linear head instead of a mixture of embeddings.
 """
 import math
 
@@ -12,11 +14,21 @@ import torch.nn.functional as F
 from ..layers import (ALL_BLOCKS, BlockBatchNorm, BlockConv2d, BlockLinear, block_slice,
                       softmax_embedding, use_ops)
 from ..ops import REFERENCE, Ops
+from ..schedule import LearnedSchedule
 
 HIDDEN = 256        # width of the image and latent features and of the first fusion layer
 FUSION_HIDDEN = 128  # width of the second fusion layer
 CONV_CHANNELS = (32, 64, 128)
 CPU_CONV_CHUNK = 1  # blocks whose conv maps a CPU computes at a time (see ConvTower.forward)
+TIME_FREQUENCIES = 32  # CT / FM: sin and cos of 1000 t at this many frequencies embed the time t
+CONTINUOUS = ("noprop-ct", "noprop-fm")  # the methods of one network with t as an input
+
+
+def time_encoding(t: torch.Tensor) -> torch.Tensor:
+    """[N] times in [0, 1] -> [N, 2 F] sinusoidal features (frequencies 1 .. 1/10000 of 1000 t)."""
+    k = torch.arange(TIME_FREQUENCIES, device=t.device, dtype=torch.float32)
+    angle = 1000.0 * t.float().unsqueeze(-1) * torch.exp(-math.log(10000.0) * k / TIME_FREQUENCIES)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
 
 class _UniformDropout(torch.autograd.Function):
@@ -114,11 +126,14 @@ class ConvTower(nn.Module):
 class DenoisingBlocks(nn.Module):
     """T DT blocks: `forward(x [N, C, H, W], z [B, N, d], W_embed [m, d])` -> u_hat [B, N, d].
     latent_image_shape: set for prototype embeddings (d = C * H * W): z then goes through a conv
-    tower of its own instead of the fully connected latent branch."""
+    tower of its own instead of the fully connected latent branch. time_input (CT, FM): the time
+    t [N] enters the fusion as ReLU(FC256(time_encoding(t))) beside the image and latent
+    features; vector_output (FM): the last FC outputs d values, the vector field, not m logits."""
 
     def __init__(self, num_blocks: int, image_shape: tuple[int, int, int], num_classes: int,
                  embed_dim: int, dropout: float = 0.2,
-                 latent_image_shape: tuple[int, int, int] | None = None):
+                 latent_image_shape: tuple[int, int, int] | None = None,
+                 time_input: bool = False, vector_output: bool = False):
         super().__init__()
         T = self.num_blocks = num_blocks
         self.image_shape, self.num_classes, self.dropout = image_shape, num_classes, dropout
@@ -132,9 +147,13 @@ class DenoisingBlocks(nn.Module):
             self.latent_fc1, self.latent_bn1 = BlockLinear(T, embed_dim, HIDDEN), BlockBatchNorm(T, HIDDEN)
             self.latent_fc2, self.latent_bn2 = BlockLinear(T, HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
             self.latent_fc3, self.latent_bn3 = BlockLinear(T, HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
-        self.fuse_fc1, self.fuse_bn1 = BlockLinear(T, 2 * HIDDEN, HIDDEN), BlockBatchNorm(T, HIDDEN)
+        self.time_input, self.vector_output = time_input, vector_output
+        if time_input:
+            self.time_fc = BlockLinear(T, 2 * TIME_FREQUENCIES, HIDDEN)
+        fused = (3 if time_input else 2) * HIDDEN
+        self.fuse_fc1, self.fuse_bn1 = BlockLinear(T, fused, HIDDEN), BlockBatchNorm(T, HIDDEN)
         self.fuse_fc2, self.fuse_bn2 = BlockLinear(T, HIDDEN, FUSION_HIDDEN), BlockBatchNorm(T, FUSION_HIDDEN)
-        self.head = BlockLinear(T, FUSION_HIDDEN, num_classes)
+        self.head = BlockLinear(T, FUSION_HIDDEN, embed_dim if vector_output else num_classes)
         self.ops = REFERENCE
         self.compute_dtype = None  # the blocks' activations; None: the parameters' own dtype
 
@@ -156,20 +175,34 @@ class DenoisingBlocks(nn.Module):
         h = F.relu(self.latent_bn2(self.latent_fc2(h1, blocks), blocks))
         return self.latent_bn3(self.latent_fc3(h, blocks), blocks) + h1
 
+    def time_features(self, t: torch.Tensor, blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+        """[N] times -> [B, N, 256]."""
+        nb = len(range(*blocks.indices(self.num_blocks)))
+        encoded = self._cast(time_encoding(t)).unsqueeze(0).expand(nb, -1, -1)
+        return F.relu(self.time_fc(encoded, blocks))
+
     def head_input(self, image_features: torch.Tensor, z: torch.Tensor,
-                   blocks: slice = ALL_BLOCKS) -> torch.Tensor:
-        """Image features [B, N, 256] and latents [B, N, d] -> the last FC's input [B, N, 128]."""
+                   blocks: slice = ALL_BLOCKS, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Image features [B, N, 256], latents [B, N, d] (and, CT / FM, times t [N]) -> the last
+        FC's input [B, N, 128]."""
         z = self._cast(z)
-        h = torch.cat([image_features, self.latent_features(z, blocks)], dim=-1)  # [B, N, 512]
+        parts = [image_features, self.latent_features(z, blocks)]
+        if self.time_input:
+            if t is None:
+                raise ValueError("this block takes the time t as an input (NoProp-CT / -FM)")
+            parts.append(self.time_features(t, blocks))
+        h = torch.cat(parts, dim=-1)                                  # [B, N, 512 or 768]
         h = F.relu(self.fuse_bn1(self.fuse_fc1(h, blocks), blocks))
         return F.relu(self.fuse_bn2(self.fuse_fc2(h, blocks), blocks))
 
     def denoise(self, image_features: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
-                blocks: slice = ALL_BLOCKS) -> torch.Tensor:
+                blocks: slice = ALL_BLOCKS, t: torch.Tensor | None = None) -> torch.Tensor:
         """u_hat = softmax(logits) @ W_embed: [B, N, d] in the compute dtype, a convex combination
-        of class embeddings."""
-        return softmax_embedding(self.head_input(image_features, z, blocks), self.head, embed_weight,
-                                 blocks, self.ops)
+        of class embeddings; vector_output (FM): the head's output itself, the vector field v."""
+        h = self.head_input(image_features, z, blocks, t)
+        if self.vector_output:
+            return self.head(h, blocks)
+        return softmax_embedding(h, self.head, embed_weight, blocks, self.ops)
 
     # the NoProp maths (noprop.py) asks every task's blocks for their z-independent features
     features = image_features
@@ -262,17 +295,26 @@ class DenoisingModel(nn.Module):
 
 class ImageModel(DenoisingModel):
     """The DT blocks with what they share: class embedding, classifier on z_T, and (backprop
-    baseline only) the mixing weights a_t = tanh(w_t)."""
+    baseline only) the mixing weights a_t = tanh(w_t). CT and FM: one block (num_blocks is not
+    used) with t as an input; CT also holds its learned schedule (snr_min, snr_max: its ends; eta:
+    the weight of its denoising term)."""
 
     def __init__(self, method: str, num_blocks: int, image_shape: tuple[int, int, int],
                  num_classes: int, embedding: ClassEmbedding, dropout: float = 0.2,
-                 classifier_init: str = "embedding"):
+                 classifier_init: str = "embedding", snr_min: float = 1e-3,
+                 snr_max: float = 100.0, eta: float = 0.1):
         super().__init__()
         self.method, self.num_classes = method, num_classes
         self.embedding = embedding
+        self.continuous = method in CONTINUOUS
         latent_shape = image_shape if embedding.kind == "prototype" else None
-        self.blocks = DenoisingBlocks(num_blocks, image_shape, num_classes, embedding.dim, dropout,
-                                      latent_image_shape=latent_shape)
+        self.blocks = DenoisingBlocks(1 if self.continuous else num_blocks, image_shape,
+                                      num_classes, embedding.dim, dropout,
+                                      latent_image_shape=latent_shape,
+                                      time_input=self.continuous,
+                                      vector_output=method == "noprop-fm")
+        if method == "noprop-ct":
+            self.noise_schedule = LearnedSchedule(snr_min, snr_max, eta)
         self.classifier = nn.Linear(embedding.dim, num_classes)
         if classifier_init == "embedding":
             self.matched_filter_classifier()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import continuous
 from ..data import ImageData, batches, load_image_dataset
 from ..layers import ALL_BLOCKS
 from ..noprop import backprop_loss, noprop_loss, predict_classes
@@ -24,7 +25,7 @@ def build_model(cfg, data: ImageData, device: torch.device) -> ImageModel:
         prototypes = prototype_embeddings(data.train_x, data.train_y, data.num_classes)
     embedding = ClassEmbedding(cfg.embedding, data.num_classes, cfg.embed_dim, prototypes)
     model = ImageModel(cfg.method, cfg.num_blocks, data.image_shape, data.num_classes, embedding,
-                       cfg.dropout, cfg.classifier_init)
+                       cfg.dropout, cfg.classifier_init, cfg.snr_min, cfg.snr_max, cfg.eta)
     return model.to(device)
 
 
@@ -34,6 +35,16 @@ def train_step(model: ImageModel, optimizer: BlockAdamW, schedule: NoiseSchedule
     """One image step on one process: (loss, parts) as device tensors (noise: a PhiloxNoise)."""
     loss, parts = ImageTask.loss(model, schedule, x, y, blocks, noise)
     return apply_gradients(loss, optimizer, blocks, scaler), parts
+
+
+def inference_used(cfg) -> str:
+    """How a test accuracy was read: the chain or ODE, its steps, the readout."""
+    if cfg.method == "noprop-ct":
+        return f"{cfg.inference} Eq. 3 chain, {cfg.inference_steps} steps, classifier on z_1"
+    if cfg.method == "noprop-fm":
+        readout = "nearest class embedding" if cfg.fm_readout == "nearest" else "classifier"
+        return f"{cfg.ode_solver} ODE, {cfg.inference_steps} steps, {readout}"
+    return f"{cfg.inference} inference"
 
 
 @dataclass
@@ -55,6 +66,10 @@ class ImageTask(Task):
              shared_terms: bool = True):
         if model.method == "noprop":
             return noprop_loss(model, schedule, x, y, blocks, noise, shared_terms)
+        if model.method == "noprop-ct":  # one network: no blocks, its own learned schedule
+            return continuous.ct_loss(model, x, y, noise)
+        if model.method == "noprop-fm":
+            return continuous.fm_loss(model, x, y, noise)
         return backprop_loss(model, x, y)
 
     def __init__(self, cfg, data: ImageData, device: torch.device, data_share=(0, 1)):
@@ -120,9 +135,15 @@ class ImageTask(Task):
 
     def evaluate(self, model, schedule: NoiseSchedule, transport=None) -> float:
         """Test accuracy: predictions from the images alone, compared with the labels after."""
-        predicted = predict_classes(model, schedule, self.data.test_x,
-                                    self.cfg.inference == "stochastic", self.cfg.seed,
-                                    transport=transport)
+        cfg, stochastic = self.cfg, self.cfg.inference == "stochastic"
+        if model.continuous:  # the whole test set in one chain; CUDA: one step, captured
+            graphs = cfg.cuda_graphs != "off" and cfg.precision != "fp16"
+            predicted = continuous.predict_classes(
+                model, self.data.test_x, cfg.inference_steps, stochastic, cfg.ode_solver,
+                cfg.fm_readout, cfg.seed, graphs)
+        else:
+            predicted = predict_classes(model, schedule, self.data.test_x, stochastic, cfg.seed,
+                                        transport=transport)
         return (predicted == self.data.test_y).float().mean().item()  # host sync
 
     def eval_fields(self, accuracy: float) -> dict:
@@ -138,22 +159,33 @@ class ImageTask(Task):
         cfg, p = self.cfg, run.progress
         # the last epoch of a run is always evaluated, so this is the final model's accuracy
         accs = [r["test_accuracy"] for r in p.history if r.get("test_accuracy") is not None]
-        return {"dataset": cfg.dataset, "embedding": cfg.embedding, "num_blocks": cfg.num_blocks,
-                "block_schedule": cfg.block_schedule if cfg.method == "noprop" else None,
-                "epochs": p.epoch, "test_accuracy": accs[-1] if accs else None,
-                "seconds_per_epoch": p.train_seconds / max(p.epoch, 1)}
+        fields = {"dataset": cfg.dataset, "embedding": cfg.embedding,
+                  "num_blocks": 1 if run.model.continuous else cfg.num_blocks,
+                  "block_schedule": cfg.block_schedule if cfg.method == "noprop" else None,
+                  "epochs": p.epoch, "test_accuracy": accs[-1] if accs else None,
+                  "seconds_per_epoch": p.train_seconds / max(p.epoch, 1)}
+        if run.model.continuous:  # how the figure was read, and what the chain or ODE cost
+            timed = [r["eval_seconds"] for r in p.history if r.get("eval_seconds") is not None]
+            fields.update(inference_steps=cfg.inference_steps,
+                          readout="classifier" if cfg.method == "noprop-ct" else cfg.fm_readout,
+                          eval_seconds_per_1000=(timed[-1] * 1000 / self.data.test_x.shape[0]
+                                                 if timed else None))
+            if cfg.method == "noprop-fm":
+                fields["ode_solver"] = cfg.ode_solver
+        return fields
 
     def header(self, run) -> str:
         cfg = self.cfg
-        return (f"{cfg.method} on {cfg.dataset} ({self.data.source}), T={cfg.num_blocks}, "
-                f"{cfg.embedding} embedding")
+        shape = (f"one network with t as an input (--num-blocks not used), {cfg.inference_steps} "
+                 "inference steps" if run.model.continuous else f"T={cfg.num_blocks}")
+        return f"{cfg.method} on {cfg.dataset} ({self.data.source}), {shape}, {cfg.embedding} embedding"
 
     def closing(self, run, s: dict) -> list[str]:
         """The closing table (one row per epoch) and the result."""
         from ..reports import results_table
         acc = s["test_accuracy"]
         return [results_table(run.progress.history),
-                f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({self.cfg.inference} "
-                f"inference), train {s['train_seconds']:.1f}s, memory "
+                f"test accuracy {'-' if acc is None else f'{acc:.4f}'} ({inference_used(self.cfg)}"
+                f"), train {s['train_seconds']:.1f}s, memory "
                 f"{s['peak_memory_bytes'] / 2**20:.1f} MiB ({s['memory_kind']}); summary in "
                 f"{run.run_dir / 'summary.json'}"]

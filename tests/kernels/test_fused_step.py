@@ -17,7 +17,9 @@ PRECISIONS = ["fp32"] if INTERPRETER else ["fp32", "bf16"]
 @pytest.mark.parametrize("config", [
     {"embedding": "onehot"},
     {"embedding": "learned", "block_schedule": "sequential"},
-])
+    {"method": "noprop-ct", "embedding": "learned"},
+    {"method": "noprop-fm", "embedding": "learned"},
+], ids=["onehot", "learned-sequential", "ct", "fm"])
 def test_triton_path_matches_reference_step_by_step(config, precision, device):
     rows = losses_side_by_side("triton", steps=3, precision=precision, device=device, **config)
     assert_same_losses(rows, precision)
