@@ -1,43 +1,60 @@
-"""Fused noise injection: the noisy block inputs of NoProp-DT, drawn inside the kernel.
+"""Fused noise injection: the noisy block inputs of NoProp, drawn inside the kernel.
 
-For labels y [N] (int64), class embeddings W [m, d], and per-block scales a = sqrt(abar_{t-1}) [B],
-s = sqrt(1 - abar_{t-1}) [B] (fp32, slices of `NoiseSchedule.input_scale` / `.noise_scale`):
+For labels y [N] (int64), class embeddings W [m, d], and scales a, s (fp32) given per block, [B]
+(NoProp-DT: a = sqrt(abar_{t-1}), s = sqrt(1 - abar_{t-1}), slices of `NoiseSchedule`), or per
+example, [B, N] (NoProp-CT / FM: B = 1 and every example n has its own time t_n):
 
     u = W[y]                                                  [N, d]
-    z[b, n, j] = a[b] u[n, j] + s[b] eps[b, n, j]             [B, N, d], W's dtype, fp32 arithmetic
+    z[b, n, j] = a[b, n] u[n, j] + s[b, n] eps[b, n, j]       [B, N, d], W's dtype, fp32 arithmetic
     eps[b, n, j] = randn(seed, offset + (b N + n) d + j)      (int64 index, counter-based Philox)
+
+A [B] scale is read as the [B, N] view with stride 0 over n (a[b, n] = a[b]): one kernel for both.
 
 randn is tl.randn of triton 3.9.0 (Philox-4x32-10, Box-Muller on its first two words) except that
 cos is evaluated inline (`_cos_of_angle`) instead of by libdevice's cosf, whose never-taken
 large-argument path leaves 32 bytes of stack in the cubin (the AOT check counts stack as spills);
 the Philox integers are identical and the values agree with tl.randn to about an ulp.
 
-The noise is never stored: it is drawn from (seed, offset) in the forward, and the backward does not
-need it, because dz/dW does not depend on eps:
+The noise is never stored. The backward computes only the gradients asked for
+(ctx.needs_input_grad), given dz [B, N, d]:
 
-    dW[k, :] = sum_{n : y[n] = k} sum_b a[b] dz[b, n, :]      (rows of absent labels are zero)
+    dW[k, :] = sum_{n : y[n] = k} sum_b a[b, n] dz[b, n, :]   (rows of absent labels are zero)
+    da[b, n] = sum_j dz[b, n, j] W[y[n], j]                   (when a requires grad)
+    ds[b, n] = sum_j dz[b, n, j] eps[b, n, j]                 (when s requires grad: eps is drawn
+                                                               again from the saved seed / offset)
 
-No gradient for a, s (schedule constants), y (labels), seed, offset.
+and for [B] scales da[b], ds[b] are those sums over n as well. NoProp-DT's scales are schedule
+constants: its backward computes dW only, as before, and saves only y and a. No gradient for y
+(labels), seed, offset.
 
 dW accumulation: one program per tile of (label rows n, columns j) sums over b in registers, then
 `tl.atomic_add`s the tile into an fp32 buffer at rows y[n]. Atomics keep the backward O(N d) with
 no sort of the labels and no host sync; the price is that repeated labels are summed in an
-unspecified order, so dW is reproducible only to fp32 rounding (a few ulps; at most N terms per row),
-which is then cast once to W's dtype. A deterministic variant would sort y and reduce segments.
+unspecified order, so dW is reproducible only to fp32 rounding (a few ulps; at most N terms per
+row), which is then cast once to W's dtype. A deterministic variant would sort y and reduce
+segments.
+da and ds: the same program sums its tile of columns for every (b, n) and stores the sum in its own
+slot of an fp32 [column tiles, B, N] buffer, which torch sums over the tiles: deterministic, no
+atomics, and one tile (d <= 256) leaves a sum over one slot.
 
 Labels outside [0, m): the kernels never address W or dW with them (their loads and atomics are
 masked), their rows of z are NaN (so a loss computed from them is not finite) and they add nothing
-to dW. Checking them on the host would sync with the device in every step; instead the forward
-records the first such position in a per-device int64 flag, and `check_labels()` reads it and
-raises IndexError (as the C++ op does at once): call it where the run syncs anyway (the trainers do
-when a loss is not finite). On CPU tensors (the interpreter) the launcher checks at once.
+to dW or da. Checking them on the host would sync with the device in every step; instead the
+forward records the first such position in a per-device int64 flag, and `check_labels()` reads it
+and raises IndexError (as the C++ op does at once): call it where the run syncs anyway (the
+trainers do when a loss is not finite). On CPU tensors (the interpreter) the launcher checks at
+once.
 
-Constraints: W [m, d] fp32/fp16/bf16; y [N] int64 (see above for labels outside [0, m)); a, s [B] fp32; seed, offset int64 tensors with one element, on the
-device. Inputs are made contiguous (a no-op when they are).
+Constraints: W [m, d] fp32/fp16/bf16; y [N] int64 (see above for labels outside [0, m)); a, s
+fp32, both [B] or both [B, N]; seed, offset int64 tensors with one element, on the device. Inputs
+are made contiguous (a no-op when they are).
 
 CUDA graphs: safe. Seed and offset are read from device memory inside the kernel and nothing reads
 a tensor's value on the host, so a captured graph draws new noise when the offset tensor is advanced
 in place between replays (advance it by at least B N d per call to draw fresh, disjoint counters).
+When a or s requires grad the forward saves copies of seed and offset (device copies, no sync), so
+the backward draws the forward's noise even if the offset tensor has been advanced in place since.
+Branches depend only on shapes and requires_grad; the buffers come from torch.empty / zeros.
 
 `philox_randn_ref` (ops/reference.py) reimplements tl.randn of triton 3.9.0 in plain PyTorch (int64
 arithmetic masked to 32 bits), so the reference and the tests reproduce the kernel's noise: the
@@ -95,12 +112,14 @@ def _randn(seed, offsets):
 def _noise_fwd_kernel(
     y_ptr,        # [N] int64 labels
     w_ptr,        # [m, D] class embeddings, contiguous
-    a_ptr,        # [B] fp32 input scales sqrt(abar_{t-1})
-    s_ptr,        # [B] fp32 noise scales sqrt(1 - abar_{t-1})
+    a_ptr,        # [B, N] fp32 input scales, through (stride_sb, stride_sn)
+    s_ptr,        # [B, N] fp32 noise scales, the same strides
     seed_ptr,     # [1] int64 Philox seed (device)
     offset_ptr,   # [1] int64 Philox counter offset (device)
     z_ptr,        # [B, N, D] output, contiguous, W's dtype
     bad_ptr,      # [1] int64: the first position n whose label is outside [0, M), atomic min
+    stride_sb,    # elements between blocks of a and s
+    stride_sn,    # elements between examples of a and s: 0 for [B] scales (one per block)
     num_rows,     # B * N: rows of z seen as [B N, D]
     N,            # labels per block
     M,            # classes: rows of W
@@ -116,8 +135,9 @@ def _noise_fwd_kernel(
     label = tl.load(y_ptr + n, mask=row_ok, other=0)
     bad = row_ok & ((label < 0) | (label >= M))  # never used as an address: its row of z is NaN
     tl.atomic_min(bad_ptr + tl.zeros_like(n), n, mask=bad)
-    scale = tl.load(a_ptr + block, mask=row_ok, other=0.0)
-    sigma = tl.load(s_ptr + block, mask=row_ok, other=0.0)
+    scale_at = block * stride_sb + n * stride_sn  # a[b, n] and s[b, n]
+    scale = tl.load(a_ptr + scale_at, mask=row_ok, other=0.0)
+    sigma = tl.load(s_ptr + scale_at, mask=row_ok, other=0.0)
     u = tl.load(w_ptr + label[:, None] * D + cols[None, :], mask=mask & ~bad[:, None],
                 other=float("nan")).to(tl.float32)
     index = rows[:, None] * D + cols[None, :]  # [BLOCK_R, BLOCK_D] int64: (b N + n) D + j
@@ -130,13 +150,23 @@ def _noise_fwd_kernel(
 def _noise_bwd_kernel(
     dz_ptr,       # [B, N, D] upstream gradient, contiguous
     y_ptr,        # [N] int64 labels
-    a_ptr,        # [B] fp32 input scales
-    dw_ptr,       # [m, D] fp32 gradient buffer, zero-filled, accumulated atomically
+    w_ptr,        # [M, D] class embeddings (read when NEED_DA)
+    a_ptr,        # [B, N] fp32 input scales, through (stride_sb, stride_sn) (read when NEED_DW)
+    seed_ptr,     # [1] int64 Philox seed of the forward (read when NEED_DS)
+    offset_ptr,   # [1] int64 Philox offset of the forward (read when NEED_DS)
+    dw_ptr,       # [M, D] fp32 gradient buffer, zero-filled, accumulated atomically (NEED_DW)
+    da_ptr,       # [column tiles, B, N] fp32 out: sum_j dz W[y] over this tile's columns (NEED_DA)
+    ds_ptr,       # [column tiles, B, N] fp32 out: sum_j dz eps over this tile's columns (NEED_DS)
+    stride_sb,    # elements between blocks of a
+    stride_sn,    # elements between examples of a: 0 for [B] scales
     B,            # blocks
     N,            # labels per block
     M,            # classes: rows of dW
     D,            # embedding dimension
     plane,        # N * D: elements of one block of dz
+    NEED_DW: tl.constexpr,  # accumulate dW
+    NEED_DA: tl.constexpr,  # write the partial sums of da
+    NEED_DS: tl.constexpr,  # draw eps again and write the partial sums of ds
     BLOCK_R: tl.constexpr,  # labels per program
     BLOCK_D: tl.constexpr,  # columns per program (power of two)
 ):
@@ -144,20 +174,39 @@ def _noise_bwd_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_ok = n < N
     mask = n_ok[:, None] & (cols < D)[None, :]
-    dz_tile = dz_ptr + n[:, None] * D + cols[None, :]  # block b = 0; each next block is N D further
-    grad = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for b in range(B):  # grad[n, j] = sum_b a[b] dz[b, n, j]
-        scale = tl.load(a_ptr + b)
-        grad += scale * tl.load(dz_tile, mask=mask, other=0.0).to(tl.float32)
-        dz_tile += plane  # advancing the pointer: no int32 product b N D that could overflow
     label = tl.load(y_ptr + n, mask=n_ok, other=0)
-    good = (label >= 0) & (label < M)  # a label outside [0, M) adds nothing (the forward flagged it)
-    tl.atomic_add(dw_ptr + label[:, None] * D + cols[None, :], grad, mask=mask & good[:, None])
+    good = (label >= 0) & (label < M)  # a label outside [0, M) adds nothing (forward flagged it)
+    dz_tile = dz_ptr + n[:, None] * D + cols[None, :]  # block b = 0; each next block is N D further
+    slot = tl.program_id(1).to(tl.int64) * B * N + n  # (column tile, b = 0, n) of da and ds
+    if NEED_DA:
+        u = tl.load(w_ptr + label[:, None] * D + cols[None, :], mask=mask & good[:, None],
+                    other=0.0).to(tl.float32)
+    if NEED_DS:
+        seed = tl.load(seed_ptr)
+        counter = tl.load(offset_ptr) + n[:, None] * D + cols[None, :]  # (b N + n) D + j at b = 0
+    grad = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for b in range(B):
+        upstream = tl.load(dz_tile, mask=mask, other=0.0).to(tl.float32)
+        if NEED_DW:  # grad[n, j] = sum_b a[b, n] dz[b, n, j]
+            scale = tl.load(a_ptr + b * stride_sb + n * stride_sn, mask=n_ok, other=0.0)
+            grad += scale[:, None] * upstream
+        if NEED_DA:
+            tl.store(da_ptr + slot, tl.sum(upstream * u, axis=1), mask=n_ok)
+        if NEED_DS:  # eps is finite everywhere and upstream is 0 outside the mask
+            eps = _randn(seed, counter)
+            tl.store(ds_ptr + slot, tl.sum(upstream * eps, axis=1), mask=n_ok)
+            counter += plane
+        dz_tile += plane  # advancing the pointer: no int32 product b N D that could overflow
+        slot += N
+    if NEED_DW:
+        tl.atomic_add(dw_ptr + label[:, None] * D + cols[None, :], grad,
+                      mask=mask & good[:, None])
 
 
 _ELEMENTS_PER_PROGRAM = 1024
 _BLOCK_D_CHOICES = (16, 32, 64, 128, 256)   # the tile width is next_pow2(D) clamped to this range
 _NUM_WARPS = 4
+_SCALE_GRAD_WARPS = 8  # a backward that also sums da or ds: eps and W[y] live too (w4 spills)
 
 
 def _blocks(d: int) -> tuple[int, int]:
@@ -199,6 +248,13 @@ def _check_inputs(y, W, a, s, seed, offset):
             raise ValueError(f"noise_injection: {name} is on {t.device} but W is on {W.device}")
 
 
+def _per_example(scale: torch.Tensor, N: int) -> torch.Tensor:
+    """A [B] (per block) or [B, N] (per example) scale as a [B, N] view of contiguous memory: the
+    [B] one with stride 0 over n."""
+    scale = scale.contiguous()
+    return scale.unsqueeze(1).expand(-1, N) if scale.dim() == 1 else scale
+
+
 def _noise_forward(y, W, a, s, seed, offset):
     _check_inputs(y, W, a, s, seed, offset)
     d, B, N = W.shape[1], a.shape[0], y.shape[0]
@@ -207,51 +263,93 @@ def _noise_forward(y, W, a, s, seed, offset):
         return z
     block_r, block_d = _blocks(d)
     grid = (triton.cdiv(B * N, block_r), triton.cdiv(d, block_d))
-    y = y.contiguous()
-    _noise_fwd_kernel[grid](y, W.contiguous(), a.contiguous(), s.contiguous(),
-                            seed, offset, z, _bad_label_flag(W.device, W.shape[0]), B * N, N,
-                            W.shape[0], d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+    a, s = _per_example(a, N), _per_example(s, N)  # the same strides: both contiguous, one shape
+    _noise_fwd_kernel[grid](y.contiguous(), W.contiguous(), a, s, seed, offset, z,
+                            _bad_label_flag(W.device, W.shape[0]), a.stride(0), a.stride(1),
+                            B * N, N, W.shape[0], d, BLOCK_R=block_r, BLOCK_D=block_d,
+                            num_warps=_NUM_WARPS)
     return z
 
 
-def _noise_backward(dz, y, a, w_shape, w_dtype):
+def _noise_backward(dz, y, a, w_shape, w_dtype, W=None, seed=None, offset=None, need_dw=True):
+    """(dW in w_dtype or None, da or None, ds or None) for upstream dz [B, N, d]: dW when need_dw,
+    da when W (the forward's embeddings) is given, ds when seed and offset (the forward's) are
+    given; da and ds in a's shape ([B] or [B, N]), fp32."""
     (m, d), B, N = w_shape, a.shape[0], y.shape[0]
-    dw = torch.zeros((m, d), device=dz.device, dtype=torch.float32)
+    need_da, need_ds = W is not None, seed is not None
+    block_r, block_d = _blocks(d)
+    col_tiles = triton.cdiv(d, block_d)
+    dw = torch.zeros((m, d), device=dz.device, dtype=torch.float32) if need_dw else None
+    partial = torch.empty((need_da + need_ds, col_tiles, B, N), device=dz.device,
+                          dtype=torch.float32) if need_da or need_ds else None
     if dz.numel() > 0:
-        block_r, block_d = _blocks(d)
-        grid = (triton.cdiv(N, block_r), triton.cdiv(d, block_d))
-        _noise_bwd_kernel[grid](dz.contiguous(), y, a, dw, B, N, m, d, N * d,
-                                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS)
-    return dw.to(w_dtype)
+        scales = _per_example(a, N)
+        dz = dz.contiguous()
+        unused = scales  # a placeholder for the pointers a variant does not read
+        _noise_bwd_kernel[(triton.cdiv(N, block_r), col_tiles)](
+            dz, y, W.contiguous() if need_da else dz, scales, seed if need_ds else y,
+            offset if need_ds else y, dw if need_dw else unused,
+            partial[0] if need_da else unused, partial[-1] if need_ds else unused,
+            scales.stride(0), scales.stride(1), B, N, m, d, N * d,
+            NEED_DW=need_dw, NEED_DA=need_da, NEED_DS=need_ds, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=_SCALE_GRAD_WARPS if need_da or need_ds else _NUM_WARPS)
+    elif partial is not None:
+        partial.zero_()
+    dw = dw.to(w_dtype) if need_dw else None
+    if partial is None:
+        return dw, None, None
+    sums = partial.sum(1)  # [need_da + need_ds, B, N]: over the column tiles
+    if a.dim() == 1:
+        sums = sums.sum(-1)  # a [B] scale's gradient: summed over its N examples
+    return dw, (sums[0] if need_da else None), (sums[-1] if need_ds else None)
 
 
 class _NoiseInjection(torch.autograd.Function):
-    """Saves y and a (and W's shape and dtype); the noise is neither stored nor regenerated."""
+    """Saves y and a; also, when a or s requires grad, W and copies of seed and offset (the noise
+    is drawn again from them). NoProp-DT's backward (dW only) regenerates nothing.
+
+    A backward that needs da or ds computes both (the scales of a learned schedule are learned
+    together), so it runs one of the three kernel variants that AOT_SPECS compiles."""
 
     @staticmethod
     def forward(ctx, y, W, a, s, seed, offset):
         z = _noise_forward(y, W, a, s, seed, offset)
         if W.device.type == "cpu":  # the interpreter: reading the flag costs no device sync
             check_labels(y)
-        ctx.save_for_backward(y.contiguous(), a.contiguous())
+        _, _, need_da, need_ds, _, _ = ctx.needs_input_grad
+        scales = (W, seed.clone(), offset.clone()) if need_da or need_ds else ()
+        ctx.save_for_backward(y.contiguous(), a.contiguous(), *scales)
         ctx.w_shape, ctx.w_dtype = tuple(W.shape), W.dtype
         return z
 
     @staticmethod
     @first_order_only("noise_injection")
     def backward(ctx, dz):
-        y, a = ctx.saved_tensors
-        dW = _noise_backward(dz, y, a, ctx.w_shape, ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        return None, dW, None, None, None, None
+        _, need_dw, need_da, need_ds, _, _ = ctx.needs_input_grad
+        if not (need_dw or need_da or need_ds):
+            return None, None, None, None, None, None
+        y, a, *scales = ctx.saved_tensors
+        W, seed, offset = scales if scales else (None, None, None)
+        dW, da, ds = _noise_backward(dz, y, a, ctx.w_shape, ctx.w_dtype, W=W, seed=seed,
+                                     offset=offset, need_dw=need_dw)
+        return None, dW, (da if need_da else None), (ds if need_ds else None), None, None
 
 
 def noise_injection(y, W, a, s, seed, offset):
-    """z [B, N, d] = a[b] W[y] + s[b] eps[b], eps = randn(seed, offset + (b N + n) d + j).
+    """z [B, N, d] = a[b, n] W[y[n]] + s[b, n] eps[b, n], eps[b, n, j] = randn(seed, offset + i),
+    i = (b N + n) d + j.
 
-    y [N] int64, W [m, d], a, s [B] fp32, seed and offset int64 [1] on W's device. Differentiable
-    in W only. See the module docstring for the maths and the CUDA-graph contract.
+    y [N] int64, W [m, d], a, s fp32 [B] (per block) or [B, N] (per example), seed and offset
+    int64 [1] on W's device. Differentiable in W, a and s. See the module docstring for the maths
+    and the CUDA-graph contract.
     """
     return _NoiseInjection.apply(y, W, a, s, seed, offset)
+
+
+# the backward's variants (NEED_DW, NEED_DA, NEED_DS): W alone (NoProp-DT), W and the scales (a
+# learned embedding under a learned schedule), the scales alone (a fixed embedding); da and ds are
+# computed together (_NoiseInjection), so these are all the launches
+_BWD_VARIANTS = ((True, False, False), (True, True, True), (False, True, True))
 
 
 def _aot_specs() -> list[KernelSpec]:
@@ -264,12 +362,24 @@ def _aot_specs() -> list[KernelSpec]:
                 f"noise_fwd[{dtype},{tile}]", _noise_fwd_kernel,
                 {"y_ptr": "*i64", "w_ptr": f"*{dtype}", "a_ptr": "*fp32", "s_ptr": "*fp32",
                  "seed_ptr": "*i64", "offset_ptr": "*i64", "z_ptr": f"*{dtype}",
-                 "bad_ptr": "*i64", "num_rows": "i32", "N": "i32", "M": "i32", "D": "i32"}, blocks, num_warps=_NUM_WARPS))
-            specs.append(KernelSpec(
-                f"noise_bwd[{dtype},{tile}]", _noise_bwd_kernel,
-                {"dz_ptr": f"*{dtype}", "y_ptr": "*i64", "a_ptr": "*fp32", "dw_ptr": "*fp32",
-                 "B": "i32", "N": "i32", "M": "i32", "D": "i32", "plane": "i32"}, blocks, num_warps=_NUM_WARPS))
+                 "bad_ptr": "*i64", "stride_sb": "i32", "stride_sn": "i32", "num_rows": "i32",
+                 "N": "i32", "M": "i32", "D": "i32"}, blocks, num_warps=_NUM_WARPS))
+            for need_dw, need_da, need_ds in _BWD_VARIANTS:
+                grads = ",".join(name for name, need in (("dw", need_dw), ("da", need_da),
+                                                         ("ds", need_ds)) if need)
+                warps = _SCALE_GRAD_WARPS if need_da or need_ds else _NUM_WARPS
+                specs.append(KernelSpec(
+                    f"noise_bwd[{dtype},{tile}]" if grads == "dw" else
+                    f"noise_bwd[{dtype},{blocks['BLOCK_R']}x{block_d},w{warps},{grads}]",
+                    _noise_bwd_kernel,
+                    {"dz_ptr": f"*{dtype}", "y_ptr": "*i64", "w_ptr": f"*{dtype}",
+                     "a_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64",
+                     "dw_ptr": "*fp32", "da_ptr": "*fp32", "ds_ptr": "*fp32",
+                     "stride_sb": "i32", "stride_sn": "i32", "B": "i32", "N": "i32",
+                     "M": "i32", "D": "i32", "plane": "i32"},
+                    {**blocks, "NEED_DW": need_dw, "NEED_DA": need_da, "NEED_DS": need_ds},
+                    num_warps=warps))
     return specs
 
 
-AOT_SPECS = _aot_specs()  # every (kernel, dtype, tile) that the launchers may pick
+AOT_SPECS = _aot_specs()  # every (kernel, dtype, tile, gradients) that the launchers may pick

@@ -71,11 +71,12 @@ def _one(value):
     return torch.tensor([value], dtype=torch.int64)
 
 
-def _noise_inputs(B, N, d, m, dtype, labels=None, gen_seed=0):
+def _noise_inputs(B, N, d, m, dtype, labels=None, gen_seed=0, per_example=False):
+    """y [N], W [m, d], and scales a, s [B] (per block) or [B, N] (per example)."""
     gen = torch.Generator().manual_seed(gen_seed)
     y = torch.randint(0, m, (N,), generator=gen) if labels is None else torch.tensor(labels)
     W = _draw(gen, m, d, dtype=dtype)
-    a = torch.rand(B, generator=gen)
+    a = torch.rand((B, N) if per_example else (B,), generator=gen)
     return y, W, a, (1 - a.square()).sqrt()
 
 
@@ -108,9 +109,10 @@ def test_noise_properties():
 @given(B=st.sampled_from([1, 2, 3, 10]), N=st.sampled_from([1, 2, 7, 131]),
        d=st.sampled_from([1, 3, 10, 65]), m=st.sampled_from([1, 2, 10]),
        dtype=st.sampled_from(DTYPES), seed=st.integers(-2**63, 2**63 - 1),
-       offset=st.integers(0, 2**62), gen_seed=st.integers(0, 2**16))
-def test_noise_forward_and_dw_match_reference(B, N, d, m, dtype, seed, offset, gen_seed):
-    y, W, a, s = _noise_inputs(B, N, d, m, dtype, gen_seed=gen_seed)
+       offset=st.integers(0, 2**62), gen_seed=st.integers(0, 2**16), per_example=st.booleans())
+def test_noise_forward_and_dw_match_reference(B, N, d, m, dtype, seed, offset, gen_seed,
+                                              per_example):
+    y, W, a, s = _noise_inputs(B, N, d, m, dtype, gen_seed=gen_seed, per_example=per_example)
     dz = _draw(torch.Generator().manual_seed(gen_seed + 1), B, N, d, dtype=dtype)
     (W_leaf,), (W_ref,) = _leaves([W]), _leaves([W], float32=True)
     z, (dW,) = _grads(cpu_ops.noise_injection, (y, W_leaf, a, s, _one(seed), _one(offset)), dz)
@@ -142,6 +144,83 @@ def test_noise_dw_repeated_labels_deterministic():
     assert torch.equal(first, _with_threads(2, dW)) and torch.equal(first, _with_threads(1, dW))
 
 
+# which of W, a, s require grad: NoProp-DT (W), a learned embedding under a learned schedule (all
+# three), a fixed embedding under a learned schedule (a, s), and each scale alone
+GRAD_SETS = [("W",), ("W", "a", "s"), ("a", "s"), ("a",), ("s",)]
+
+
+def _noise_grads(y, W, a, s, seed, offset, dz, wanted):
+    """z and the gradients named in `wanted` ({name: grad}) of the C++ op."""
+    leaves = dict(zip("Was", _leaves([W, a, s])))
+    for name in "Was":
+        leaves[name].requires_grad_(name in wanted)
+    z = cpu_ops.noise_injection(y, leaves["W"], leaves["a"], leaves["s"], _one(seed), _one(offset))
+    return z, dict(zip(wanted, torch.autograd.grad(z, [leaves[n] for n in wanted], dz)))
+
+
+@SETTINGS
+@given(B=st.sampled_from([1, 2, 3, 10]), N=st.sampled_from([1, 2, 7, 131]),
+       d=st.sampled_from([1, 3, 10, 65, 1500]), m=st.sampled_from([1, 2, 10]),
+       dtype=st.sampled_from(DTYPES), per_example=st.booleans(), wanted=st.sampled_from(GRAD_SETS),
+       gen_seed=st.integers(0, 2**16))
+def test_noise_scale_gradients_match_reference(B, N, d, m, dtype, per_example, wanted, gen_seed):
+    """da, ds (and dW beside them) for [B] and [B, N] scales; d = 1500 puts a row across two noise
+    chunks of 1024."""
+    y, W, a, s = _noise_inputs(B, N, d, m, dtype, gen_seed=gen_seed, per_example=per_example)
+    dz = _draw(torch.Generator().manual_seed(gen_seed + 1), B, N, d, dtype=dtype)
+    _, grads = _noise_grads(y, W, a, s, 11, 5, dz, wanted)
+    ref = dict(zip("Was", _leaves([W, a, s], float32=True)))
+    z_ref = noise_injection_ref(y, ref["W"], ref["a"], ref["s"], philox_noise(11, 5, B, N, d))
+    expected = dict(zip(wanted, torch.autograd.grad(z_ref, [ref[n] for n in wanted], dz.float())))
+    terms = {"W": B, "a": d * (1 if per_example else N), "s": d * (1 if per_example else N)}
+    for name in wanted:
+        assert grads[name].shape == ref[name].shape
+        assert grads[name].dtype == (dtype if name == "W" else torch.float32)
+        assert_close(grads[name], expected[name], dtype, scale=terms[name] ** 0.5)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+def test_noise_scale_gradients_are_deterministic(per_example):
+    """da and ds: bitwise the same on a second run and with one thread (rows split between the
+    threads and between noise chunks, d = 700)."""
+    y, W, a, s = _noise_inputs(3, 41, 700, 5, torch.float32, per_example=per_example)
+    dz = torch.randn(3, 41, 700, generator=torch.Generator().manual_seed(2))
+
+    def grads():
+        return _noise_grads(y, W, a, s, 4, 9, dz, ("W", "a", "s"))[1]
+
+    first = _with_threads(2, grads)
+    for other in (_with_threads(2, grads), _with_threads(1, grads)):
+        assert all(torch.equal(first[name], other[name]) for name in "Was")
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+def test_noise_backward_returns_none_for_scales_without_grad(per_example):
+    """a and s not requiring grad (NoProp-DT): the backward returns only dW; a alone: only da."""
+    y, W, a, s = _noise_inputs(2, 5, 8, 4, torch.float32, per_example=per_example)
+    z = cpu_ops.noise_injection(y, W.clone().requires_grad_(), a, s, _one(1), _one(0))
+    with torch.no_grad():
+        grads = cpu_ops._NoiseInjection.backward(z.grad_fn, torch.ones_like(z))
+    assert grads[1].shape == W.shape and all(g is None for g in grads[:1] + grads[2:])
+    z = cpu_ops.noise_injection(y, W, a.clone().requires_grad_(), s, _one(1), _one(0))
+    with torch.no_grad():
+        grads = cpu_ops._NoiseInjection.backward(z.grad_fn, torch.ones_like(z))
+    assert grads[2].shape == a.shape and grads[1] is None and grads[3] is None
+
+
+def test_noise_scale_gradient_draws_the_forwards_noise():
+    """ds regenerates eps from copies of the forward's seed and offset, whatever happens to the
+    offset tensor after the forward."""
+    B, N, d = 2, 5, 8
+    y, W, a, s = _noise_inputs(B, N, d, 4, torch.float32, per_example=True)
+    s = s.clone().requires_grad_()
+    offset = _one(40)
+    z = cpu_ops.noise_injection(y, W, a, s, _one(3), offset)
+    offset += 10**6
+    (ds,) = torch.autograd.grad(z, s, torch.ones_like(z))
+    assert_close(ds, philox_noise(3, 40, B, N, d).sum(-1), torch.float32, scale=d ** 0.5)
+
+
 def test_noise_saves_only_labels_and_scales():
     y, W, a, s = _noise_inputs(3, 7, 20, 5, torch.float32)
     z = cpu_ops.noise_injection(y, W.requires_grad_(), a, s, _one(1), _one(0))
@@ -158,13 +237,17 @@ def _noise_bad_inputs():
         ((y.int(), W, a, s, seed, offset), "y must be a 1-D int64"),
         ((y, W, a.half(), s, seed, offset), "a must be a 1-D float32"),
         ((y, W, a, s[:1], seed, offset), "a and s must have the same shape"),
+        ((y, W, a[:, None].expand(2, 4), s, seed, offset), r"a must be a 1-D float32 tensor \[B\] "
+         r"\(per block\) or a 2-D one \[B, N\] with N = 5"),
+        ((y, W, a, s.view(2, 1, 1), seed, offset), "s must be a 1-D float32"),
+        ((y, W, a[:, None].expand(2, 5), s, seed, offset), "a and s must have the same shape"),
         ((y, W, a, s, seed.int(), offset), "seed must be an int64 tensor with one element"),
         ((y, W, a, s, seed, offset.repeat(2)), "offset must be an int64 tensor with one element"),
         ((y, W.to("meta"), a, s, seed, offset), "the CPU fused op needs CPU tensors, got W on meta"),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(11))
 def test_noise_bad_inputs_raise_value_error(case):
     args, message = _noise_bad_inputs()[case]
     with pytest.raises(ValueError, match="noise_injection: " + message):
@@ -180,17 +263,26 @@ def test_noise_label_out_of_range_raises():
 # ------------------------------------------------------------------------------------------------
 # Block loss
 
-def _check_block_loss(B, N, d, dtype, seed=0, u_grad=True):
+def _check_block_loss(B, N, d, dtype, seed=0, u_grad=True, per_example=False, w_grad=False):
+    """Losses and gradients against the reference; w [B] or [B, N] (per_example), learned or not."""
     gen = torch.Generator().manual_seed(seed)
     u_hat, u = _draw(gen, B, N, d, dtype=dtype), _draw(gen, N, d, dtype=dtype)
-    w, g = torch.rand(B, generator=gen) * 2 + 0.1, torch.randn(B, generator=gen)
+    w = torch.rand((B, N) if per_example else (B,), generator=gen) * 2 + 0.1
+    g = torch.randn(B, generator=gen)
+    w = _leaves([w])[0] if w_grad else w
     leaves = [_leaves([u_hat])[0], _leaves([u])[0] if u_grad else u]
     ref_leaves = [_leaves([u_hat], True)[0], _leaves([u], True)[0] if u_grad else u.float()]
     losses, grads = _grads(cpu_ops.block_loss, (*leaves, w), g)
     ref_losses, ref_grads = _grads(block_loss_ref, (*ref_leaves, w), g)
     assert losses.dtype == torch.float32 and losses.shape == (B,)
     assert_close(losses, ref_losses, torch.float32)
-    assert len(grads) == (2 if u_grad else 1) and all(t.dtype == dtype for t in grads)
+    assert len(grads) == (2 if u_grad else 1) + w_grad
+    if w_grad:  # dw[b, n] = dL[b] / N ||u_hat[b, n] - u[n]||^2, in fp32 (summed over n for [B])
+        *grads, dw = grads
+        *ref_grads, ref_dw = ref_grads
+        assert dw.dtype == torch.float32 and dw.shape == w.shape
+        assert_close(dw, ref_dw, torch.float32)
+    assert all(t.dtype == dtype for t in grads)
     for grad, ref, scale in zip(grads, ref_grads, (1, B)):  # d u sums over the B blocks
         assert_close(grad, ref.to(dtype), dtype, scale=scale)
 
@@ -202,10 +294,34 @@ def test_block_loss_matches_reference(B, N, d, dtype, seed):
     _check_block_loss(B, N, d, dtype, seed)
 
 
+@SETTINGS
+@given(B=st.sampled_from([1, 2, 3, 10]), N=st.sampled_from([1, 2, 7, 13]),
+       d=st.sampled_from([1, 3, 10, 65, 2049]), dtype=st.sampled_from(DTYPES),
+       per_example=st.booleans(), w_grad=st.booleans(), u_grad=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_block_loss_weights_per_example_and_their_gradient(B, N, d, dtype, per_example, w_grad,
+                                                           u_grad, seed):
+    """w [B] or [B, N], learned or not; d = 2049 puts a row across two backward strips."""
+    _check_block_loss(B, N, d, dtype, seed, u_grad, per_example, w_grad)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+def test_block_loss_backward_returns_none_for_weights_without_grad(per_example):
+    u_hat, u = torch.randn(2, 3, 4, requires_grad=True), torch.randn(3, 4)
+    w = torch.rand((2, 3) if per_example else (2,))
+    losses = cpu_ops.block_loss(u_hat, u, w)
+    with torch.no_grad():
+        du_hat, du, dw = cpu_ops._BlockLoss.backward(losses.grad_fn, torch.ones(2))
+    assert du_hat.shape == u_hat.shape and du is None and dw is None
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_block_loss_many_chunks_and_strips(dtype):
-    """N d = 15000: two forward chunks (8192) and eight backward strips (2048), partial ones last."""
+    """N d = 15000: two forward chunks (8192) and eight backward strips (2048), partial ones last;
+    per example: chunks of whole rows (one row of 5000, or three of 2000), rows across strips."""
     _check_block_loss(3, 3, 5000, dtype)
+    _check_block_loss(3, 3, 5000, dtype, per_example=True, w_grad=True)
+    _check_block_loss(2, 9, 2000, dtype, per_example=True, w_grad=True)
 
 
 def test_block_loss_gradient_for_u_hat_only_and_expanded_grad():
@@ -216,12 +332,14 @@ def test_block_loss_gradient_for_u_hat_only_and_expanded_grad():
     assert_close(u_hat.grad, (w * 2 / 5).view(-1, 1, 1) * (u_hat.detach() - u), torch.float32)
 
 
-def test_block_loss_is_reproducible_for_any_thread_count():
-    u_hat, u, w = torch.randn(10, 200, 300, requires_grad=True), torch.randn(200, 300), torch.rand(10)
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+def test_block_loss_is_reproducible_for_any_thread_count(per_example):
+    u_hat, u = torch.randn(10, 200, 300, requires_grad=True), torch.randn(200, 300)
+    w = torch.rand((10, 200) if per_example else (10,), requires_grad=True)
 
     def run():
         losses = cpu_ops.block_loss(u_hat, u, w)
-        return losses, torch.autograd.grad(losses.sum(), u_hat)[0]
+        return losses, *torch.autograd.grad(losses.sum(), (u_hat, w))
 
     first, single = _with_threads(2, run), _with_threads(1, run)
     assert all(torch.equal(x, y) for x, y in zip(first, single))
@@ -229,6 +347,8 @@ def test_block_loss_is_reproducible_for_any_thread_count():
 
 @pytest.mark.parametrize("shapes, dtypes, message", [
     (((2, 3, 4), (3, 5), (2,)), (torch.float32,) * 3, "shapes do not match"),
+    (((2, 3, 4), (3, 4), (2, 4)), (torch.float32,) * 3, r"or \[B, N\] = \[2, 3\] \(per example\)"),
+    (((2, 3, 4), (3, 4), (2, 3, 1)), (torch.float32,) * 3, r"w \[B\] or \[B, N\]; got"),
     (((3, 4), (3, 4), (1,)), (torch.float32,) * 3, r"expects u_hat \[B, N, d\]"),
     (((2, 0, 4), (0, 4), (2,)), (torch.float32,) * 3, "B, N, d >= 1"),
     (((2, 3, 4), (3, 4), (2,)), (torch.float32, torch.float16, torch.float32), "one dtype"),

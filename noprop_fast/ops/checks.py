@@ -16,12 +16,15 @@ def check_noise_injection(y, W, a, s, seed, offset) -> None:
     if y.dim() != 1 or y.dtype != torch.int64:
         raise ValueError(f"noise_injection: y must be a 1-D int64 tensor of labels, "
                          f"got {y.dtype} of shape {tuple(y.shape)}")
+    N = y.shape[0]
     for name, t in (("a", a), ("s", s)):
-        if t.dim() != 1 or t.dtype != torch.float32:
-            raise ValueError(f"noise_injection: {name} must be a 1-D float32 tensor [B], "
-                             f"got {t.dtype} of shape {tuple(t.shape)}")
+        if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() not in (1, 2)
+                or (t.dim() == 2 and t.shape[1] != N)):
+            raise ValueError(f"noise_injection: {name} must be a 1-D float32 tensor [B] (per "
+                             f"block) or a 2-D one [B, N] with N = {N} labels (per example), got "
+                             f"{_describe(t)}")
     if a.shape != s.shape:
-        raise ValueError(f"noise_injection: a and s must have the same shape [B], "
+        raise ValueError(f"noise_injection: a and s must have the same shape, [B] or [B, N], "
                          f"got {tuple(a.shape)} and {tuple(s.shape)}")
     for name, t in (("seed", seed), ("offset", offset)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
@@ -30,12 +33,13 @@ def check_noise_injection(y, W, a, s, seed, offset) -> None:
 
 
 def check_block_loss(u_hat, u, w) -> None:
-    if u_hat.dim() != 3 or u.dim() != 2 or w.dim() != 1:
-        raise ValueError(f"block_loss expects u_hat [B, N, d], u [N, d], w [B]; got "
+    if u_hat.dim() != 3 or u.dim() != 2 or w.dim() not in (1, 2):
+        raise ValueError(f"block_loss expects u_hat [B, N, d], u [N, d], w [B] or [B, N]; got "
                          f"{tuple(u_hat.shape)}, {tuple(u.shape)}, {tuple(w.shape)}")
-    if u_hat.shape[1:] != u.shape or w.shape[0] != u_hat.shape[0]:
+    if u_hat.shape[1:] != u.shape or w.shape != u_hat.shape[:w.dim()]:
         raise ValueError(f"block_loss shapes do not match: u_hat {tuple(u_hat.shape)} needs "
-                         f"u [N, d] = {tuple(u_hat.shape[1:])} and w [B] = [{u_hat.shape[0]}]; got "
+                         f"u [N, d] = {tuple(u_hat.shape[1:])} and w [B] = [{u_hat.shape[0]}] "
+                         f"(per block) or [B, N] = {list(u_hat.shape[:2])} (per example); got "
                          f"u {tuple(u.shape)}, w {tuple(w.shape)}")
     if u_hat.numel() == 0:
         raise ValueError(f"block_loss needs B, N, d >= 1; got u_hat {tuple(u_hat.shape)}")
@@ -44,6 +48,12 @@ def check_block_loss(u_hat, u, w) -> None:
                          f"{u_hat.dtype} and {u.dtype}")
     if w.dtype != torch.float32:
         raise ValueError(f"block_loss needs fp32 weights w; got {w.dtype}")
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} of shape {tuple(t.shape)}"
+    return type(t).__name__
 
 
 def check_block_linear(x, weight, bias) -> list:

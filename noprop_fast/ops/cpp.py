@@ -145,24 +145,41 @@ def philox_randn(seed: int, offset: int, numel: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Autograd Functions: the C++ forward and backward of each op, on contiguous inputs (`_apply`)
 
+def _per_example(scale: torch.Tensor, N: int) -> torch.Tensor:
+    """A [B] (per block) or [B, N] (per example) coefficient as a [B, N] view: the [B] one with
+    stride 0 over n, which the C++ ops read through its strides."""
+    return scale.unsqueeze(1).expand(-1, N) if scale.dim() == 1 else scale
+
+
 class _NoiseInjection(torch.autograd.Function):
-    """Saves y and a (and W's shape and dtype); the noise is neither stored nor regenerated."""
+    """Saves y and a (and W's shape and dtype); also W when a requires grad, and copies of seed and
+    offset when s does: ds regenerates the noise from them, which is never stored."""
 
     @staticmethod
     def forward(ctx, y, W, a, s, seed, offset):
-        z = load().noise_forward(y, W, a, s, seed, offset)
-        ctx.save_for_backward(y, a)
+        N = y.shape[0]
+        z = load().noise_forward(y, W, _per_example(a, N), _per_example(s, N), seed, offset)
+        _, need_dw, need_da, need_ds, _, _ = ctx.needs_input_grad
+        saved = [y, a] + ([W] if need_da else [])
+        ctx.save_for_backward(*saved, *((seed.clone(), offset.clone()) if need_ds else ()))
         ctx.w_shape, ctx.w_dtype = tuple(W.shape), W.dtype
         return z
 
     @staticmethod
     @checks.first_order_only("noise_injection")
     def backward(ctx, dz):
-        if not ctx.needs_input_grad[1]:
+        _, need_dw, need_da, need_ds, _, _ = ctx.needs_input_grad
+        if not (need_dw or need_da or need_ds):
             return None, None, None, None, None, None
-        y, a = ctx.saved_tensors
-        dW = load().noise_backward(dz.contiguous(), y, a, ctx.w_shape[0]).to(ctx.w_dtype)
-        return None, dW, None, None, None, None
+        y, a, *rest = ctx.saved_tensors
+        W = rest.pop(0) if need_da else None
+        seed, offset = rest if need_ds else (None, None)
+        dW, da, ds = load().noise_backward(dz.to(ctx.w_dtype).contiguous(), y,
+                                           _per_example(a, y.shape[0]), ctx.w_shape[0], W, seed,
+                                           offset, need_dw)
+        if a.dim() == 1:  # a [B] scale's gradient: summed over its N examples
+            da, ds = (None if g is None else g.sum(1) for g in (da, ds))
+        return None, (dW.to(ctx.w_dtype) if need_dw else None), da, ds, None, None
 
 
 class _BlockLoss(torch.autograd.Function):
@@ -175,8 +192,12 @@ class _BlockLoss(torch.autograd.Function):
     @checks.first_order_only("block_loss")
     def backward(ctx, grad):
         u_hat, u, w = ctx.saved_tensors
-        du_hat, du = load().block_loss_backward(grad, u_hat, u, w, *ctx.needs_input_grad[:2])
-        return du_hat, du, None
+        need_du_hat, need_du, need_dw = ctx.needs_input_grad
+        du_hat, du, dw = load().block_loss_backward(grad, u_hat, u, w, need_du_hat, need_du,
+                                                    need_dw)
+        if need_dw and w.dim() == 1:
+            dw = dw.sum(1)  # a [B] weight's gradient: summed over its N examples
+        return du_hat, du, (dw if need_dw else None)
 
 
 class _BlockLinear(torch.autograd.Function):
@@ -233,17 +254,20 @@ def _apply(op: str, check, function, **tensors):
 
 
 def noise_injection(y, W, a, s, seed, offset):
-    """z [B, N, d] = a[b] W[y] + s[b] eps[b], eps[b, n, j] = randn(seed, offset + (b N + n) d + j).
+    """z [B, N, d] = a[b, n] W[y[n]] + s[b, n] eps[b, n], eps[b, n, j] = randn(seed, offset + i),
+    i = (b N + n) d + j.
 
-    y [N] int64, W [m, d] fp32/fp16/bf16, a, s [B] fp32, seed and offset int64 tensors with one
-    element, all on the CPU; z in W's dtype. Differentiable in W only; dW is deterministic.
+    y [N] int64, W [m, d] fp32/fp16/bf16, a, s fp32 [B] (per block) or [B, N] (per example), seed
+    and offset int64 tensors with one element, all on the CPU; z in W's dtype. Differentiable in W,
+    a and s (each gradient computed only when asked for); all three are deterministic.
     """
     return _apply("noise_injection", checks.check_noise_injection, _NoiseInjection,
                   y=y, W=W, a=a, s=s, seed=seed, offset=offset)
 
 
 def block_loss(u_hat, u, w):
-    """losses [B] fp32 = w[b] mean_n ||u_hat[b, n] - u[n]||^2; u_hat [B, N, d], u [N, d], w [B] fp32."""
+    """losses [B] fp32 = mean_n w[b, n] ||u_hat[b, n] - u[n]||^2; u_hat [B, N, d], u [N, d], w fp32
+    [B] (per block: w[b, n] = w[b]) or [B, N] (per example); differentiable in all three."""
     return _apply("block_loss", checks.check_block_loss, _BlockLoss, u_hat=u_hat, u=u, w=w)
 
 

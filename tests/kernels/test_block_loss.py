@@ -1,4 +1,5 @@
-"""The fused block-local loss against its plain-PyTorch reference: losses and both gradients."""
+"""The fused block-local loss against its plain-PyTorch reference: losses and every gradient (u_hat,
+u, and w where it requires grad), with weights per block ([B]) and per example ([B, N])."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,33 +11,41 @@ from noprop_fast.kernels import block_loss as module
 from noprop_fast.kernels.block_loss import block_loss, block_loss_ref
 
 
-def make_inputs(B, N, d, dtype, device, seed):
+def make_inputs(B, N, d, dtype, device, seed, per_example=False):
     gen = torch.Generator().manual_seed(seed)
     u_hat = torch.randn(B, N, d, generator=gen).to(device=device, dtype=dtype)
     u = torch.randn(N, d, generator=gen).to(device=device, dtype=dtype)
-    w = (torch.rand(B, generator=gen) * 2 + 0.1).to(device)      # positive, like the SNR weights
+    # positive, like the SNR weights: [B] per block or [B, N] per example
+    w = (torch.rand((B, N) if per_example else (B,), generator=gen) * 2 + 0.1).to(device)
     g = torch.randn(B, generator=gen).to(device)                   # a different dL for every block
     return u_hat, u, w, g
 
 
-def losses_and_grads(fn, u_hat, u, w, g):
+def losses_and_grads(fn, u_hat, u, w, g, w_grad=False):
+    """losses and the gradients of <losses, g> for u_hat, u (and w when w_grad; else None)."""
     u_hat = u_hat.detach().clone().requires_grad_(True)
     u = u.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(w_grad)
     losses = fn(u_hat, u, w)
     (losses * g).sum().backward()
-    return losses, u_hat.grad, u.grad
+    return losses, u_hat.grad, u.grad, w.grad
 
 
-def check_against_ref(B, N, d, dtype, device, seed=0):
-    u_hat, u, w, g = make_inputs(B, N, d, dtype, device, seed)
-    losses, du_hat, du = losses_and_grads(block_loss, u_hat, u, w, g)
+def check_against_ref(B, N, d, dtype, device, seed=0, per_example=False, w_grad=False):
+    u_hat, u, w, g = make_inputs(B, N, d, dtype, device, seed, per_example)
+    losses, du_hat, du, dw = losses_and_grads(block_loss, u_hat, u, w, g, w_grad)
     # the reference in fp32 from the same (rounded) inputs, gradients cast to the input dtype
-    ref_losses, ref_du_hat, ref_du = losses_and_grads(block_loss_ref, u_hat.float(), u.float(), w, g)
+    ref_losses, ref_du_hat, ref_du, ref_dw = losses_and_grads(block_loss_ref, u_hat.float(),
+                                                              u.float(), w, g, w_grad)
     assert losses.dtype == torch.float32 and losses.shape == (B,)
     assert du_hat.dtype == dtype and du.dtype == dtype
     assert_close(losses, ref_losses, torch.float32)  # same rounded inputs, fp32 sums in both
     assert_close(du_hat, ref_du_hat.to(dtype), dtype)
     assert_close(du, ref_du.to(dtype), dtype, scale=B)
+    assert (dw is None) == (not w_grad)
+    if w_grad:  # dw[b, n] = dL[b] / N ||u_hat[b, n] - u[n]||^2 (summed over n for a [B] w)
+        assert dw.dtype == torch.float32 and dw.shape == w.shape
+        assert_close(dw, ref_dw, torch.float32)
 
 
 @settings(deadline=None, max_examples=12,  # `device` is a constant string: safe to share
@@ -46,6 +55,40 @@ def check_against_ref(B, N, d, dtype, device, seed=0):
        seed=st.integers(0, 2 ** 16))
 def test_matches_reference(B, N, d, dtype, seed, device):
     check_against_ref(B, N, d, dtype, device, seed)
+
+
+@settings(deadline=None, max_examples=16,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.sampled_from([1, 2, 3, 10]), N=st.sampled_from([1, 2, 7, 13]),
+       d=st.sampled_from([1, 3, 10, 20, 65, 257, 600]), dtype=st.sampled_from(DTYPES),
+       per_example=st.booleans(), w_grad=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_weights_per_example_and_their_gradient(B, N, d, dtype, per_example, w_grad, seed, device):
+    """w [B] or [B, N], with or without its gradient; d = 257 and 600 put an example's errors in
+    two and three tiles of the backward (dw sums them across tiles)."""
+    check_against_ref(B, N, d, dtype, device, seed, per_example, w_grad)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_block_many_examples_with_weight_gradient(per_example, dtype, device):
+    """NoProp-CT's shape: B = 1, a weight per example, learned (dw); N d = 845 spans four tiles."""
+    check_against_ref(1, 13, 65, dtype, device, per_example=per_example, w_grad=True)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+def test_backward_returns_none_for_weights_without_grad(per_example, device):
+    """w not requiring grad (NoProp-DT): the backward returns None for it (and computes no dw)."""
+    u_hat, u, w, _ = make_inputs(2, 3, 4, torch.float32, device, seed=6, per_example=per_example)
+    losses = block_loss(u_hat.requires_grad_(True), u, w)
+    with torch.no_grad():
+        du_hat, du, dw = module.BlockLossFunction.backward(losses.grad_fn,
+                                                           torch.ones(2, device=device))
+    assert du_hat.shape == u_hat.shape and du is None and dw is None
+
+
+def test_large_tiles_per_example(device):
+    """N * d > LARGE_FROM with per-example weights and their gradient."""
+    check_against_ref(1, 2, 131_073, torch.float32, device, per_example=True, w_grad=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,9 +127,14 @@ def test_expanded_grad_and_strided_inputs(device):
     u_t = u.t().contiguous().t()
     w_strided = torch.stack([w, w], dim=1)[:, 0]                    # stride 2
     ones = torch.ones(6, device=device)
-    losses, du_hat, du = losses_and_grads(block_loss, u_hat_t, u_t, w_strided, ones)
-    ref = losses_and_grads(block_loss_ref, u_hat, u, w, ones)
+    losses, du_hat, du, _ = losses_and_grads(block_loss, u_hat_t, u_t, w_strided, ones)
+    ref = losses_and_grads(block_loss_ref, u_hat, u, w, ones)[:3]
     for actual, expected in zip((losses, du_hat, du), ref):
+        assert_close(actual, expected, torch.float32)
+    rows = torch.rand(5, 6, device=device).t()                      # [6, 5] per example, strided
+    losses, du_hat, du, dw = losses_and_grads(block_loss, u_hat_t, u_t, rows, ones, w_grad=True)
+    ref = losses_and_grads(block_loss_ref, u_hat, u, rows.contiguous(), ones, w_grad=True)
+    for actual, expected in zip((losses, du_hat, du, dw), ref):
         assert_close(actual, expected, torch.float32)
 
 
@@ -103,6 +151,10 @@ def test_gradient_for_u_hat_only(device):
 @pytest.mark.parametrize("u_hat_shape, u_shape, w_shape, dtypes, message", [
     ((2, 3, 4), (3, 5), (2,), (torch.float32,) * 3, "shapes do not match"),
     ((2, 3, 4), (3, 4), (3,), (torch.float32,) * 3, "shapes do not match"),
+    ((2, 3, 4), (3, 4), (2, 4), (torch.float32,) * 3,
+     r"w \[B\] = \[2\] \(per block\) or \[B, N\]"),
+    ((2, 3, 4), (3, 4), (3, 3), (torch.float32,) * 3, "shapes do not match"),
+    ((2, 3, 4), (3, 4), (2, 3, 1), (torch.float32,) * 3, r"w \[B\] or \[B, N\]; got"),
     ((3, 4), (3, 4), (1,), (torch.float32,) * 3, r"expects u_hat \[B, N, d\]"),
     ((2, 0, 4), (0, 4), (2,), (torch.float32,) * 3, "B, N, d >= 1"),
     ((2, 3, 4), (3, 4), (2,), (torch.float32, torch.float16, torch.float32), "one dtype"),

@@ -30,6 +30,7 @@ def _ops(device):
     q = draw(1, 2, 5, 16)
     y = torch.tensor([0, 2, 4], device=device)
     a, s = torch.rand(2, generator=gen).to(device), torch.rand(2, generator=gen).to(device)
+    W, rows = draw(5, 4), torch.rand(2, 3, generator=gen).to(device)
     seed, offset = (torch.tensor([n], dtype=torch.int64, device=device) for n in (7, 0))
     return {
         "softmax_head": (lambda t: softmax_head(t, k, c, v), lambda t: softmax_head_ref(t, k, c, v), h),
@@ -41,6 +42,11 @@ def _ops(device):
         # z = a W[y] + s eps: the noise term does not depend on W, so a W[y] has its gradient
         "noise_injection": (lambda t: noise_injection(y, t, a, s, seed, offset),
                             lambda t: a[:, None, None] * t[y], draw(5, 4)),
+        # per-example scales a [B, N] and weights w [B, N] differentiated (NoProp-CT / FM)
+        "noise_injection[a]": (lambda t: noise_injection(y, W, t, rows, seed, offset),
+                               lambda t: t[..., None] * W[y], draw(2, 3).abs()),
+        "block_loss[w]": (lambda t: block_loss(u_hat, u, t), lambda t: block_loss_ref(u_hat, u, t),
+                          draw(2, 3).abs()),
     }
 
 
@@ -48,7 +54,7 @@ def _ops(device):
 def test_double_backward_raises(device, name):
     op, reference, x = _ops(device)[name]
     x = x.detach().requires_grad_()
-    with pytest.raises(RuntimeError, match=f"{name}: no double backward"):
+    with pytest.raises(RuntimeError, match=f"{name.split('[')[0]}: no double backward"):
         torch.autograd.grad(op(x).sum() + x.pow(3).sum(), x, create_graph=True)
     (first,) = torch.autograd.grad(op(x).sum(), x)  # a plain backward is unchanged
     (expected,) = torch.autograd.grad(reference(x).sum(), x)

@@ -1,8 +1,9 @@
 """Fused noise injection (kernels/noise.py) against its references.
 
 The noise is compared exactly: `philox_randn_ref` must reproduce tl.randn and the kernel's noise
-(the Philox integers bitwise, the fp32 Box-Muller transform to 1e-6), and then the forward and dW
-are held to `noise_injection_ref` with that same noise, over odd shapes from hypothesis.
+(the Philox integers bitwise, the fp32 Box-Muller transform to 1e-6), and then the forward and the
+gradients dW, da, ds are held to `noise_injection_ref` with that same noise, over odd shapes from
+hypothesis, with scales per block ([B]) and per example ([B, N]).
 """
 import pytest
 import torch
@@ -20,11 +21,12 @@ SETTINGS = settings(deadline=None, max_examples=10, derandomize=True,
 INT64_MAX = 2**63 - 1
 
 
-def _inputs(B, N, d, m, dtype, device, labels=None, gen_seed=0):
+def _inputs(B, N, d, m, dtype, device, labels=None, gen_seed=0, per_example=False):
+    """y [N], W [m, d], and scales a, s [B] (per block) or [B, N] (per example)."""
     gen = torch.Generator().manual_seed(gen_seed)
     y = torch.randint(0, m, (N,), generator=gen) if labels is None else torch.tensor(labels)
     W = torch.randn(m, d, generator=gen).to(dtype)
-    a = torch.rand(B, generator=gen)
+    a = torch.rand((B, N) if per_example else (B,), generator=gen)
     s = (1 - a.square()).sqrt()  # a^2 + s^2 = 1, as for a schedule
     return y.to(device), W.to(device), a.to(device), s.to(device)
 
@@ -115,9 +117,9 @@ def test_kernel_noise_equals_philox_randn_ref(seed, offset, device):
 @given(B=st.sampled_from([1, 2, 3, 10]), N=st.sampled_from([1, 2, 7]),
        d=st.sampled_from([1, 3, 10, 20, 65]), m=st.sampled_from([1, 2, 10]),
        dtype=st.sampled_from(DTYPES), seed=st.integers(-2**63, INT64_MAX),
-       offset=st.integers(0, 2**62), gen_seed=st.integers(0, 2**16))
-def test_forward_matches_reference(B, N, d, m, dtype, seed, offset, gen_seed, device):
-    y, W, a, s = _inputs(B, N, d, m, dtype, device, gen_seed=gen_seed)
+       offset=st.integers(0, 2**62), gen_seed=st.integers(0, 2**16), per_example=st.booleans())
+def test_forward_matches_reference(B, N, d, m, dtype, seed, offset, gen_seed, per_example, device):
+    y, W, a, s = _inputs(B, N, d, m, dtype, device, gen_seed=gen_seed, per_example=per_example)
     z = noise_injection(y, W, a, s, _device_int(seed, device), _device_int(offset, device))
     assert z.shape == (B, N, d) and z.dtype == dtype
     expected = noise_injection_ref(y.cpu(), W.cpu(), a.cpu(), s.cpu(), philox_noise(seed, offset, B, N, d))
@@ -154,6 +156,83 @@ def test_backward_accumulates_repeated_labels_and_zeroes_absent_ones(dtype, devi
     absent = [k for k in range(10) if k not in labels]
     assert torch.all(dW[absent] == 0)
     assert torch.all(dW[[0, 3, 7, 9]].abs().sum(-1) > 0)
+
+
+# which of W, a, s require grad: NoProp-DT (W), a learned embedding under a learned schedule (all
+# three), a fixed embedding under a learned schedule (a, s), and each scale alone
+GRAD_SETS = [("W",), ("W", "a", "s"), ("a", "s"), ("a",), ("s",)]
+
+
+def _check_scale_grads(B, N, d, m, dtype, device, per_example, wanted, gen_seed=0):
+    """Every gradient in `wanted` of the kernel against autograd of the fp32 reference (same noise,
+    same rounded inputs); the others must come back as None."""
+    y, W, a, s = _inputs(B, N, d, m, dtype, device, gen_seed=gen_seed, per_example=per_example)
+    dz = torch.randn(B, N, d, generator=torch.Generator().manual_seed(gen_seed + 1)).to(dtype)
+    leaves = {"W": W, "a": a, "s": s}
+    for name in wanted:
+        leaves[name].requires_grad_(True)
+    z = noise_injection(y, W, a, s, _device_int(11, device), _device_int(5, device))
+    grads = dict(zip(wanted, torch.autograd.grad(z, [leaves[n] for n in wanted], dz.to(device))))
+    ref = {n: t.detach().cpu().float().requires_grad_(n in wanted) for n, t in leaves.items()}
+    z_ref = noise_injection_ref(y.cpu(), ref["W"], ref["a"], ref["s"], philox_noise(11, 5, B, N, d))
+    expected = dict(zip(wanted, torch.autograd.grad(z_ref, [ref[n] for n in wanted], dz.float())))
+    # dW sums over the B blocks; da and ds over the d columns (and for [B] scales the N examples)
+    terms = {"W": B, "a": d * (1 if per_example else N), "s": d * (1 if per_example else N)}
+    for name in wanted:
+        assert grads[name].shape == leaves[name].shape
+        assert grads[name].dtype == (dtype if name == "W" else torch.float32)
+        assert_close(grads[name].cpu(), expected[name], dtype, scale=terms[name] ** 0.5)
+    return grads
+
+
+@SETTINGS
+@given(B=st.sampled_from([1, 2, 3, 10]), N=st.sampled_from([1, 2, 7, 13]),
+       d=st.sampled_from([1, 3, 10, 20, 65, 300]), m=st.sampled_from([1, 2, 10]),
+       dtype=st.sampled_from(DTYPES), per_example=st.booleans(), wanted=st.sampled_from(GRAD_SETS),
+       gen_seed=st.integers(0, 2**16))
+def test_scale_gradients_match_reference(B, N, d, m, dtype, per_example, wanted, gen_seed, device):
+    """da and ds (and dW beside them) for [B] and [B, N] scales; d = 300 spans two column tiles."""
+    _check_scale_grads(B, N, d, m, dtype, device, per_example, wanted, gen_seed)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_gradients_one_block_many_examples(per_example, dtype, device):
+    """NoProp-CT's shape: B = 1, a time per example; d = 600 spans three column tiles."""
+    _check_scale_grads(1, 37, 600, 7, dtype, device, per_example, ("W", "a", "s"))
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-block", "per-example"])
+def test_backward_returns_none_for_scales_without_grad(per_example, device):
+    """a and s not requiring grad (NoProp-DT): the backward computes and returns only dW."""
+    from noprop_fast.kernels import noise as module
+
+    y, W, a, s = _inputs(2, 5, 8, 4, torch.float32, device, per_example=per_example)
+    z = noise_injection(y, W.requires_grad_(True), a, s, _device_int(1, device),
+                        _device_int(0, device))
+    with torch.no_grad():
+        grads = module._NoiseInjection.backward(z.grad_fn, torch.ones_like(z))
+    assert grads[0] is None and grads[1] is not None and grads[1].shape == W.shape
+    assert all(g is None for g in grads[2:])
+    a.requires_grad_(True)  # and with a alone: dW and ds are None
+    z = noise_injection(y, W.detach(), a, s, _device_int(1, device), _device_int(0, device))
+    with torch.no_grad():
+        grads = module._NoiseInjection.backward(z.grad_fn, torch.ones_like(z))
+    assert grads[1] is None and grads[2].shape == a.shape and grads[3] is None
+
+
+def test_scale_gradient_draws_the_forwards_noise(device):
+    """ds regenerates eps from copies of the forward's seed and offset: advancing the offset tensor
+    in place after the forward (as a CUDA graph's caller does) leaves ds unchanged."""
+    B, N, d = 2, 5, 8
+    y, W, a, s = _inputs(B, N, d, 4, torch.float32, device, per_example=True)
+    s.requires_grad_(True)
+    offset = _device_int(40, device)
+    z = noise_injection(y, W, a, s, _device_int(3, device), offset)
+    offset += 10**6
+    (ds,) = torch.autograd.grad(z, s, torch.ones_like(z))
+    expected = philox_noise(3, 40, B, N, d).sum(-1)
+    assert_close(ds.cpu(), expected, torch.float32, scale=d ** 0.5)
 
 
 def test_noise_is_not_saved_for_backward(device):
@@ -215,13 +294,18 @@ def _bad_inputs(device):
         ((y, W, a.half(), s, seed, offset), "a must be a 1-D float32"),
         ((y, W, a, s.view(1, -1), seed, offset), "s must be a 1-D float32"),
         ((y, W, a, s[:1], seed, offset), "a and s must have the same shape"),
+        # per example: a, s [B, N] with N the labels' count, both of one shape
+        ((y, W, a[:, None].expand(2, 6), s, seed, offset),
+         r"a must be a 1-D float32 tensor \[B\] \(per block\) or a 2-D one \[B, N\] with N = 5"),
+        ((y, W, a, s.view(2, 1, 1), seed, offset), "s must be a 1-D float32"),
+        ((y, W, a[:, None].expand(2, 5), s, seed, offset), "a and s must have the same shape"),
         ((y, W, a, s, seed.int(), offset), "seed must be an int64 tensor with one element"),
         ((y, W, a, s, seed, offset.repeat(2)), "offset must be an int64 tensor with one element"),
         ((y, W, a, s, 0, offset), "seed must be an int64 tensor"),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(13))
 def test_bad_inputs_raise_a_clear_error(case, device):
     args, message = _bad_inputs(device)[case]
     with pytest.raises(ValueError, match="noise_injection: " + message):
@@ -278,7 +362,7 @@ def test_label_outside_the_classes_is_a_clear_error(bad, device):
     with pytest.raises(IndexError, match="at position 3"):
         check_labels()
     dz = torch.randn(B, N, d).to(device)
-    dW = _noise_backward(dz, y, a, (m, d), torch.float32)
+    dW, _, _ = _noise_backward(dz, y, a, (m, d), torch.float32)
     W32 = W.detach().float().requires_grad_()
     z_good = noise_injection_ref(y[good], W32, a, s, torch.zeros(B, N - 1, d, device=device))
     (expected,) = torch.autograd.grad(z_good, W32, dz[:, good])
