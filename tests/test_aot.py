@@ -10,16 +10,21 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("ahead-of-time compilation runs without the interpreter", allow_module_level=True)
 
 from noprop_fast.kernels.aot import SHARED_LIMIT, KernelSpec, all_specs, compile_spec  # noqa: E402
+from noprop_fast.kernels.releases import USES_OLDER  # noqa: E402
 
 SPECS = all_specs()
 
 
-# the general case on both targets; the aligned fast path on the H100's sm_90
-TARGETS = [(90, False), (80, False), (90, True)]
+# the general case on both targets; the aligned fast path on the H100's sm_90. The A100's sm_80 is
+# checked under the release the GPU machines run (3.6.0, CI's second environment: the OLDER
+# tables of kernels/releases.py); under the current release the H100's two cases, which keeps the
+# main suite's compile time a third shorter
+TARGETS = [(90, False), (80, False), (90, True)] if USES_OLDER else [(90, False), (90, True)]
 
 
 @pytest.mark.aot
-@pytest.mark.parametrize("arch, aligned", TARGETS, ids=["sm90", "sm80", "sm90-aligned"])
+@pytest.mark.parametrize("arch, aligned", TARGETS,
+                         ids=[f"sm{a}{'-aligned' if al else ''}" for a, al in TARGETS])
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_kernel_compiles_without_spills(spec, arch, aligned):
     if arch not in spec.archs:
