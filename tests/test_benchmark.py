@@ -494,3 +494,15 @@ def test_summary_has_one_line_per_section(quick_run):
                         "head memory", "memory per method, image", "memory per method, language"]
     assert "batched reference" in lines[3] and "images/s" in lines[3]
     assert "tokens/s" in lines[4] and "fused / reference peak" in lines[6]
+
+
+def test_chain_benchmark_times_both_paths_and_writes_its_report(tmp_path):
+    load_script()  # puts profiling/ on sys.path
+    import bench_chain
+    assert bench_chain.main(["--out", str(tmp_path), "--repeats", "1", "--steps", "2"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for method in ("noprop-ct", "noprop-fm"):
+        r = results["methods"][method]
+        assert r["images"] == 360 and r["plain_ms"] > 0 and r["field_on_grid_ms"] > 0
+    assert "field_on_grid" in (tmp_path / "report.md").read_text()
+    assert bench_chain.main(["--out", str(tmp_path), "--repeats", "0"]) == 2
