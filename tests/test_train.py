@@ -89,15 +89,21 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
     assert [r["epoch"] for r in history(tmp_path / "r")] == [1]
 
 
-def test_predictions_do_not_read_the_labels(tmp_path, digits):
-    """Replace every test label: the predictions stay the same (docs/method.md section 8, mistake 1)."""
-    cfg = resolve(None, {"num_blocks": "3", "epochs": "3", "batch_size": "64"})
+def trained_on_true_and_scrambled_labels(tmp_path, digits, cfg):
+    """A run on digits and one on digits with every test label replaced at random, each fitted."""
     scrambled = dataclasses.replace(digits, test_y=torch.randint(0, 10, digits.test_y.shape,
                                                                  generator=torch.Generator().manual_seed(5)))
-    preds, accs = [], []
     for data, name in ((digits, "true"), (scrambled, "scrambled")):
         trainer = Run(cfg, data, tmp_path / name, show_progress=False)
         trainer.fit()
+        yield trainer
+
+
+def test_predictions_do_not_read_the_labels(tmp_path, digits):
+    """Replace every test label: the predictions stay the same (docs/method.md section 8, mistake 1)."""
+    cfg = resolve(None, {"num_blocks": "3", "epochs": "3", "batch_size": "64"})
+    preds, accs = [], []
+    for trainer in trained_on_true_and_scrambled_labels(tmp_path, digits, cfg):
         for stochastic in (True, False):
             preds.append(predict_classes(trainer.model, trainer.schedule, trainer.data.test_x,
                                          stochastic=stochastic, seed=3))
@@ -114,12 +120,8 @@ def test_ct_and_fm_predictions_do_not_read_the_labels(tmp_path, digits, method, 
     """As above for the one-network variants: their chain and ODE see the images alone."""
     cfg = resolve(None, {"method": method, "epochs": "4", "batch_size": "64",
                          "inference_steps": "20", **extra})
-    scrambled = dataclasses.replace(digits, test_y=torch.randint(0, 10, digits.test_y.shape,
-                                                                 generator=torch.Generator().manual_seed(5)))
     preds, accs = [], []
-    for data, name in ((digits, "true"), (scrambled, "scrambled")):
-        trainer = Run(cfg, data, tmp_path / name, show_progress=False)
-        trainer.fit()
+    for trainer in trained_on_true_and_scrambled_labels(tmp_path, digits, cfg):
         preds.append(continuous.predict_classes(trainer.model, trainer.data.test_x, 20, seed=3,
                                                 solver=cfg.ode_solver))
         accs.append(trainer.evaluate())
