@@ -1,7 +1,8 @@
 """noprop_fast: train neural networks with NoProp (arXiv 2503.24322), fast and faithfully.
 
 Entry points: `python -m noprop_fast.train` (training) and `python -m noprop_fast.compare`
-(NoProp-DT against its backprop baseline). The method's mathematics is in `schedule.py`.
+(NoProp-DT, -CT and -FM against a backprop baseline). The method's mathematics is in `noprop.py`,
+`continuous.py` (CT and FM) and `schedule.py`.
 
 Installed, the top-level folders kernels/ and csrc/ are the subpackages `noprop_fast.kernels` and
 `noprop_fast.csrc` (setup.py maps them). From a source checkout that is not installed (its root on

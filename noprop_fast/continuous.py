@@ -24,7 +24,8 @@ FM_T_MAX = 0.999
 FEATURE_CHUNK = 1000  # images whose conv features are computed at once at inference
 
 
-def ct_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor, noise=None) -> tuple[torch.Tensor, dict]:
+def ct_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor,
+            noise=None) -> tuple[torch.Tensor, dict]:
     """NoProp-CT's loss for a batch; `noise`: see `noprop.noisy_latents`. The learned schedule
     gets its gradient through both the weights SNR'(t) and the noise scales."""
     schedule, n = model.noise_schedule, x.shape[0]
@@ -131,7 +132,8 @@ def fm_ode(model: ImageModel, features: torch.Tensor, steps: int, solver: str = 
 
 
 @torch.no_grad()
-def predict_classes(model: ImageModel, x: torch.Tensor, steps: int, stochastic: bool = True, solver: str = "euler", readout: str = "nearest",
+def predict_classes(model: ImageModel, x: torch.Tensor, steps: int, stochastic: bool = True,
+                    solver: str = "euler", readout: str = "nearest",
                     seed: int = 0, graphs: bool = False) -> torch.Tensor:
     """Predicted classes [N] for images x, in eval mode: the chain (CT) or the ODE (FM) on the
     whole batch at once, its noise drawn from `seed` (the global generators are restored after).

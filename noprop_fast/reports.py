@@ -132,7 +132,8 @@ def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPO
 # -- a comparison's tables ----------------------------------------------------------------------
 def results_markdown(runs: dict[str, dict], task: str = "image") -> str:
     """One row per method. image: accuracy, time, memory, what the memory is, ratio to the
-    baseline, NoProp-DT's block schedule and NoProp-CT's or -FM's steps beside the name; lm: final val loss, one chain's, perplexity, unigram entropy, throughput."""
+    baseline, NoProp-DT's block schedule and NoProp-CT's or -FM's steps beside the name; lm: final
+    val loss, one chain's, perplexity, unigram entropy, throughput."""
     if task == "lm":
         lines = ["| method | val loss (nats/token) | one chain | perplexity | unigram entropy "
                  "| tokens seen | train s | tokens/s | parameters |",

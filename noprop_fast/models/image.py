@@ -221,7 +221,8 @@ class DenoisingBlocks(nn.Module):
 
         def field(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             latent = self.latent_features(self._cast(z).unsqueeze(0))  # [1, N, 256]
-            h = self.ops.block_linear(latent, latent_weight, None) + fixed + timed[:, k].unsqueeze(1)
+            h = self.ops.block_linear(latent, latent_weight, None)
+            h = h + fixed + timed[:, k].unsqueeze(1)
             h = F.relu(self.fuse_bn1(h))
             h = F.relu(self.fuse_bn2(self.fuse_fc2(h)))
             if self.vector_output:

@@ -179,7 +179,8 @@ class ImageTask(Task):
         cfg = self.cfg
         shape = (f"one network with t as an input (--num-blocks not used), {cfg.inference_steps} "
                  "inference steps" if run.model.continuous else f"T={cfg.num_blocks}")
-        return f"{cfg.method} on {cfg.dataset} ({self.data.source}), {shape}, {cfg.embedding} embedding"
+        return (f"{cfg.method} on {cfg.dataset} ({self.data.source}), {shape}, {cfg.embedding} "
+                "embedding")
 
     def closing(self, run, s: dict) -> list[str]:
         """The closing table (one row per epoch) and the result."""
