@@ -191,9 +191,11 @@ class LMConfig(TaskConfig):
                            "over the vocabulary (block t's term trains block t alone); 0: off",
                            minimum=0.0)
     readout: str = _opt("classifier", "the predictive distribution val_loss and samples use: "
-                        "classifier: the classifier on z_T; last: the last block's softmax; "
-                        "blocks: the mean of every block's softmax along the chain",
-                        ("classifier", "last", "blocks"))
+                        "classifier: the classifier on z_T; last, first: the last or the first "
+                        "block's softmax; blocks: the mean of every block's softmax along the "
+                        "chain; fitted: the blocks' softmaxes and the classifier mixed with "
+                        "weights fitted on held-back tokens (needs --calibrate-tokens)",
+                        ("classifier", "last", "first", "blocks", "fitted"))
     calibrate_tokens: int = _opt(0, "hold back the train split's last this many tokens and fit a "
                                  "temperature of the readout on them at each evaluation; 0: off",
                                  minimum=0)
@@ -210,6 +212,9 @@ class LMConfig(TaskConfig):
         if self.readout != "classifier" and self.parallel in ("blocks", "blocks+data"):
             raise ConfigError(f"readout: {self.readout} reads every block at every position; "
                               "with --parallel blocks use --readout classifier")
+        if self.readout == "fitted" and not self.calibrate_tokens:
+            raise ConfigError("readout: fitted mixes with weights fitted on held-back tokens; "
+                              "give --calibrate-tokens")
         if self.width % self.heads:
             raise ConfigError(f"width: {self.width} is not a multiple of heads ({self.heads})")
         if (self.width // self.heads) not in (16, 32, 64, 128):

@@ -105,7 +105,11 @@ def curves(histories: dict[str, list[dict]], summary: dict, out_dir: Path, loss:
         train = [] if loss is None else [line_chart(
             series("tokens_seen", "train_loss"), "tokens seen", f"train loss ({loss})",
             f"Train loss: {where}", out_dir / "train_loss.png")]
-        return [*train, line_chart(series("tokens_seen", "val_loss"), "tokens seen",
+        val = series("tokens_seen", "val_loss")
+        one = series("tokens_seen", "val_loss_one_chain")  # NoProp's (its records name readouts)
+        val.update({f"{label}, one chain": one[label] for label, history in histories.items()
+                    if any("readouts" in r for r in history)})
+        return [*train, line_chart(val, "tokens seen",
                                    "val loss (nats/token)", f"Validation loss: {where}",
                                    out_dir / "val_loss.png", reference=None if entropy is None
                                    else (entropy, f"unigram entropy {entropy:.3f}"))]

@@ -6,11 +6,14 @@ distributions:
 
     classifier   p(y | z_T)                        (the paper's; one component per chain)
     last         p_T(y | x, z_{T-1})               (the last block's softmax)
+    first        p_1(y | x, z_0)                   (the first block's softmax, z_0 pure noise)
     blocks       1/T sum_t p_t(y | x, z_{t-1})     (every block's softmax along the chain)
+    fitted       sum_c w_c p_c                     (the T blocks and the classifier, weights w
+                                                    fitted on held-back training tokens)
 
 The log of that mean is what `val_loss` reports (K chains) and `val_loss_one_chain` (K = 1). A
 calibrated readout divides every component's logits by a temperature fitted on held-back training
-tokens, never on validation tokens.
+tokens, never on validation tokens; `fitted` exists only where tokens are held back.
 """
 import math
 
@@ -21,7 +24,7 @@ from .layers import softmax_embedding
 from .ops.chunked_ce import cross_entropy_rows
 from .schedule import denoise_step
 
-READOUTS = ("classifier", "last", "blocks")
+READOUTS = ("classifier", "last", "first", "blocks")  # and "fitted", with held-back tokens
 # what a calibrated readout chooses from: 2^-2 .. 2^2 in steps of 2^(1/8), 1 included
 TEMPERATURES = 2.0 ** torch.linspace(-2.0, 2.0, 33)
 ONE = 16  # TEMPERATURES[ONE] == 1
@@ -48,35 +51,46 @@ def chain_scores(model, schedule, features: torch.Tensor, score, stochastic: boo
     return scores
 
 
-def mixture(log_probs: torch.Tensor, readout: str) -> torch.Tensor:
+def mixture(log_probs: torch.Tensor, readout: str, weights=None) -> torch.Tensor:
     """log of a readout's mean probability from log_probs [K, T + 1, ...] (K chains; T blocks'
-    softmaxes, then the classifier): [...]."""
+    softmaxes, then the classifier): [...]. "fitted" takes the T + 1 `weights`."""
     T = log_probs.shape[1] - 1
+    if readout == "fitted":  # equal weights where none were fitted yet
+        weights = [1.0 / (T + 1)] * (T + 1) if weights is None else weights
+        log_w = torch.as_tensor(weights, dtype=log_probs.dtype, device=log_probs.device).log()
+        per_component = torch.logsumexp(log_probs, 0) - math.log(log_probs.shape[0])
+        return torch.logsumexp(log_w.view(-1, *[1] * (per_component.dim() - 1))
+                               + per_component, 0)
     part = {"classifier": log_probs[:, T:], "last": log_probs[:, T - 1:T],
-            "blocks": log_probs[:, :T]}[readout].flatten(0, 1)
+            "first": log_probs[:, :1], "blocks": log_probs[:, :T]}[readout].flatten(0, 1)
     return torch.logsumexp(part, dim=0) - math.log(part.shape[0])
 
 
 @torch.no_grad()
 def log_probs(model, schedule, x: torch.Tensor, readout: str, chains: int = 1,
-              stochastic: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+              stochastic: bool = True, generator: torch.Generator | None = None,
+              weights=None) -> torch.Tensor:
     """log p(next token) [N*L, V] at every position of x [N, L] under `readout` with `chains`
-    chains (small inputs: sampling and tests). Row n*L + i depends on x[n, :i+1] only."""
+    chains (small inputs: sampling and tests; `weights`: the fitted readout's). Row n*L + i
+    depends on x[n, :i+1] only."""
     features = model.blocks.features(x)
 
     def score(h, weight, bias):
         return F.log_softmax(F.linear(h, weight.float(), bias.float()), dim=-1)
     return mixture(torch.stack([torch.stack(chain_scores(model, schedule, features, score,
                                                          stochastic, generator))
-                                for _ in range(chains)]), readout)
+                                for _ in range(chains)]), readout, weights)
 
 
 class Scores:
     """Sums over batches of -log p(y) for every readout, with K chains and with the first chain
     alone, at each of `temperatures` [S]: `add` a batch, `means()` -> {readout: [2, S]}."""
 
-    def __init__(self, temperatures: torch.Tensor):
+    def __init__(self, temperatures: torch.Tensor, keep_rows: bool = False):
+        """keep_rows: also keep every row's log p(y) of each component (the T blocks, the
+        classifier), K chains' mean and the first chain's, at temperature 1: `rows()`."""
         self.temperatures, self.sums, self.tokens = temperatures, {}, 0
+        self.kept = [] if keep_rows else None
 
     @torch.no_grad()
     def add(self, model, schedule, x: torch.Tensor, y: torch.Tensor, chains: int,
@@ -94,12 +108,45 @@ class Scores:
             part = -torch.stack([mixture(scores, readout).sum(-1),
                                  mixture(scores[:1], readout).sum(-1)])     # [2, S]
             self.sums[readout] = part if readout not in self.sums else self.sums[readout] + part
+        if self.kept is not None:
+            one = int((self.temperatures == 1).nonzero()[0])
+            at_one = scores[:, :, one]                                       # [K, T + 1, M]
+            self.kept.append(torch.stack([
+                torch.logsumexp(at_one, 0) - math.log(at_one.shape[0]), at_one[0]]))
         self.tokens += target.numel()
+
+    def rows(self) -> torch.Tensor:
+        """[2, T + 1, M]: the kept log p(y) (K chains' mean, the first chain)."""
+        return torch.cat(self.kept, dim=-1)
 
     def means(self) -> dict:
         if self.tokens == 0:
             raise ValueError("validation_loss: no validation batches")
         return {r: (s / self.tokens).cpu() for r, s in self.sums.items()}  # one host read
+
+
+def fit_weights(log_probs: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+    """Mixture weights [C] maximising the mean of log sum_c w_c p_c over the rows of
+    log_probs [C, M] (expectation-maximisation from equal weights)."""
+    log_w = torch.full((log_probs.shape[0], 1), -math.log(log_probs.shape[0]),
+                       dtype=log_probs.dtype, device=log_probs.device)
+    for _ in range(iterations):
+        joint = log_w + log_probs
+        log_w = (joint - torch.logsumexp(joint, 0)).exp().mean(1, keepdim=True).log()
+    return log_w[:, 0].exp()
+
+
+def fitted_readout(val_rows: torch.Tensor, heldback_rows: torch.Tensor) -> dict:
+    """The "fitted" readout: the components' weights fitted on the held-back rows and the
+    val loss they give, for K chains and for one chain ([2, C, M] each, `Scores.rows()`)."""
+    out = {}
+    for index, key in enumerate(("val_loss", "val_loss_one_chain")):
+        weights = fit_weights(heldback_rows[index])
+        mixed = torch.logsumexp(weights.log()[:, None] + val_rows[index], 0)
+        out[key] = float(-mixed.mean())
+        out["weights" if index == 0 else "weights_one_chain"] = [
+            round(float(w), 4) for w in weights]
+    return out
 
 
 def readout_losses(val: dict, heldback: dict | None) -> dict:

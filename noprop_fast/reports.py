@@ -181,12 +181,16 @@ def equal_tokens_markdown(histories: dict[str, list[dict]]) -> str:
     """One row per evaluation, keyed by tokens seen; '-' where a method has no evaluation there."""
     methods = list(histories)
     by_tokens = {m: {r["tokens_seen"]: r for r in h} for m, h in histories.items()}
-    lines = ["| step | tokens seen | " + " | ".join(f"{m} val loss" for m in methods) + " |",
-             "|---:|---:|" + "---:|" * len(methods)]
+    # (method, field, heading): NoProp's one-chain loss beside its val loss
+    columns = [(m, f, f"{m} {h}") for m in methods
+               for f, h in [("val_loss", "val loss")]
+               + ([("val_loss_one_chain", "one chain")] if m != BASELINE else [])]
+    lines = ["| step | tokens seen | " + " | ".join(c[2] for c in columns) + " |",
+             "|---:|---:|" + "---:|" * len(columns)]
     for tokens in sorted({t for rows in by_tokens.values() for t in rows}):
         records = [by_tokens[m].get(tokens) for m in methods]
         steps = sorted({r["step"] for r in records if r is not None})
-        cells = [_fmt(None if r is None else r["val_loss"], ".4f") for r in records]
+        cells = [_fmt(by_tokens[m].get(tokens, {}).get(f), ".4f") for m, f, _ in columns]
         lines.append(f"| {'/'.join(map(str, steps))} | {tokens:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -302,6 +306,17 @@ def _image_sections(cfg, data, runs, histories, config_name: str) -> tuple[list,
     return about, body
 
 
+READOUT_WORDS = {"classifier": "p(y | z_T), the classifier on the chain's last latent",
+                 "last": "the last block's softmax over the vocabulary, given z_{T-1}",
+                 "blocks": "the mean of the T blocks' softmaxes over the vocabulary, block t's "
+                           "given z_{t-1}"}
+
+
+def estimator_of(runs: dict) -> str:
+    """NoProp's `val_estimator` from its summary, or "-" where no NoProp run is there."""
+    return next((s["val_estimator"] for s in runs.values() if s.get("val_estimator")), "-")
+
+
 def _lm_sections(cfg, data, runs, histories, config_name: str) -> tuple[list, list]:
     first = next(iter(runs.values()))
     about = [f"# NoProp-LM vs a backprop GPT on {data_name(cfg)}", "",
@@ -313,14 +328,14 @@ def _lm_sections(cfg, data, runs, histories, config_name: str) -> tuple[list, li
              f"embeddings, NoProp), seq_len {cfg.seq_len}, batch {cfg.batch_size}, "
              f"{cfg.max_steps} steps, lr {cfg.lr}, seed {cfg.seed}",
              f"- evaluation: every {cfg.eval_every} steps on the first {first['val_tokens']:,} val "
-             f"tokens; NoProp with {cfg.eval_chains} chains, {cfg.inference} inference",
+             f"tokens; NoProp: {estimator_of(runs)}",
              f"- device: {first['device']}; {first['ops']} ops, {first['precision']}"]
     body = ["The val loss is -log of the model's probability of the next token, in nats per token, "
             "on the same val tokens for both methods. For NoProp-LM that probability is the mean "
-            f"over K={cfg.eval_chains} chains of p(y | z_T), z_T drawn by the Eq. 3 chain "
-            f"({cfg.inference}); \"one chain\" is the first chain's cross-entropy alone. For the "
-            "GPT it is its cross-entropy. The unigram entropy is the loss of a model that knows "
-            "only those tokens' frequencies.", "",
+            f"over K={cfg.eval_chains} chains run by Eq. 3 ({cfg.inference}) of "
+            f"{READOUT_WORDS[cfg.readout]}; \"one chain\" is the same with the first chain alone. "
+            "For the GPT it is its cross-entropy. The unigram entropy is the loss of a model that "
+            "knows only those tokens' frequencies.", "",
             "## Validation loss at equal tokens seen", "",
             equal_tokens_markdown(histories), "",
             "Plot: val_loss.png."]

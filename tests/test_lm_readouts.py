@@ -30,15 +30,17 @@ from test_lm import L, T, V, changed_after, cpp_ops, noprop_model, one_thread, w
 # -- (a) causality -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "cpp"])
-@pytest.mark.parametrize("readout", readouts.READOUTS)
+@pytest.mark.parametrize("readout", readouts.READOUTS + ("fitted",))
 @pytest.mark.parametrize("i", [0, L - 2])
 def test_every_readout_has_no_leak(fused, readout, i):
     model = noprop_model(cpp_ops() if fused else REFERENCE).eval()
     schedule = NoiseSchedule.cosine(T)
     x = windows()
     x2 = changed_after(x, i)
+    weights = [0.1, 0.2, 0.3, 0.4] if readout == "fitted" else None
     a, b = (readouts.log_probs(model, schedule, ids, readout, chains=2,
-                               generator=torch.Generator().manual_seed(5)).view(3, L, V)
+                               generator=torch.Generator().manual_seed(5),
+                               weights=weights).view(3, L, V)
             for ids in (x, x2))
     assert torch.equal(a[:, :i + 1], b[:, :i + 1])
     assert not torch.equal(a[:, i + 1:], b[:, i + 1:])
@@ -112,6 +114,8 @@ def test_readouts_are_the_mixtures_they_name():
         for _ in range(3)])                                  # [K, T + 1, M, V]
     p_y = probs.gather(-1, y.reshape(1, 1, -1, 1).expand(3, T + 1, -1, 1))[..., 0]
     blocks = -p_y[:, :T].mean((0, 1)).log().mean().item()
+    assert table["first"]["val_loss"] == pytest.approx(-p_y[:, 0].mean(0).log().mean().item(),
+                                                       rel=1e-5)
     last = -p_y[:, T - 1].mean(0).log().mean().item()
     assert table["blocks"]["val_loss"] == pytest.approx(blocks, rel=1e-5)
     assert table["last"]["val_loss"] == pytest.approx(last, rel=1e-5)
@@ -168,3 +172,29 @@ def test_held_back_tokens_come_off_the_end_of_the_train_split():
     with pytest.raises(UserError, match="calibrate_tokens"):
         held_back(shards, 101)
     assert math.isfinite(float(held[0].sum()))
+
+
+def test_fitted_weights_maximise_the_held_back_likelihood():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.tensor([0.7, 0.2, 0.1])
+    # rows drawn from the mixture: component c's density is high on its own rows
+    which = torch.multinomial(truth, 4000, replacement=True, generator=g)
+    log_p = torch.full((3, 4000), -6.0)
+    log_p[which, torch.arange(4000)] = -0.5
+    weights = readouts.fit_weights(log_p)
+    torch.testing.assert_close(weights, torch.bincount(which, minlength=3) / 4000.0,
+                               atol=1e-3, rtol=0)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_fitted_readout_is_the_best_mixture_on_its_own_tokens():
+    model = noprop_model().eval()
+    schedule = NoiseSchedule.cosine(T)
+    val = [(windows(seed=3), windows(seed=4))]
+    table = validation_loss(model, schedule, val, seed=4, chains=2, heldback=val,
+                            readout="fitted")["readouts"]
+    fitted = table["fitted"]
+    assert len(fitted["weights"]) == T + 1 and sum(fitted["weights"]) == pytest.approx(1, abs=1e-3)
+    for readout in readouts.READOUTS:  # each is a mixture of the same components at temperature 1
+        assert fitted["val_loss"] <= table[readout]["uncalibrated"] + 1e-4
+        assert fitted["val_loss_one_chain"] <= table[readout]["uncalibrated_one_chain"] + 1e-4

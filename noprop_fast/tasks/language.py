@@ -78,6 +78,8 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
             scores = _scores(model, schedule, batches, stochastic, seed, chains, grid)
             table = readouts.readout_losses(scores.means(), None if fitted is None
                                             else fitted.means())
+            if fitted is not None:
+                table["fitted"] = readouts.fitted_readout(scores.rows(), fitted.rows())
             return {**table[readout], "val_tokens": scores.tokens, "readouts": table}
         return _classifier_loss(model, schedule, batches, stochastic, seed, chains, transport)
     finally:
@@ -85,7 +87,7 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
 
 
 def _scores(model, schedule, batches, stochastic, seed, chains, temperatures) -> readouts.Scores:
-    scores, generator = readouts.Scores(temperatures), None
+    scores, generator = readouts.Scores(temperatures, keep_rows=len(temperatures) > 1), None
     for x, y in batches:
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -127,9 +129,10 @@ def _classifier_loss(model, schedule, batches, stochastic, seed, chains, transpo
 def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, stochastic: bool = True,
            generator: torch.Generator | None = None, transport=None,
-           readout: str = "classifier") -> list[int]:
+           readout: str = "classifier", weights=None) -> list[int]:
     """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token
-    from `readout`'s distribution (`transport`: see `noprop.chain_from_features`)."""
+    from `readout`'s distribution (`weights`: the fitted readout's; `transport`: see
+    `noprop.chain_from_features`)."""
     if not prompt:
         raise ValueError("sample: the prompt needs at least one token")
     device = next(model.parameters()).device
@@ -141,7 +144,7 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
         x = torch.tensor([ids[-model.max_len:]], device=device)
         if model.method == "noprop" and readout != "classifier":
             logits = readouts.log_probs(model, schedule, x, readout, 1, stochastic,
-                                        generator)[-1] / temperature       # [V]
+                                        generator, weights)[-1] / temperature  # [V]
         else:
             if model.method == "noprop":
                 last = model.blocks.features(x)[:, -1:]          # [T, 1, D]: the last position
@@ -164,7 +167,10 @@ def estimator(cfg, val: dict) -> str | None:
     if cfg.method != "noprop":
         return None
     words = f"{cfg.eval_chains} chains, readout {cfg.readout}, {cfg.inference} inference"
-    if "temperature" in val:
+    if "weights" in val:
+        words += (f", weights {val['weights']} (blocks 1..{cfg.num_blocks}, classifier) fitted on "
+                  f"{cfg.calibrate_tokens:,} held-back train tokens")
+    elif "temperature" in val:
         words += (f", temperature {val['temperature']:.3f} (one chain "
                   f"{val['temperature_one_chain']:.3f}) fitted on {cfg.calibrate_tokens:,} "
                   "held-back train tokens")
@@ -351,9 +357,11 @@ class LanguageTask(Task):
         # a document starts with EOT, as in the training shards
         ids = [tokenizer.eot] + (tokenizer.encode(cfg.sample) if cfg.sample else [])
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        history = run.progress.history
+        fitted = (history[-1].get("readouts") or {}).get("fitted", {}) if history else {}
         return [f"--- sample {i} (temperature {cfg.temperature}, top-k {cfg.top_k}) ---\n"
                 + cfg.sample + tokenizer.decode(sample(
                     run.model, run.schedule, ids, cfg.sample_tokens, cfg.temperature, cfg.top_k,
                     cfg.inference == "stochastic", generator, transport=run.strategy.transport,
-                    readout=cfg.readout))
+                    readout=cfg.readout, weights=fitted.get("weights_one_chain")))
                 for i in range(1, cfg.num_samples + 1)]
