@@ -192,6 +192,16 @@ class LMConfig(TaskConfig):
     eval_chains: int = _opt(8, "K, chains per position in the validation loss: -log of the mean "
                             "over K chains of p(y | z_T) (K = 1: one chain's cross-entropy, also "
                             "reported)", minimum=1)
+    block_ce: float = _opt(0.0, "weight of a local cross-entropy on each block's own softmax "
+                           "over the vocabulary (block t's term trains block t alone); 0: off",
+                           minimum=0.0)
+    readout: str = _opt("classifier", "the predictive distribution val_loss and samples use: "
+                        "classifier: the classifier on z_T; last: the last block's softmax; "
+                        "blocks: the mean of every block's softmax along the chain",
+                        ("classifier", "last", "blocks"))
+    calibrate_tokens: int = _opt(0, "hold back the train split's last this many tokens and fit a "
+                                 "temperature of the readout on them at each evaluation; 0: off",
+                                 minimum=0)
     sample: str | None = _opt("The ", "prompt whose continuations are printed at the end (--sample "
                               "with --resume samples from a finished run)")
     sample_tokens: int = _opt(200, "tokens per sample; 0: no samples", minimum=0)
@@ -207,6 +217,9 @@ class LMConfig(TaskConfig):
     DEFAULT = "stdlib"  # the config --task lm uses when none is named
 
     def check(self) -> None:
+        if self.readout != "classifier" and self.parallel in ("blocks", "blocks+data"):
+            raise ConfigError(f"readout: {self.readout} reads every block at every position; "
+                              "with --parallel blocks use --readout classifier")
         if self.width % self.heads:
             raise ConfigError(f"width: {self.width} is not a multiple of heads ({self.heads})")
         if (self.width // self.heads) not in (16, 32, 64, 128):
@@ -218,6 +231,12 @@ class LMConfig(TaskConfig):
         if self.method == "noprop-fm" and self.embed_init != "learned":
             raise ConfigError("embed_init: noprop-fm's classifier is trained by its anchor, "
                               "which needs learned embeddings; use embed_init learned")
+        blockwise = {"block_ce": self.block_ce != 0, "readout": self.readout != "classifier",
+                     "calibrate_tokens": self.calibrate_tokens != 0}
+        for name, changed in blockwise.items():
+            if self.method == "noprop-fm" and changed:
+                raise ConfigError(f"{name}: NoProp-LM's blocks only; noprop-fm has one network, "
+                                  f"read by its classifier on z_1 (leave {name} at its default)")
 
 
 TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}

@@ -26,7 +26,9 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
                 blocks: slice = ALL_BLOCKS, noise=None,
                 shared_terms: bool = True) -> tuple[torch.Tensor, dict]:
     """NoProp-DT loss for the blocks in `blocks`. Returns (loss, parts) with parts detached:
-    `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`. `noise`: see `noisy_latents`.
+    `block_losses` [B] (unweighted ||u_hat - u||^2), `ce`, `kl`, and with a language model's
+    `block_ce` weight each block's cross-entropy of its own softmax, `block_ce` [B], added to the
+    loss with that weight. `noise`: see `noisy_latents`.
     `shared_terms=False` leaves out CE and KL but still draws z_T's noise (a block rank without
     the last block, docs/distributed.md)."""
     T = model.num_blocks
@@ -37,8 +39,13 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
     with phase("noise"):
         z = noisy_latents(model, y, schedule.input_scale[blocks], schedule.noise_scale[blocks],
                           noise)
+    local_ce = getattr(model, "block_ce", 0.0)  # a language model's `--block-ce` weight
     with phase("forward"):
-        u_hat = model.blocks.denoise(features, z, model.embedding.weight, blocks)  # [B, N, d]
+        if local_ce:  # [B, N, d] and each block's CE of its own softmax, [B]
+            u_hat, block_ce = model.blocks.denoise_with_ce(features, z, model.embedding.weight,
+                                                           y, blocks)
+        else:
+            u_hat = model.blocks.denoise(features, z, model.embedding.weight, blocks)
     with phase("loss"):
         weights = schedule.snr_weights[blocks]
         target = u.to(model.compute_dtype)
@@ -56,6 +63,9 @@ def noprop_loss(model: ImageModel, schedule: NoiseSchedule, x: torch.Tensor, y: 
         else:
             ce = kl = torch.zeros((), device=u.device, dtype=u.dtype)
     parts = {"block_losses": per_block.detach(), "ce": ce.detach(), "kl": kl.detach()}
+    if local_ce:
+        denoise = denoise + local_ce * (T / nb) * block_ce.sum()
+        parts["block_ce"] = block_ce.detach()
     return denoise + ce + kl, parts
 
 

@@ -155,6 +155,9 @@ def test_flow_lm_resume_replays_the_uninterrupted_run(word_shards, tmp_path, cap
     ({"parallel": "blocks+data"}, "parallel: noprop-fm runs in one process"),
     ({"embed_init": "mlm"}, "embed_init: noprop-fm"),
     ({"ode_solver": "rk4"}, "ode_solver"),
+    ({"block_ce": 0.5}, "block_ce: NoProp-LM's blocks only"),
+    ({"readout": "last"}, "readout: NoProp-LM's blocks only"),
+    ({"calibrate_tokens": 64}, "calibrate_tokens: NoProp-LM's blocks only"),
 ])
 def test_config_refusals(changes, message):
     assert LMConfig(method="noprop-fm").validate().inference_steps == 20

@@ -250,6 +250,7 @@ def test_ctrl_c_leaves_only_complete_shards(inputs, tmp_path, monkeypatch, capsy
     pytest.param("field", "no field 'text'", marks=needs_datasets),
     pytest.param("too-small", "lower --val-tokens", marks=needs_datasets),
     ("occupied", "already holds shards"),
+    ("undecodable", "UnicodeDecodeError"),
     ("max-below-val", "must exceed --val-tokens"),
 ])
 def test_prepare_errors_are_one_line(case, expected, inputs, tmp_path, capsys):
@@ -257,11 +258,12 @@ def test_prepare_errors_are_one_line(case, expected, inputs, tmp_path, capsys):
     src = files[0].parent
     (src / "x.csv").write_text("text\nhello\n")
     (src / "y.jsonl").write_text(json.dumps({"content": "no text field here"}) + "\n")
+    (src / "z.txt").write_bytes(b"Latin-1, not UTF-8: caf\xe9\n")
     out = tmp_path / "out"
     given = {"nomatch": [str(src / "*.nothing")], "missing": [str(src / "gone.txt")],
              "extension": [str(src / "x.csv")], "field": [str(src / "y.jsonl")],
              "too-small": [str(files[0])], "occupied": [str(files[0])],
-             "max-below-val": [str(files[0])]}[case]
+             "max-below-val": [str(files[0])], "undecodable": [str(src / "z.txt")]}[case]
     extra = {"max-below-val": ["--max-tokens", "10"]}.get(case, [])
     if case == "occupied":
         out.mkdir()
@@ -270,6 +272,26 @@ def test_prepare_errors_are_one_line(case, expected, inputs, tmp_path, capsys):
     assert expected in one_error_line(capsys)
     if case != "occupied":
         assert not out.exists()  # nothing written, not even the folder
+
+
+@needs_datasets
+def test_text_files_read_as_the_datasets_text_loader_reads_them(tmp_path):
+    """.txt/.md files are read without `datasets`, each one document, and give the same text as
+    its text loader did: UTF-8, CRLF and lone CR as LF, a byte-order mark kept, empty files none."""
+    import datasets
+    from noprop_fast.data.prepare import file_texts
+    contents = [b"\xef\xbb\xbfBOM first,\r\nCRLF,\rCR, caf\xc3\xa9\n\n\nend", b"",
+                "# Title\n\n\u00e9 \U0001f642\n".encode()]
+    files = []
+    for i, (raw, ext) in enumerate(zip(contents, (".txt", ".txt", ".md"))):
+        files.append(tmp_path / f"{i}{ext}")
+        files[-1].write_bytes(raw)
+    expected = [row["text"] for path in files
+                for row in datasets.load_dataset("text", data_files=[str(path)], split="train",
+                                                 streaming=True, sample_by="document")
+                if row["text"]]
+    assert list(file_texts(files, "ignored")) == expected
+    assert expected[0] == "\ufeffBOM first,\nCRLF,\nCR, caf\u00e9\n\n\nend" and len(expected) == 2
 
 
 def test_gpt2_unavailable_is_one_line(inputs, tmp_path, capsys):

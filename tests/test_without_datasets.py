@@ -81,12 +81,12 @@ from noprop_fast.data.prepare import main as prepare
 out = Path(sys.argv[1])
 (out / "save").mkdir()
 (out / "save" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
-(out / "a.txt").write_text("some text")
+(out / "a.jsonl").write_text('{"text": "some text"}\\n')
 tiny = ["--num-blocks", "2", "--no-progress", "--epochs", "1"]
 print("hub", main([*tiny, "--dataset", "mnist", "--out", str(out / "r1")]), file=sys.stderr)
 print("save", main([*tiny, "--dataset", "cifar10", "--data-dir", str(out / "save"),
                     "--out", str(out / "r2")]), file=sys.stderr)
-print("prepare", prepare(["--out", str(out / "shards"), "--input", str(out / "a.txt"),
+print("prepare", prepare(["--out", str(out / "shards"), "--input", str(out / "a.jsonl"),
                           "--tokenizer", "byte"]), file=sys.stderr)
 """
 
@@ -104,3 +104,33 @@ def test_what_needs_datasets_says_so_in_one_line(tmp_path):
         assert "needs the `datasets` package, which is not installed" in line, line
     assert "ylecun/mnist" in hub or "mnist" in hub.lower()
     assert "--data-dir" in hub and str(tmp_path / "save") in save and "text" in prepare
+
+
+PLAIN_TEXT = """
+import sys
+from pathlib import Path
+import numpy as np
+from noprop_fast.data.prepare import main as prepare
+from noprop_fast.data.shards import TokenData
+
+out = Path(sys.argv[1])
+(out / "a.txt").write_bytes("A held-out book,\\r\\nits first page: caf\\u00e9.\\n".encode())
+(out / "b.md").write_text("# Notes\\n\\n" + "plain prose " * 50)
+code = prepare(["--out", str(out / "shards"), "--input", str(out / "a.txt"), str(out / "b.md"),
+                "--tokenizer", "byte", "--val-tokens", "10", "--no-progress"])
+data = TokenData.load(out / "shards")
+assert "datasets" not in sys.modules
+print(code, bytes(np.asarray(data.val[0]).astype(np.uint8)).hex(), data.num_tokens("train"))
+"""
+
+
+def test_plain_text_prepares_without_datasets(tmp_path):
+    """.txt and .md input needs neither `datasets` nor a network: each file is one document, read
+    as UTF-8 with universal newlines (what the `datasets` text loader did)."""
+    result = run_without({"datasets"}, PLAIN_TEXT, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    code, val, train = result.stdout.split()[-3:]
+    assert code == "0", result.stderr[-3000:]
+    first = "A held-out book,\nits first page: caf\u00e9.\n".encode()  # CRLF read as LF
+    assert bytes.fromhex(val) == b"\x00" + first  # EOT (256) first, as a uint8 0
+    assert int(train) == 1 + len("# Notes\n\n" + "plain prose " * 50)

@@ -74,8 +74,9 @@ def _texts(open_dataset, field: str, where: str, hint: str = "") -> Iterator[str
 
 
 def _datasets():
-    datasets = import_datasets("preparing token shards from text",
-                               "token shards already prepared, and the default corpus, need nothing more")
+    datasets = import_datasets("streaming FineWeb, or reading .jsonl/.json/.parquet text,",
+                               "plain-text input (.txt, .md), token shards already prepared, "
+                               "and the default corpus need nothing more")
     datasets.disable_progress_bars()
     return datasets
 
@@ -111,15 +112,29 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
     return files
 
 
+def read_text_file(path: Path) -> str:
+    """A .txt/.md file as one document, read as `datasets`' text loader reads it (UTF-8, universal
+    newlines), but without that package or its cache: plain text needs neither."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: {one_line_error(err)}") from None
+
+
 def file_texts(files: list[Path], field: str) -> Iterator[str]:
-    """The documents of local files, in order: one per text file, one per JSON record or row."""
-    datasets = _datasets()
+    """The documents of local files, in order: one per text file, one per JSON record or row.
+    `datasets` is imported only for JSON and Parquet files."""
     for path in files:
         loader = LOADERS[path.suffix.lower()]
-        extra = {"sample_by": "document"} if loader == "text" else {}  # a text file is one document
+        if loader == "text":
+            if text := read_text_file(path):
+                yield text
+            continue
+        datasets = _datasets()
         open_dataset = functools.partial(datasets.load_dataset, loader, data_files=[str(path)],
-                                         split="train", streaming=True, **extra)
-        yield from _texts(open_dataset, "text" if loader == "text" else field, str(path))
+                                         split="train", streaming=True)
+        yield from _texts(open_dataset, field, str(path))
 
 
 def encoded_documents(texts: Iterable[str], tokenizer, batch: int = 256) -> Iterator[np.ndarray]:

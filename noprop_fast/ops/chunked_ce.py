@@ -85,10 +85,17 @@ def linear_cross_entropy(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 @torch.no_grad()
 def cross_entropy_rows(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       target: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Every row's cross-entropy [M] (fp32), in chunks of rows; for evaluation (no gradient)."""
+                       target: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS,
+                       temperatures: torch.Tensor | None = None) -> torch.Tensor:
+    """Every row's cross-entropy [M] (fp32), in chunks of rows; for evaluation (no gradient).
+    temperatures [S]: the logits divided by each, [S, M]."""
     _check(z, weight, bias, target)
-    out = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    scales = None if temperatures is None else 1.0 / temperatures.float().view(-1, 1, 1)
+    out = torch.empty(z.shape[0] if scales is None else (scales.shape[0], z.shape[0]),
+                      dtype=torch.float32, device=z.device)
     for rows, _, yc, logits in _chunks(z, weight.float(), bias, target, chunk_elements):
-        out[rows] = torch.logsumexp(logits, dim=-1) - logits.gather(1, yc.unsqueeze(1)).squeeze(1)
+        if scales is not None:
+            logits = logits * scales                                      # [S, rows, V]
+        out[..., rows] = (torch.logsumexp(logits, dim=-1)
+                          - logits.gather(-1, yc.expand(*logits.shape[:-1]).unsqueeze(-1))[..., 0])
     return out

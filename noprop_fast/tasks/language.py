@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import continuous, runs
+from .. import continuous, readouts, runs
 from ..ops.chunked_ce import cross_entropy_rows
 from ..data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from ..errors import UserError
@@ -68,17 +68,50 @@ def fm_chain_losses(model, features: torch.Tensor, target: torch.Tensor, steps: 
 
 @torch.no_grad()
 def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = True,
-                    seed: int = 0, chains: int = 1, transport=None, ode_steps: int = 20,
-                    ode_solver: str = "euler") -> dict:
+                    seed: int = 0, chains: int = 1, transport=None, readout: str = "classifier",
+                    heldback=None, ode_steps: int = 20, ode_solver: str = "euler") -> dict:
     """The validation loss over the (x, y) batches, in eval mode, the chains' noise drawn from
     `seed` (the same numbers at every evaluation): {"val_loss", "val_loss_one_chain",
-    "val_tokens"}, in nats per token. NoProp: `val_loss` is -log of the mean of p(y | z_T) over
-    `chains` chains per position, `val_loss_one_chain` the first chain's cross-entropy
-    (docs/language.md); the GPT: both are its cross-entropy. y is read only after the chains ran.
-    `transport`: as in `noprop.chain_from_features`. NoProp-FM: its ODE (`ode_steps` steps of
-    `ode_solver`) in place of the chain."""
+    "val_tokens"}, in nats per token. NoProp: `val_loss` is -log of `readout`'s mean probability
+    of y over `chains` chains per position, `val_loss_one_chain` the first chain's alone
+    (`readouts.py`), and "readouts" holds every readout's; `heldback`: batches of held-back train
+    tokens on which each readout's temperature is fitted. The GPT: both are its cross-entropy.
+    `transport` (blocks split across processes): the classifier readout, as in
+    `noprop.chain_from_features`. NoProp-FM: the classifier on z_1 of its ODE (`ode_steps`
+    steps of `ode_solver`) in place of the chain."""
     was_training = model.training
     model.eval()
+    try:
+        if model.method == "noprop" and transport is None:
+            fitted = None
+            if heldback is not None:
+                fitted = _scores(model, schedule, heldback, stochastic, seed + 1, chains,
+                                 readouts.TEMPERATURES)
+            grid = readouts.TEMPERATURES if fitted is not None else torch.ones(1)
+            scores = _scores(model, schedule, batches, stochastic, seed, chains, grid)
+            table = readouts.readout_losses(scores.means(), None if fitted is None
+                                            else fitted.means())
+            return {**table[readout], "val_tokens": scores.tokens, "readouts": table}
+        return _classifier_loss(model, schedule, batches, stochastic, seed, chains, transport,
+                                (ode_steps, ode_solver))
+    finally:
+        model.train(was_training)
+
+
+def _scores(model, schedule, batches, stochastic, seed, chains, temperatures) -> readouts.Scores:
+    scores, generator = readouts.Scores(temperatures), None
+    for x, y in batches:
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+        scores.add(model, schedule, x, y, chains, stochastic, generator)
+    return scores
+
+
+def _classifier_loss(model, schedule, batches, stochastic, seed, chains, transport,
+                     ode=(20, "euler")) -> dict:
+    """The GPT's cross-entropy, NoProp's classifier readout with the blocks split across
+    processes (`transport`), or NoProp-FM's (ode: its steps and solver); y is read only after
+    the chains ran."""
     weight, bias = _classifier(model)
     totals, tokens, generator = None, 0, None
     for x, y in batches:
@@ -96,8 +129,7 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
             part = torch.stack([mixture.sum(), losses[0].sum()])
         elif model.method == "noprop-fm":
             features = model.blocks.features(x)               # [1, N*L, D], shared by the chains
-            losses = torch.stack([fm_chain_losses(model, features, target, ode_steps, ode_solver,
-                                                  generator)
+            losses = torch.stack([fm_chain_losses(model, features, target, *ode, generator)
                                   for _ in range(chains)])    # [K, N*L]: -log p(y | z_1^k)
             mixture = math.log(chains) - torch.logsumexp(-losses, dim=0)
             part = torch.stack([mixture.sum(), losses[0].sum()])
@@ -106,7 +138,6 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
             part = torch.stack([ce, ce])
         totals = part if totals is None else totals + part
         tokens += target.numel()
-    model.train(was_training)
     if tokens == 0:
         raise ValueError("validation_loss: no validation batches")
     mixture_sum, one_sum = totals.tolist()  # host sync: once per evaluation
@@ -117,10 +148,12 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
 @torch.no_grad()
 def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, stochastic: bool = True,
-           generator: torch.Generator | None = None, transport=None, ode_steps: int = 20,
+           generator: torch.Generator | None = None, transport=None,
+           readout: str = "classifier", ode_steps: int = 20,
            ode_solver: str = "euler") -> list[int]:
     """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token
-    (`transport`: see `noprop.chain_from_features`; NoProp-FM: one ODE of `ode_steps` steps)."""
+    from `readout`'s distribution (`transport`: see `noprop.chain_from_features`; NoProp-FM: one
+    ODE of `ode_steps` steps of `ode_solver`)."""
     if not prompt:
         raise ValueError("sample: the prompt needs at least one token")
     device = next(model.parameters()).device
@@ -130,15 +163,21 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
     weight, bias = _classifier(model)
     for _ in range(num_tokens):
         x = torch.tensor([ids[-model.max_len:]], device=device)
-        if model.method == "noprop":
-            last = model.blocks.features(x)[:, -1:]              # [T, 1, D]: the last position
-            state = chain_from_features(model, schedule, last, stochastic, generator, transport)
-        elif model.method == "noprop-fm":
-            last = model.blocks.features(x)[:, -1:]              # [1, 1, D]: the last position
-            state = continuous.fm_ode(model, last, ode_steps, ode_solver, generator=generator)
+        if model.method == "noprop" and readout != "classifier":
+            logits = readouts.log_probs(model, schedule, x, readout, 1, stochastic,
+                                        generator)[-1] / temperature       # [V]
         else:
-            state = model.hidden(x)[-1:]
-        logits = F.linear(state.float(), weight, bias)[0] / temperature   # [V]
+            if model.method == "noprop":
+                last = model.blocks.features(x)[:, -1:]          # [T, 1, D]: the last position
+                state = chain_from_features(model, schedule, last, stochastic, generator,
+                                            transport)
+            elif model.method == "noprop-fm":
+                last = model.blocks.features(x)[:, -1:]          # [1, 1, D]: the last position
+                state = continuous.fm_ode(model, last, ode_steps, ode_solver,
+                                          generator=generator)
+            else:
+                state = model.hidden(x)[-1:]
+            logits = F.linear(state.float(), weight, bias)[0] / temperature   # [V]
         if 0 < top_k < logits.shape[0]:
             kth = torch.topk(logits, top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -146,6 +185,21 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
         ids.append(int(token.item()))
     model.train(was_training)
     return ids[len(prompt):]
+
+
+def estimator(cfg, val: dict) -> str | None:
+    """How NoProp-LM's (or -FM's) val_loss was computed, in words (None for the GPT)."""
+    if cfg.method == "noprop-fm":
+        return (f"{cfg.eval_chains} chains, classifier on z_1 of a {cfg.ode_solver} ODE of "
+                f"{cfg.inference_steps} steps")
+    if cfg.method != "noprop":
+        return None
+    words = f"{cfg.eval_chains} chains, readout {cfg.readout}, {cfg.inference} inference"
+    if "temperature" in val:
+        words += (f", temperature {val['temperature']:.3f} (one chain "
+                  f"{val['temperature_one_chain']:.3f}) fitted on {cfg.calibrate_tokens:,} "
+                  "held-back train tokens")
+    return words
 
 
 def build_lm(cfg, vocab_size: int, device: torch.device):
@@ -158,7 +212,20 @@ def build_lm(cfg, vocab_size: int, device: torch.device):
         model = cls(cfg.num_blocks, vocab_size, cfg.seq_len, cfg.width, cfg.heads,
                     cfg.layers_per_block, cfg.embed_dim,
                     "onehot" if cfg.embed_init == "onehot" else "learned")
+        model.block_ce = cfg.block_ce
     return model.to(device)
+
+
+def held_back(shards: list, tokens: int) -> tuple[list, list | None]:
+    """(the train shards less the last `tokens` tokens of the last one, those tokens as a split
+    of their own, or None for 0): what `--calibrate-tokens` fits temperatures on."""
+    if tokens == 0:
+        return shards, None
+    last = shards[-1]
+    if 2 * tokens > len(last):
+        raise UserError(f"calibrate_tokens: {tokens:,} is more than half of the last train "
+                        f"shard's {len(last):,} tokens")
+    return [*shards[:-1], last[:-tokens]], [last[-tokens:]]
 
 
 @dataclass
@@ -182,8 +249,9 @@ class LanguageTask(Task):
             raise UserError("embed_init: the GPT baseline learns its own embeddings; use learned")
         super().__init__(cfg, data, device, cfg.max_steps)
         index, count = data_share
-        self.batches = TokenBatches(data.train, cfg.batch_size // count, cfg.seq_len, device,
-                                    seed=cfg.seed, rank=index, world_size=count)
+        self.train_shards, self.heldback = held_back(data.train, cfg.calibrate_tokens)
+        self.batches = TokenBatches(self.train_shards, cfg.batch_size // count, cfg.seq_len,
+                                    device, seed=cfg.seed, rank=index, world_size=count)
 
     @staticmethod
     def load_data(cfg, show_progress: bool) -> TokenData:
@@ -208,7 +276,7 @@ class LanguageTask(Task):
         if cfg.embed_init == "mlm":
             if pretrain:
                 from ..mlm import pretrain_embeddings
-                stream = TokenBatches(self.data.train, cfg.batch_size, cfg.seq_len, self.device,
+                stream = TokenBatches(self.train_shards, cfg.batch_size, cfg.seq_len, self.device,
                                       seed=cfg.seed + 2)
                 weight = pretrain_embeddings(stream, self.data.vocab_size, cfg.embed_dim,
                                              cfg.seq_len, cfg.mlm_steps, self.device,
@@ -245,17 +313,23 @@ class LanguageTask(Task):
 
     def evaluate(self, model, schedule: NoiseSchedule, transport=None) -> dict:
         cfg = self.cfg
+        heldback = None if self.heldback is None else val_batches(
+            self.heldback, cfg.batch_size, cfg.seq_len, self.device)
         return validation_loss(model, schedule, self.val_batches(),
                                stochastic=cfg.inference == "stochastic", seed=cfg.seed,
                                chains=cfg.eval_chains, transport=transport,
+                               readout=cfg.readout, heldback=heldback,
                                ode_steps=cfg.inference_steps, ode_solver=cfg.ode_solver)
 
     def eval_fields(self, val: dict) -> dict:
         return {**val, "val_perplexity": math.exp(min(val["val_loss"], 50.0))}
 
     def round_line(self, r: dict) -> str:
-        return (f"step {r['step']}/{self.cfg.max_steps}  train loss {r['train_loss']:.4f}  "
-                f"val loss {r['val_loss']:.4f} (ppl {r['val_perplexity']:.2f})  "
+        cfg = self.cfg
+        one = (f" [{cfg.eval_chains} chains, {cfg.readout}; one chain "
+               f"{r['val_loss_one_chain']:.4f}]" if cfg.method != "backprop" else "")
+        return (f"step {r['step']}/{cfg.max_steps}  train loss {r['train_loss']:.4f}  "
+                f"val loss {r['val_loss']:.4f} (ppl {r['val_perplexity']:.2f}){one}  "
                 f"{r['tokens_per_second']:.0f} tok/s")
 
     def summary_fields(self, run) -> dict:
@@ -273,6 +347,9 @@ class LanguageTask(Task):
             "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"),
             "val_loss_one_chain": last.get("val_loss_one_chain"),
             "eval_chains": cfg.eval_chains if cfg.method != "backprop" else None,
+            "readout": cfg.readout if cfg.method == "noprop" else None,
+            "val_estimator": estimator(cfg, last),
+            "val_readouts": last.get("readouts"),
             **({"inference_steps": cfg.inference_steps, "ode_solver": cfg.ode_solver}
                if cfg.method == "noprop-fm" else {}),
             "val_tokens": last.get("val_tokens"),
@@ -290,10 +367,8 @@ class LanguageTask(Task):
 
     def closing(self, run, s: dict) -> list[str]:
         cfg = self.cfg
-        how = (f"{cfg.ode_solver} ODE of {cfg.inference_steps} steps" if cfg.method == "noprop-fm"
-               else f"{cfg.inference} inference")
-        chains = (f", {cfg.eval_chains} chains, {how}; one chain "
-                  f"{s['val_loss_one_chain']:.4f}" if cfg.method != "backprop" else "")
+        chains = (f", {s['val_estimator']}; one chain {s['val_loss_one_chain']:.4f}"
+                  if cfg.method != "backprop" else "")
         return [f"val loss {s['val_loss']:.4f} nats/token (perplexity {s['val_perplexity']:.2f}"
                 f"{chains}) on {s['val_tokens']:,} val tokens, whose unigram entropy is "
                 f"{s['unigram_entropy']:.4f} nats/token; {s['tokens_seen']:,} tokens seen in "
@@ -318,5 +393,6 @@ class LanguageTask(Task):
                 + cfg.sample + tokenizer.decode(sample(
                     run.model, run.schedule, ids, cfg.sample_tokens, cfg.temperature, cfg.top_k,
                     cfg.inference == "stochastic", generator, transport=run.strategy.transport,
-                    ode_steps=cfg.inference_steps, ode_solver=cfg.ode_solver))
+                    readout=cfg.readout, ode_steps=cfg.inference_steps,
+                    ode_solver=cfg.ode_solver))
                 for i in range(1, cfg.num_samples + 1)]

@@ -1,0 +1,121 @@
+"""NoProp-LM's predictive distributions (docs/language.md, "Readouts"). One Eq. 3 chain, run with
+the context teacher-forced, is scored at every step: block t's own softmax over the vocabulary,
+softmax(q_t K_t^T + c_t) with q_t its queries given the context and z_{t-1}, and at the end the
+classifier on z_T. A readout is the mean, over K chains and its components, of those
+distributions:
+
+    classifier   p(y | z_T)                        (the paper's; one component per chain)
+    last         p_T(y | x, z_{T-1})               (the last block's softmax)
+    blocks       1/T sum_t p_t(y | x, z_{t-1})     (every block's softmax along the chain)
+
+The log of that mean is what `val_loss` reports (K chains) and `val_loss_one_chain` (K = 1). A
+calibrated readout divides every component's logits by a temperature fitted on held-back training
+tokens, never on validation tokens.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .layers import softmax_embedding
+from .ops.chunked_ce import cross_entropy_rows
+from .schedule import denoise_step
+
+READOUTS = ("classifier", "last", "blocks")
+# what a calibrated readout chooses from: 2^-2 .. 2^2 in steps of 2^(1/8), 1 included
+TEMPERATURES = 2.0 ** torch.linspace(-2.0, 2.0, 33)
+ONE = 16  # TEMPERATURES[ONE] == 1
+
+
+def chain_scores(model, schedule, features: torch.Tensor, score, stochastic: bool = True,
+                 generator: torch.Generator | None = None) -> list:
+    """One chain over features [T, M, D] (the draws of `noprop.chain_from_features`, so the same
+    z_t): score(h, weight, bias), block t's softmax being softmax(h weight^T + bias), for each
+    block's queries at its step, then for z_T and the classifier; T + 1 results."""
+    blocks, w = model.blocks, model.embedding.weight
+    z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype,
+                    generator=generator)
+    scores = []
+    for t in range(1, model.num_blocks + 1):
+        noise = torch.randn(z.shape, device=z.device, dtype=z.dtype,
+                            generator=generator) if stochastic else None
+        one = slice(t - 1, t)
+        q = blocks.head_input(features[one], z.unsqueeze(0), one)            # [1, M, Dq]
+        scores.append(score(q[0].float(), blocks.head.weight[t - 1], blocks.head.bias[t - 1]))
+        u_hat = softmax_embedding(q, blocks.head, w, one, blocks.ops)[0].to(z.dtype)
+        z = denoise_step(z, u_hat, schedule, t, noise)
+    scores.append(score(z.float(), model.classifier.weight, model.classifier.bias))
+    return scores
+
+
+def mixture(log_probs: torch.Tensor, readout: str) -> torch.Tensor:
+    """log of a readout's mean probability from log_probs [K, T + 1, ...] (K chains; T blocks'
+    softmaxes, then the classifier): [...]."""
+    T = log_probs.shape[1] - 1
+    part = {"classifier": log_probs[:, T:], "last": log_probs[:, T - 1:T],
+            "blocks": log_probs[:, :T]}[readout].flatten(0, 1)
+    return torch.logsumexp(part, dim=0) - math.log(part.shape[0])
+
+
+@torch.no_grad()
+def log_probs(model, schedule, x: torch.Tensor, readout: str, chains: int = 1,
+              stochastic: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """log p(next token) [N*L, V] at every position of x [N, L] under `readout` with `chains`
+    chains (small inputs: sampling and tests). Row n*L + i depends on x[n, :i+1] only."""
+    features = model.blocks.features(x)
+
+    def score(h, weight, bias):
+        return F.log_softmax(F.linear(h, weight.float(), bias.float()), dim=-1)
+    return mixture(torch.stack([torch.stack(chain_scores(model, schedule, features, score,
+                                                         stochastic, generator))
+                                for _ in range(chains)]), readout)
+
+
+class Scores:
+    """Sums over batches of -log p(y) for every readout, with K chains and with the first chain
+    alone, at each of `temperatures` [S]: `add` a batch, `means()` -> {readout: [2, S]}."""
+
+    def __init__(self, temperatures: torch.Tensor):
+        self.temperatures, self.sums, self.tokens = temperatures, {}, 0
+
+    @torch.no_grad()
+    def add(self, model, schedule, x: torch.Tensor, y: torch.Tensor, chains: int,
+            stochastic: bool, generator: torch.Generator) -> None:
+        features = model.blocks.features(x)                  # [T, N*L, D], shared by the chains
+        target = y.reshape(-1)
+        temperatures = self.temperatures.to(target.device)
+
+        def score(h, weight, bias):                          # [S, M]; y is read for the scores
+            return -cross_entropy_rows(h, weight, bias, target, temperatures=temperatures)
+        scores = torch.stack([torch.stack(chain_scores(model, schedule, features, score,
+                                                       stochastic, generator))
+                              for _ in range(chains)])       # [K, T + 1, S, M]
+        for readout in READOUTS:
+            part = -torch.stack([mixture(scores, readout).sum(-1),
+                                 mixture(scores[:1], readout).sum(-1)])     # [2, S]
+            self.sums[readout] = part if readout not in self.sums else self.sums[readout] + part
+        self.tokens += target.numel()
+
+    def means(self) -> dict:
+        if self.tokens == 0:
+            raise ValueError("validation_loss: no validation batches")
+        return {r: (s / self.tokens).cpu() for r, s in self.sums.items()}  # one host read
+
+
+def readout_losses(val: dict, heldback: dict | None) -> dict:
+    """{readout: {"val_loss", "val_loss_one_chain"[, "temperature", "temperature_one_chain",
+    "uncalibrated", "uncalibrated_one_chain"]}} from `Scores.means()` of the val tokens and, where calibrated, of the held-back tokens at
+    TEMPERATURES: each loss at the temperature that is best on the held-back tokens."""
+    out = {}
+    for readout, means in val.items():
+        if heldback is None:
+            out[readout] = {"val_loss": float(means[0, 0]), "val_loss_one_chain": float(means[1, 0])}
+            continue
+        best = heldback[readout].argmin(dim=1)               # [2]: K chains, one chain
+        out[readout] = {"val_loss": float(means[0, best[0]]),
+                        "val_loss_one_chain": float(means[1, best[1]]),
+                        "temperature": float(TEMPERATURES[best[0]]),
+                        "temperature_one_chain": float(TEMPERATURES[best[1]]),
+                        "uncalibrated": float(means[0, ONE]),
+                        "uncalibrated_one_chain": float(means[1, ONE])}
+    return out
