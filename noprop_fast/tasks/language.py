@@ -190,7 +190,7 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
 def estimator(cfg, val: dict) -> str | None:
     """How NoProp-LM's (or -FM's) val_loss was computed, in words (None for the GPT)."""
     if cfg.method == "noprop-fm":
-        return (f"{cfg.eval_chains} chains, classifier on z_1 of a {cfg.ode_solver} ODE of "
+        return (f"{cfg.eval_chains} chains, classifier on z_1 of the {cfg.ode_solver} ODE, "
                 f"{cfg.inference_steps} steps")
     if cfg.method != "noprop":
         return None
