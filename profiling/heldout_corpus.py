@@ -1,82 +1,78 @@
 """A held-out English corpus for the language model's generalisation check: six public-domain
-Project Gutenberg books, none of them part of anything the project trains on (the `stdlib` config
-trains on the Python standard library's docs), tokenized into byte-level shards by the project's
-own prepare command.
+books in their plain-text ebook editions, none of them part of anything the project trains on
+(the `stdlib` config trains on the Python standard library's docs), tokenized into byte-level
+shards by the project's own prepare command. The books are not in this repository:
 
-    python profiling/heldout_corpus.py                 # into /work/heldout-corpus
-    python profiling/heldout_corpus.py --out DIR --src DIR --repo GIT_DIR
+    python profiling/heldout_corpus.py --books DIR --out DIR
 
-The books are not the project's and are not in this repository: they are read out of a local
-mirror (a bare git directory) of the public GitHub repository jhacksman/arxiv2025 at commit
-8782bb4e8a336d6319ab47696bc17968ed7e54f4, under library/content/literature/ (the blobs below).
-Each book is cut to the text between Gutenberg's "*** START OF" and "*** END OF" lines (the
-licence header and footer dropped), its byte-order mark removed and CRLF turned into LF, and
-written as `<src>/NN_<name>.txt`. Then
+DIR holds heart_of_darkness.txt (Conrad), pride_and_prejudice.txt (Austen),
+great_expectations.txt (Dickens), walden.txt (Thoreau), dubliners.txt (Joyce) and
+time_machine.txt (Wells), each a plain-text ebook with its "*** START OF" and "*** END OF"
+marker lines. Each book is cut to the text between them (the licence header and footer
+dropped), its byte-order mark removed and CRLF turned into LF, written to `<out>/text/`, and
+checked against the digest of the text this project's figures were measured on. Then
 
-    python -m noprop_fast.data.prepare --input <src>/*.txt --tokenizer byte --out <out>
+    python -m noprop_fast.data.prepare --input <out>/text/*.txt --tokenizer byte --out <out>
         --val-tokens 200000 --no-progress
 
 A .txt file is one document and the val shard takes whole documents from the first until it holds
-200,000 tokens, so the val shard is Heart of Darkness alone and the train shard the other five.
-Built on 2 Dec 2025: 3,167,037 bytes of text; val 213,940 tokens (sha256 b3e7667d5eef...),
-train 2,953,103 (sha256 83aebed177a8...), byte vocabulary 257.
+200,000 tokens, so the val shard is Heart of Darkness alone and the train shard the other five:
+3,167,037 bytes of text; val 213,940 tokens, train 2,953,103, byte vocabulary 257.
 """
 import argparse
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = "/work/.mirror/jhacksman+arxiv2025/repo"
-COMMIT = "8782bb4e8a336d6319ab47696bc17968ed7e54f4"
-ROOT = "library/content/literature"
 VAL_TOKENS = 200_000
-# (file under ROOT, its git blob at COMMIT): the first one is the val shard.
+# (book, the first 16 hex digits of the sha256 of its cleaned text): the first is the val shard
 BOOKS = [
-    ("classics/heart_of_darkness.txt", "cb9738894e1d61533d1a6c7e47f76ec5cf0e598d"),
-    ("classics/pride_and_prejudice.txt", "ef6d9b9a4791bb3e81defadacdf203c156f67a97"),
-    ("classics/great_expectations.txt", "fa86a76eec333f27cc7babc275b5b37bf7e00b1c"),
-    ("classics/walden.txt", "97e8a631e3b223e1d6c8bf7cc7427d469642e00e"),
-    ("classics/dubliners.txt", "09001f6a8943765706a1c0f1d441e0614e8cb93a"),
-    ("science_fiction/time_machine.txt", "9b6e2f5a2b97d0a8c9bd0bb514fe865a0bb89ad5"),
+    ("heart_of_darkness", "56e2c3f429ebc19a"),
+    ("pride_and_prejudice", "97acc34c1adc6ccf"),
+    ("great_expectations", "b8ed36381a778163"),
+    ("walden", "da5a69cc0ea65377"),
+    ("dubliners", "1b626998d4b5b37a"),
+    ("time_machine", "124084573ad7c355"),
 ]
 
 
 def book_text(raw: bytes, name: str) -> str:
-    """The book between Gutenberg's START and END lines, without BOM, with LF line ends."""
+    """The book between its START and END marker lines, without BOM, with LF line ends."""
     lines = raw.decode("utf-8-sig").replace("\r\n", "\n").split("\n")
     starts = [i for i, line in enumerate(lines) if line.startswith("*** START OF")]
     ends = [i for i, line in enumerate(lines) if line.startswith("*** END OF")]
     if len(starts) != 1 or len(ends) != 1 or starts[0] >= ends[0]:
-        sys.exit(f"{name}: no single START/END pair of Gutenberg marker lines")
+        sys.exit(f"{name}: no single pair of START/END marker lines")
     return "\n".join(lines[starts[0] + 1:ends[0]]).strip() + "\n"
 
 
-def extract(repo: str, src: Path) -> list[Path]:
-    """Write each book's text to `src`, checking that the blob is the one recorded."""
-    src.mkdir(parents=True, exist_ok=True)
+def extract(books: Path, text: Path) -> list[Path]:
+    """Write each book's cleaned text to `text`, checking its digest."""
+    text.mkdir(parents=True, exist_ok=True)
     files = []
-    for index, (name, blob) in enumerate(BOOKS):
-        spec = f"{COMMIT}:{ROOT}/{name}"
-        found = subprocess.run(["git", "--git-dir", repo, "rev-parse", spec], check=True,
-                               capture_output=True, text=True).stdout.strip()
-        if found != blob:
-            sys.exit(f"{spec}: blob {found}, expected {blob}")
-        raw = subprocess.run(["git", "--git-dir", repo, "cat-file", "blob", blob], check=True,
-                             capture_output=True).stdout
-        path = src / f"{index:02d}_{Path(name).stem}.txt"
-        path.write_text(book_text(raw, name), encoding="utf-8")
+    for index, (name, digest) in enumerate(BOOKS):
+        source = books / f"{name}.txt"
+        if not source.is_file():
+            sys.exit(f"{source}: not found (--books must hold the six books named in --help)")
+        cleaned = book_text(source.read_bytes(), name).encode("utf-8")
+        found = hashlib.sha256(cleaned).hexdigest()[:16]
+        if found != digest:
+            print(f"{source}: another edition (sha256 {found}, measured on {digest}); the "
+                  "figures will differ", file=sys.stderr)
+        path = text / f"{index:02d}_{name}.txt"
+        path.write_bytes(cleaned)
         files.append(path)
-        print(f"{path} {path.stat().st_size:,} bytes (from {len(raw):,})")
+        print(f"{path} {len(cleaned):,} bytes")
     return files
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="/work/heldout-corpus", help="folder for the shards")
-    parser.add_argument("--src", default="/work/heldout-src", help="folder for the books' text")
-    parser.add_argument("--repo", default=REPO, help="the mirror's git directory")
+    parser.add_argument("--books", required=True, help="folder of the six books' ebook texts")
+    parser.add_argument("--out", required=True, help="folder for the shards")
     args = parser.parse_args()
-    files = extract(args.repo, Path(args.src))
+    files = extract(Path(args.books), Path(args.out) / "text")
     print(f"{len(files)} books, {sum(p.stat().st_size for p in files):,} bytes in all")
     command = [sys.executable, "-m", "noprop_fast.data.prepare", "--input", *map(str, files),
                "--tokenizer", "byte", "--out", args.out, "--val-tokens", str(VAL_TOKENS),

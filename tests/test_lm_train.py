@@ -40,8 +40,10 @@ def _state(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("extra", [[], ["--method", "backprop"], ["--fused"]],
-                         ids=["noprop", "backprop", "noprop-fused"])
+@pytest.mark.parametrize("extra", [[], ["--method", "backprop"], ["--fused"],
+                                   ["--block-ce", "1", "--readout", "blocks",
+                                    "--calibrate-tokens", "200"]],
+                         ids=["noprop", "backprop", "noprop-fused", "noprop-block-ce-calibrated"])
 def test_lm_resume_replays_the_uninterrupted_run(word_shards, tmp_path, capsys, extra):
     base = TINY + extra + ["--data-dir", str(word_shards), "--eval-every", "2",
                           "--sample-tokens", "0"]
@@ -91,6 +93,8 @@ def test_mlm_embeddings_are_pretrained_and_frozen(word_shards, tmp_path, capsys)
     (["--width", "30", "--heads", "4"], "width"),
     (["--method", "backprop", "--embed-init", "mlm"], "embed_init"),
     (["--dataset", "mnist"], "--dataset"),
+    (["--readout", "blocks", "--parallel", "blocks"], "readout"),
+    (["--calibrate-tokens", "100000000"], "calibrate_tokens"),
 ])
 def test_lm_errors_are_one_line(word_shards, tmp_path, capsys, args, message):
     base = TINY + (["--data-dir", str(word_shards)] if "--data-dir" not in args else [])

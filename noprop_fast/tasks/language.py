@@ -85,7 +85,7 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
         if model.method == "noprop" and transport is None:
             fitted = None
             if heldback is not None:
-                fitted = _scores(model, schedule, heldback, stochastic, seed + 1, chains,
+                fitted = _scores(model, schedule, heldback, stochastic, seed, chains,
                                  readouts.TEMPERATURES)
             grid = readouts.TEMPERATURES if fitted is not None else torch.ones(1)
             scores = _scores(model, schedule, batches, stochastic, seed, chains, grid)
