@@ -165,6 +165,11 @@ class LMConfig(TaskConfig):
     """The language task. The defaults are the CPU config (`stdlib`): the embedded corpus, bytes."""
     # the defaults that differ from the image task's, and what the field means here
     task: str = _task_default("task", "lm", choices=("lm",))
+    method: str = _task_default(
+        "method", "noprop", choices=("noprop", "noprop-fm", "backprop"),
+        help="noprop: NoProp-LM (T blocks); noprop-fm: NoProp-FM (one network of num_blocks x "
+        "layers_per_block causal layers, flow matching on the token embeddings); backprop: a GPT "
+        "of the same width and total depth")
     num_blocks: int = _task_default("num_blocks", 6, help="T, the number of blocks (denoising "
                                     "steps); the GPT has T x layers_per_block layers")
     embed_dim: int = _task_default("embed_dim", 64, help="d of the token embedding W_embed (the "
@@ -205,6 +210,11 @@ class LMConfig(TaskConfig):
     num_samples: int = _opt(2, "continuations printed", minimum=1)
     temperature: float = _opt(0.8, "sampling temperature", minimum=1e-6)
     top_k: int = _opt(40, "sample from the k most likely tokens; 0: all", minimum=0)
+    # NoProp-FM (docs/method.md section 5, one row per position)
+    inference_steps: int = _opt(20, "noprop-fm: ODE steps from noise to z_1 (validation and "
+                                "samples)", minimum=1)
+    ode_solver: str = _opt("euler", "noprop-fm: the ODE solver (heun: second order, two field "
+                           "evaluations a step)", ("euler", "heun"))
 
     DEFAULT = "stdlib"  # the config --task lm uses when none is named
 
@@ -220,6 +230,18 @@ class LMConfig(TaskConfig):
         if (self.width // self.heads) not in (16, 32, 64, 128):
             raise ConfigError(f"heads: the head size width / heads = {self.width // self.heads} "
                               "must be one of 16, 32, 64, 128")
+        if self.method == "noprop-fm" and self.parallel != "none":
+            raise ConfigError("parallel: noprop-fm runs in one process (--parallel splits "
+                              "NoProp-LM's blocks or batches)")
+        if self.method == "noprop-fm" and self.embed_init != "learned":
+            raise ConfigError("embed_init: noprop-fm's classifier is trained by its anchor, "
+                              "which needs learned embeddings; use embed_init learned")
+        blockwise = {"block_ce": self.block_ce != 0, "readout": self.readout != "classifier",
+                     "calibrate_tokens": self.calibrate_tokens != 0}
+        for name, changed in blockwise.items():
+            if self.method == "noprop-fm" and changed:
+                raise ConfigError(f"{name}: NoProp-LM's blocks only; noprop-fm has one network, "
+                                  f"read by its classifier on z_1 (leave {name} at its default)")
 
 
 TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}

@@ -53,8 +53,9 @@ def ct_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor,
 
 def fm_loss(model: ImageModel, x: torch.Tensor, y: torch.Tensor,
             noise=None) -> tuple[torch.Tensor, dict]:
-    """NoProp-FM's loss for a batch, with the anchor where W_embed is learned."""
-    n = x.shape[0]
+    """NoProp-FM's loss for a batch, with the anchor where W_embed is learned. One row per
+    label: y [N] (an image each, or the positions of token windows, y flattened)."""
+    n = y.shape[0]
     with phase("forward"):
         u = model.embedding(y)                                    # [N, d] fp32
         features = model.blocks.features(x)                       # [1, N, F]
@@ -112,9 +113,9 @@ def ct_chain(model: ImageModel, features: torch.Tensor, steps: int,
 
 @torch.no_grad()
 def fm_ode(model: ImageModel, features: torch.Tensor, steps: int, solver: str = "euler",
-           graphs: bool = False) -> torch.Tensor:
+           graphs: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """dz/dt = v(z, x, t) from z_0 ~ N(0, I) at t = 0 to t = 1 in `steps` equal steps (Euler, or
-    Heun's second order). Returns z_1 [N, d]."""
+    Heun's second order). Returns z_1 [N, d]; z_0 from `generator` (None: the global one)."""
     if solver not in ("euler", "heun"):
         raise ValueError(f"unknown ODE solver {solver!r}")
     w = model.embedding.weight
@@ -127,7 +128,8 @@ def fm_ode(model: ImageModel, features: torch.Tensor, steps: int, solver: str = 
         if solver == "euler":
             return z + dt * v
         return z + dt / 2 * (v + field(z + dt * v, k + 1).to(z.dtype))
-    z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype)
+    z = torch.randn(features.shape[1], w.shape[1], device=w.device, dtype=w.dtype,
+                    generator=generator)
     return _integrate(step, z, steps, graphs)
 
 

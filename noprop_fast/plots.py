@@ -10,6 +10,7 @@ LOSS_NAMES = {
     ("image", "noprop-fm"): "NoProp-FM: vector-field regression (+ anchor CE)",
     ("image", "backprop"): "cross-entropy",
     ("lm", "noprop"): "NoProp objective, not a cross-entropy",
+    ("lm", "noprop-fm"): "NoProp-FM: vector-field regression + anchor CE",
     ("lm", "backprop"): "cross-entropy, nats/token",
 }
 

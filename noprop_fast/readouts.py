@@ -125,7 +125,7 @@ class Scores:
         return {r: (s / self.tokens).cpu() for r, s in self.sums.items()}  # one host read
 
 
-def fit_weights(log_probs: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+def fit_weights(log_probs: torch.Tensor, iterations: int = 1000) -> torch.Tensor:
     """Mixture weights [C] maximising the mean of log sum_c w_c p_c over the rows of
     log_probs [C, M] (expectation-maximisation from equal weights)."""
     log_w = torch.full((log_probs.shape[0], 1), -math.log(log_probs.shape[0]),

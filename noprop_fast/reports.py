@@ -15,6 +15,7 @@ DISPLAY_NAMES = {
     ("image", "noprop-fm"): "NoProp-FM",
     ("image", "backprop"): "backprop",
     ("lm", "noprop"): "NoProp-LM",
+    ("lm", "noprop-fm"): "NoProp-FM (LM)",
     ("lm", "backprop"): "backprop GPT",
 }
 MEMORY_KINDS = {
@@ -116,6 +117,10 @@ def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPO
                      "SNR-weighted denoising errors, plus the classifier's cross-entropy on a "
                      "noisy copy of the true token's embedding, plus a KL term. It is not a "
                      "cross-entropy of predicted tokens and is not comparable with the val loss.")
+    elif cfg.method == "noprop-fm":
+        lines.append("train loss (in the lines above) is the NoProp-FM objective: the vector "
+                     "field's squared error, plus the anchor's cross-entropy and alignment on the "
+                     "one-step estimate of z_1. It is not comparable with the val loss.")
     else:
         lines.append("train loss (in the lines above) is the GPT's cross-entropy on its training "
                      "batches, in nats/token like the val loss.")

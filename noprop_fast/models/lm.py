@@ -5,6 +5,10 @@ backprop GPT of the same width and total depth (docs/method.md section 7, docs/l
     latent branch   g = GELU(FC_D(z_{t-1,i}))
     fusion          q = FC_Dq(LN(GELU(FC_D(concat(h_i, g)))))
     output          u_hat_{t,i} = softmax(q K_t^T + c_t) W_embed  (the softmax-embedding head)
+
+NoProp-FM for the LM (`FlowLanguageBlocks`): one such network with the time t as a third input of
+the fusion and a linear head to the vector field v in R^d (continuous.py's maths, one row per
+position).
 """
 import math
 
@@ -16,7 +20,7 @@ from ..layers import (ALL_BLOCKS, BlockEmbedding, BlockLayerNorm, BlockLinear, b
                       softmax_embedding, use_ops)
 from ..ops import REFERENCE, Ops
 from ..ops.chunked_ce import cross_entropy_rows
-from .image import ClassEmbedding, DenoisingModel
+from .image import TIME_FREQUENCIES, ClassEmbedding, DenoisingModel, time_encoding
 
 MAX_QUERY = 128  # the head's query width Dq: the fused softmax head holds D <= 128 in one tile
 
@@ -132,6 +136,61 @@ class LanguageBlocks(nn.Module):
                                   temperatures=temperatures)
 
 
+class FlowLanguageBlocks(LanguageBlocks):
+    """NoProp-FM's one network (num_blocks 1 in the batched layers). The context branch has
+    `depth` causal layers in sequence; the run gives it num_blocks x layers_per_block, so its
+    parameters and training compute match the T blocks' context branches (T x layers_per_block
+    layers in all) and the GPT's depth. Fusion and output:
+
+        time branch  tau = GELU(FC_D(time_encoding(t)))
+        fusion       h = LN(GELU(FC_D(concat(h_i, g, tau))))
+        output       v(z_t, x_{<=i}, t) = FC_d(h)                 (a vector field in R^d)
+
+    The context features do not depend on z or t: the ODE computes them once per window."""
+
+    def __init__(self, vocab_size: int, max_len: int, width: int, heads: int, depth: int,
+                 embed_dim: int):
+        super().__init__(1, vocab_size, max_len, width, heads, depth, embed_dim)
+        del self.query  # the softmax-embedding head's query: FM's head is linear
+        self.time_fc = BlockLinear(1, 2 * TIME_FREQUENCIES, width)
+        self.fuse_fc = BlockLinear(1, 3 * width, width)
+        self.head = BlockLinear(1, width, embed_dim)
+        gpt_init(self, depth)
+
+    def time_features(self, t: torch.Tensor) -> torch.Tensor:
+        """[M] times -> [1, M, D]."""
+        return F.gelu(self.time_fc(self._cast(time_encoding(t)).unsqueeze(0)))
+
+    def denoise(self, features: torch.Tensor, z: torch.Tensor, embed_weight: torch.Tensor,
+                blocks: slice = ALL_BLOCKS, t: torch.Tensor | None = None) -> torch.Tensor:
+        """v [1, M, d] for context features [1, M, D], latents z_t [1, M, d] and times t [M]."""
+        if t is None:
+            raise ValueError("NoProp-FM's network takes the time t as an input")
+        g = F.gelu(self.latent_fc(self._cast(z)))
+        h = F.gelu(self.fuse_fc(torch.cat([features, g, self.time_features(t)], dim=-1)))
+        return self.head(self.fuse_ln(h))
+
+    def field_on_grid(self, features: torch.Tensor, embed_weight: torch.Tensor,
+                      times: torch.Tensor):
+        """The ODE's `field(z [M, d], k)` = denoise(features, z, ., t = times[k]) [M, d] (k: a
+        0-dim int64 tensor). The fusion's first FC is linear in [context, latent, time]: its
+        context columns (and bias) are applied once here, its time columns once per grid time
+        [S + 1], so a step computes the latent FC, one D x D product and the head."""
+        w = self.fuse_fc.weight.to(features.dtype)                   # [1, D, 3D]
+        width = features.shape[-1]
+        fixed = self.ops.block_linear(features, w[..., :width],
+                                      self.fuse_fc.bias.to(w.dtype))  # [1, M, D]
+        # [1, S + 1, D]: the time columns at every grid time
+        timed = self.ops.block_linear(self.time_features(times), w[..., 2 * width:], None)
+        latent_weight = w[..., width:2 * width]
+
+        def field(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            g = F.gelu(self.latent_fc(self._cast(z).unsqueeze(0)))   # [1, M, D]
+            h = self.ops.block_linear(g, latent_weight, None) + fixed + timed[:, k].unsqueeze(1)
+            return self.head(self.fuse_ln(F.gelu(h)))[0]
+        return field
+
+
 class LanguageModel(DenoisingModel):
     """NoProp-LM: the T blocks with what they share, the token embedding W_embed [V, d] (the
     targets) and the linear classifier on z_T (vocabulary logits)."""
@@ -151,10 +210,29 @@ class LanguageModel(DenoisingModel):
             self.embedding = ClassEmbedding("learned", vocab_size, embed_dim)
             with torch.no_grad():  # rows of unit norm on average, like the image task's embeddings
                 self.embedding.weight.copy_(torch.randn(vocab_size, embed_dim) / math.sqrt(embed_dim))
-        self.blocks = LanguageBlocks(num_blocks, vocab_size, max_len, width, heads,
-                                     layers_per_block, embed_dim)
+        self.blocks = self.build_blocks(num_blocks, vocab_size, max_len, width, heads,
+                                        layers_per_block, embed_dim)
         self.classifier = nn.Linear(embed_dim, vocab_size)
         self.matched_filter_classifier()  # (again after pre-trained embeddings replace W_embed)
+
+
+    @staticmethod
+    def build_blocks(*args) -> LanguageBlocks:
+        return LanguageBlocks(*args)
+
+
+class FlowLanguageModel(LanguageModel):
+    """NoProp-FM on tokens: `FlowLanguageBlocks` (one network of num_blocks x layers_per_block
+    causal layers) with the same W_embed and classifier; trained by `continuous.fm_loss`, read
+    by the ODE (`continuous.fm_ode`) and the classifier on z_1."""
+
+    method = "noprop-fm"
+
+    @staticmethod
+    def build_blocks(num_blocks, vocab_size, max_len, width, heads, layers_per_block,
+                     embed_dim) -> FlowLanguageBlocks:
+        return FlowLanguageBlocks(vocab_size, max_len, width, heads,
+                                  num_blocks * layers_per_block, embed_dim)
 
 
 class GPT(nn.Module):

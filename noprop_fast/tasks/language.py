@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import readouts, runs
+from .. import continuous, readouts, runs
 from ..ops.chunked_ce import cross_entropy_rows
 from ..data.shards import TokenBatches, TokenData, unigram_entropy, val_batches
 from ..errors import UserError
 from ..layers import ALL_BLOCKS
 from ..noprop import chain_from_features, noprop_chain, noprop_loss
-from ..models.lm import GPT, LanguageModel
+from ..models.lm import GPT, FlowLanguageModel, LanguageModel
 from ..nvtx_ranges import phase
 from ..schedule import NoiseSchedule
 from .base import Task
@@ -30,6 +30,8 @@ def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
     blocks, noise, shared_terms: as in `noprop.noprop_loss`."""
     if model.method == "noprop":
         return noprop_loss(model, schedule, x, y.reshape(-1), blocks, noise, shared_terms)
+    if model.method == "noprop-fm":  # one network: no blocks, no schedule
+        return continuous.fm_loss(model, x, y.reshape(-1), noise)
     with phase("forward"):
         hidden = model.hidden(x)                              # [N*L, D]
     with phase("loss"):  # the vocabulary head is part of the loss: chunked on the fused path
@@ -38,7 +40,7 @@ def lm_loss(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
 
 
 def _classifier(model) -> tuple[torch.Tensor, torch.Tensor]:
-    if model.method == "noprop":
+    if model.method in ("noprop", "noprop-fm"):
         return model.classifier.weight, model.classifier.bias
     return model.tok.weight, model.lm_bias
 
@@ -55,9 +57,19 @@ def position_logits(model, schedule: NoiseSchedule, x: torch.Tensor, stochastic:
 
 
 @torch.no_grad()
+def fm_chain_losses(model, features: torch.Tensor, target: torch.Tensor, steps: int,
+                    solver: str, generator: torch.Generator | None) -> torch.Tensor:
+    """NoProp-FM: one ODE chain from z_0 ~ N(0, I) (drawn from `generator`) over `steps` Euler
+    or Heun steps, then each row's cross-entropy -log p(y | z_1) with the classifier: [M] fp32.
+    features: [1, M, D] (`model.blocks.features`); target: [M] token ids."""
+    z = continuous.fm_ode(model, features, steps, solver, generator=generator)  # [M, d]
+    return cross_entropy_rows(z.float(), model.classifier.weight, model.classifier.bias, target)
+
+
+@torch.no_grad()
 def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = True,
                     seed: int = 0, chains: int = 1, transport=None, readout: str = "classifier",
-                    heldback=None) -> dict:
+                    heldback=None, ode_steps: int = 20, ode_solver: str = "euler") -> dict:
     """The validation loss over the (x, y) batches, in eval mode, the chains' noise drawn from
     `seed` (the same numbers at every evaluation): {"val_loss", "val_loss_one_chain",
     "val_tokens"}, in nats per token. NoProp: `val_loss` is -log of `readout`'s mean probability
@@ -65,7 +77,8 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
     (`readouts.py`), and "readouts" holds every readout's; `heldback`: batches of held-back train
     tokens on which each readout's temperature is fitted. The GPT: both are its cross-entropy.
     `transport` (blocks split across processes): the classifier readout, as in
-    `noprop.chain_from_features`."""
+    `noprop.chain_from_features`. NoProp-FM: the classifier on z_1 of its ODE (`ode_steps`
+    steps of `ode_solver`) in place of the chain."""
     was_training = model.training
     model.eval()
     try:
@@ -81,7 +94,8 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
             if fitted is not None:
                 table["fitted"] = readouts.fitted_readout(scores.rows(), fitted.rows())
             return {**table[readout], "val_tokens": scores.tokens, "readouts": table}
-        return _classifier_loss(model, schedule, batches, stochastic, seed, chains, transport)
+        return _classifier_loss(model, schedule, batches, stochastic, seed, chains, transport,
+                                (ode_steps, ode_solver))
     finally:
         model.train(was_training)
 
@@ -95,9 +109,11 @@ def _scores(model, schedule, batches, stochastic, seed, chains, temperatures) ->
     return scores
 
 
-def _classifier_loss(model, schedule, batches, stochastic, seed, chains, transport) -> dict:
-    """The GPT's cross-entropy, or NoProp's classifier readout with the blocks split across
-    processes (`transport`); y is read only after the chains ran."""
+def _classifier_loss(model, schedule, batches, stochastic, seed, chains, transport,
+                     ode=(20, "euler")) -> dict:
+    """The GPT's cross-entropy, NoProp's classifier readout with the blocks split across
+    processes (`transport`), or NoProp-FM's (ode: its steps and solver); y is read only after
+    the chains ran."""
     weight, bias = _classifier(model)
     totals, tokens, generator = None, 0, None
     for x, y in batches:
@@ -111,6 +127,12 @@ def _classifier_loss(model, schedule, batches, stochastic, seed, chains, transpo
                                                        generator, transport).float(),
                                    weight, bias, target)
                 for _ in range(chains)])                      # [K, N*L]: -log p(y | z_T^k)
+            mixture = math.log(chains) - torch.logsumexp(-losses, dim=0)
+            part = torch.stack([mixture.sum(), losses[0].sum()])
+        elif model.method == "noprop-fm":
+            features = model.blocks.features(x)               # [1, N*L, D], shared by the chains
+            losses = torch.stack([fm_chain_losses(model, features, target, *ode, generator)
+                                  for _ in range(chains)])    # [K, N*L]: -log p(y | z_1^k)
             mixture = math.log(chains) - torch.logsumexp(-losses, dim=0)
             part = torch.stack([mixture.sum(), losses[0].sum()])
         else:
@@ -129,10 +151,11 @@ def _classifier_loss(model, schedule, batches, stochastic, seed, chains, transpo
 def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, stochastic: bool = True,
            generator: torch.Generator | None = None, transport=None,
-           readout: str = "classifier", weights=None) -> list[int]:
+           readout: str = "classifier", weights=None, ode_steps: int = 20,
+           ode_solver: str = "euler") -> list[int]:
     """`num_tokens` tokens continuing `prompt` (a non-empty list of ids), one chain per token
     from `readout`'s distribution (`weights`: the fitted readout's; `transport`: see
-    `noprop.chain_from_features`)."""
+    `noprop.chain_from_features`; NoProp-FM: one ODE of `ode_steps` steps of `ode_solver`)."""
     if not prompt:
         raise ValueError("sample: the prompt needs at least one token")
     device = next(model.parameters()).device
@@ -150,6 +173,10 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
                 last = model.blocks.features(x)[:, -1:]          # [T, 1, D]: the last position
                 state = chain_from_features(model, schedule, last, stochastic, generator,
                                             transport)
+            elif model.method == "noprop-fm":
+                last = model.blocks.features(x)[:, -1:]          # [1, 1, D]: the last position
+                state = continuous.fm_ode(model, last, ode_steps, ode_solver,
+                                          generator=generator)
             else:
                 state = model.hidden(x)[-1:]
             logits = F.linear(state.float(), weight, bias)[0] / temperature   # [V]
@@ -163,7 +190,10 @@ def sample(model, schedule: NoiseSchedule, prompt: list[int], num_tokens: int,
 
 
 def estimator(cfg, val: dict) -> str | None:
-    """How NoProp-LM's val_loss was computed, in words (None for the GPT)."""
+    """How NoProp-LM's (or -FM's) val_loss was computed, in words (None for the GPT)."""
+    if cfg.method == "noprop-fm":
+        return (f"{cfg.eval_chains} chains, classifier on z_1 of the {cfg.ode_solver} ODE, "
+                f"{cfg.inference_steps} steps")
     if cfg.method != "noprop":
         return None
     words = f"{cfg.eval_chains} chains, readout {cfg.readout}, {cfg.inference} inference"
@@ -183,9 +213,10 @@ def build_lm(cfg, vocab_size: int, device: torch.device):
         model = GPT(cfg.num_blocks * cfg.layers_per_block, vocab_size, cfg.seq_len, cfg.width,
                     cfg.heads)
     else:
-        model = LanguageModel(cfg.num_blocks, vocab_size, cfg.seq_len, cfg.width, cfg.heads,
-                              cfg.layers_per_block, cfg.embed_dim,
-                              "onehot" if cfg.embed_init == "onehot" else "learned")
+        cls = FlowLanguageModel if cfg.method == "noprop-fm" else LanguageModel
+        model = cls(cfg.num_blocks, vocab_size, cfg.seq_len, cfg.width, cfg.heads,
+                    cfg.layers_per_block, cfg.embed_dim,
+                    "onehot" if cfg.embed_init == "onehot" else "learned")
         model.block_ce = cfg.block_ce
     return model.to(device)
 
@@ -292,7 +323,8 @@ class LanguageTask(Task):
         return validation_loss(model, schedule, self.val_batches(),
                                stochastic=cfg.inference == "stochastic", seed=cfg.seed,
                                chains=cfg.eval_chains, transport=transport,
-                               readout=cfg.readout, heldback=heldback)
+                               readout=cfg.readout, heldback=heldback,
+                               ode_steps=cfg.inference_steps, ode_solver=cfg.ode_solver)
 
     def eval_fields(self, val: dict) -> dict:
         return {**val, "val_perplexity": math.exp(min(val["val_loss"], 50.0))}
@@ -300,7 +332,7 @@ class LanguageTask(Task):
     def round_line(self, r: dict) -> str:
         cfg = self.cfg
         one = (f" [{cfg.eval_chains} chains, {cfg.readout}; one chain "
-               f"{r['val_loss_one_chain']:.4f}]" if cfg.method == "noprop" else "")
+               f"{r['val_loss_one_chain']:.4f}]" if cfg.method != "backprop" else "")
         return (f"step {r['step']}/{cfg.max_steps}  train loss {r['train_loss']:.4f}  "
                 f"val loss {r['val_loss']:.4f} (ppl {r['val_perplexity']:.2f}){one}  "
                 f"{r['tokens_per_second']:.0f} tok/s")
@@ -314,29 +346,34 @@ class LanguageTask(Task):
         return {
             "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
             "num_blocks": cfg.num_blocks, "layers_per_block": cfg.layers_per_block,
-            "width": cfg.width, "embed_init": cfg.embed_init if cfg.method == "noprop" else None,
+            "width": cfg.width,
+            "embed_init": cfg.embed_init if cfg.method != "backprop" else None,
             "parameters": run.parameters, "steps": p.step, "tokens_seen": p.tokens_seen,
             "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"),
             "val_loss_one_chain": last.get("val_loss_one_chain"),
-            "eval_chains": cfg.eval_chains if cfg.method == "noprop" else None,
+            "eval_chains": cfg.eval_chains if cfg.method != "backprop" else None,
             "readout": cfg.readout if cfg.method == "noprop" else None,
             "val_estimator": estimator(cfg, last),
             "val_readouts": last.get("readouts"),
+            **({"inference_steps": cfg.inference_steps, "ode_solver": cfg.ode_solver}
+               if cfg.method == "noprop-fm" else {}),
             "val_tokens": last.get("val_tokens"),
             "unigram_entropy": unigram_entropy(targets.numpy(), data.vocab_size),
             "tokens_per_second": p.tokens_seen / p.train_seconds if p.train_seconds else None}
 
     def header(self, run) -> str:
         cfg = self.cfg
+        depth = cfg.num_blocks * cfg.layers_per_block
         shape = (f"T={cfg.num_blocks} blocks of {cfg.layers_per_block} layer(s)"
-                 if cfg.method == "noprop" else f"{cfg.num_blocks * cfg.layers_per_block} layers")
+                 if cfg.method == "noprop" else f"one network of {depth} layers"
+                 if cfg.method == "noprop-fm" else f"{depth} layers")
         return (f"{cfg.method} LM on {self.data.source}, {shape}, width {cfg.width}, "
                 f"{run.parameters / 1e6:.2f}M parameters")
 
     def closing(self, run, s: dict) -> list[str]:
         cfg = self.cfg
         chains = (f", {s['val_estimator']}; one chain {s['val_loss_one_chain']:.4f}"
-                  if cfg.method == "noprop" else "")
+                  if cfg.method != "backprop" else "")
         return [f"val loss {s['val_loss']:.4f} nats/token (perplexity {s['val_perplexity']:.2f}"
                 f"{chains}) on {s['val_tokens']:,} val tokens, whose unigram entropy is "
                 f"{s['unigram_entropy']:.4f} nats/token; {s['tokens_seen']:,} tokens seen in "
@@ -363,5 +400,6 @@ class LanguageTask(Task):
                 + cfg.sample + tokenizer.decode(sample(
                     run.model, run.schedule, ids, cfg.sample_tokens, cfg.temperature, cfg.top_k,
                     cfg.inference == "stochastic", generator, transport=run.strategy.transport,
-                    readout=cfg.readout, weights=fitted.get("weights_one_chain")))
+                    readout=cfg.readout, weights=fitted.get("weights_one_chain"),
+                    ode_steps=cfg.inference_steps, ode_solver=cfg.ode_solver))
                 for i in range(1, cfg.num_samples + 1)]
