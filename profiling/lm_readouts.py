@@ -1,5 +1,5 @@
-"""Every NoProp-LM readout of finished runs, with stochastic and noise-free chains and K = 1..8
-chains, on the run's own val tokens (docs/language.md, "What limits NoProp-LM"):
+"""Every NoProp-LM readout of finished runs, with stochastic and noise-free chains, K chains and
+one, on the run's own val tokens (calibrated on its held-back tokens where it kept some) (docs/language.md, "What limits NoProp-LM"):
 
     python profiling/lm_readouts.py RUN [RUN ...] --out FILE.json
 
@@ -18,6 +18,7 @@ import torch
 
 from noprop_fast import runs
 from noprop_fast.config import LMConfig, load_config
+from noprop_fast.data.shards import val_batches
 from noprop_fast.schedule import NoiseSchedule
 from noprop_fast.tasks.language import LanguageTask, build_lm, validation_loss
 
@@ -31,8 +32,10 @@ def evaluate(run_dir: Path, inference: str, chains: int) -> dict:
     schedule = NoiseSchedule.cosine(cfg.num_blocks, cfg.snr_max, cfg.eta, device)
     task = LanguageTask(cfg, data, device)
     start = time.perf_counter()
+    heldback = None if task.heldback is None else val_batches(  # the run's own held-back tokens
+        task.heldback, cfg.batch_size, cfg.seq_len, device)
     val = validation_loss(model, schedule, task.val_batches(), inference == "stochastic",
-                          cfg.seed, chains)
+                          cfg.seed, chains, heldback=heldback)
     return {"run": str(run_dir), "inference": inference, "chains": chains,
             "val_tokens": val["val_tokens"], "readouts": val["readouts"],
             "seconds": round(time.perf_counter() - start, 1)}
@@ -50,7 +53,8 @@ def main() -> int:
             row = evaluate(run_dir, inference, args.chains)
             rows.append(row)
             print(run_dir.name, inference, {r: (round(v["val_loss"], 4),
-                                                round(v["val_loss_one_chain"], 4))
+                                                round(v["val_loss_one_chain"], 4),
+                                                v.get("weights", v.get("temperature")))
                                             for r, v in row["readouts"].items()}, flush=True)
     args.out.write_text(json.dumps({
         "command": "python " + " ".join(sys.argv), "device": f"cpu ({platform.processor()}, "
