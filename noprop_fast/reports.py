@@ -113,9 +113,11 @@ def closing_lines(cfg, summary: dict, samples_follow: bool, reports: Path = REPO
         lines.append(f"A GPT of the same width and depth reached {gpt['val_loss']:.4f} on the same "
                      f"val tokens after {gpt['tokens_seen']:,} tokens ({gpt['source']}).")
     if cfg.method == "noprop":
+        own = (f", plus {cfg.block_ce:g} x each block's own cross-entropy" if cfg.block_ce
+               else "")
         lines.append("train loss (in the lines above) is the NoProp objective: the blocks' "
-                     "SNR-weighted denoising errors, plus the classifier's cross-entropy on a "
-                     "noisy copy of the true token's embedding, plus a KL term. It is not a "
+                     f"SNR-weighted denoising errors{own}, plus the classifier's cross-entropy on "
+                     "a noisy copy of the true token's embedding, plus a KL term. It is not a "
                      "cross-entropy of predicted tokens and is not comparable with the val loss.")
     elif cfg.method == "noprop-fm":
         lines.append("train loss (in the lines above) is the NoProp-FM objective: the vector "
