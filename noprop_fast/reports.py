@@ -316,7 +316,10 @@ def _image_sections(cfg, data, runs, histories, config_name: str) -> tuple[list,
 READOUT_WORDS = {"classifier": "p(y | z_T), the classifier on the chain's last latent",
                  "last": "the last block's softmax over the vocabulary, given z_{T-1}",
                  "blocks": "the mean of the T blocks' softmaxes over the vocabulary, block t's "
-                           "given z_{t-1}"}
+                           "given z_{t-1}",
+                 "first": "the first block's softmax over the vocabulary, given z_0 (pure noise)",
+                 "fitted": "the T blocks' softmaxes (block t's given z_{t-1}) and p(y | z_T) "
+                           "mixed with weights fitted on held-back train tokens"}
 
 
 def estimator_of(runs: dict) -> str:

@@ -60,7 +60,7 @@ def test_report_rows_match_the_runs(cli_out, data_dir):
     # both runs were evaluated on the same val tokens, so the same unigram entropy
     assert runs["noprop"]["unigram_entropy"] == runs["backprop"]["unigram_entropy"]
     for text in ("- tokenizer: byte, vocabulary 257", "seq_len 16", "batch 4", "4 steps",
-                 "2 chains, readout classifier, stochastic inference", "- torch: ", "nats per token"):
+                 "2 chains, readout fitted, stochastic inference", "- torch: ", "nats per token"):
         assert text in report, text
     command = f"`python -m noprop_fast.compare {' '.join(TINY)} --data-dir {data_dir} --out {cli_out}`"
     assert command in report

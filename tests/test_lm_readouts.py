@@ -10,8 +10,6 @@ calibration (`--calibrate-tokens`), docs/language.md:
     others the mean of the block softmaxes along the same chains.
 (d) Temperatures: the logits divided by each; fitted on held-back train tokens alone.
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,12 +164,15 @@ def test_temperatures_are_fitted_on_the_held_back_tokens_alone():
 def test_held_back_tokens_come_off_the_end_of_the_train_split():
     import numpy as np
     shards = [np.arange(100), np.arange(100, 300)]
-    train, held = held_back(shards, 40)
+    train, held, note = held_back(shards, 40, seq_len=8)
     assert [len(s) for s in train] == [100, 160] and held[0].tolist() == list(range(260, 300))
-    assert held_back(shards, 0) == (shards, None)
+    assert note == "" and held_back(shards, 0, 8) == (shards, None, "")
+    # more than half the last shard: a tenth of it, said in the note
+    train, held, note = held_back(shards, 101, seq_len=8)
+    assert [len(s) for s in train] == [100, 180] and len(held[0]) == 20
+    assert "a tenth" in note and "101" in note
     with pytest.raises(UserError, match="calibrate_tokens"):
-        held_back(shards, 101)
-    assert math.isfinite(float(held[0].sum()))
+        held_back(shards, 101, seq_len=20)
 
 
 def test_fitted_weights_maximise_the_held_back_likelihood():

@@ -199,10 +199,10 @@ def estimator(cfg, val: dict) -> str | None:
     words = f"{cfg.eval_chains} chains, readout {cfg.readout}, {cfg.inference} inference"
     if "weights" in val:
         words += (f", weights {val['weights']} (blocks 1..{cfg.num_blocks}, classifier) fitted on "
-                  f"{cfg.calibrate_tokens:,} held-back train tokens")
+                  f"{val['heldback_tokens']:,} held-back train tokens")
     elif "temperature" in val:
         words += (f", temperature {val['temperature']:.3f} (one chain "
-                  f"{val['temperature_one_chain']:.3f}) fitted on {cfg.calibrate_tokens:,} "
+                  f"{val['temperature_one_chain']:.3f}) fitted on {val['heldback_tokens']:,} "
                   "held-back train tokens")
     return words
 
@@ -221,16 +221,21 @@ def build_lm(cfg, vocab_size: int, device: torch.device):
     return model.to(device)
 
 
-def held_back(shards: list, tokens: int) -> tuple[list, list | None]:
+def held_back(shards: list, tokens: int, seq_len: int) -> tuple[list, list | None, str]:
     """(the train shards less the last `tokens` tokens of the last one, those tokens as a split
-    of their own, or None for 0): what `--calibrate-tokens` fits temperatures on."""
+    of their own or None for 0, a note or ""): what `--calibrate-tokens` fits the readouts on.
+    More than half of the last shard: a tenth of it instead, and the note says so."""
     if tokens == 0:
-        return shards, None
-    last = shards[-1]
+        return shards, None, ""
+    last, note = shards[-1], ""
     if 2 * tokens > len(last):
-        raise UserError(f"calibrate_tokens: {tokens:,} is more than half of the last train "
-                        f"shard's {len(last):,} tokens")
-    return [*shards[:-1], last[:-tokens]], [last[-tokens:]]
+        tokens, note = len(last) // 10, (f"calibrate_tokens: {tokens:,} is more than half of the "
+                                         f"last train shard's {len(last):,} tokens; holding back "
+                                         f"a tenth of it, {len(last) // 10:,}")
+        if tokens < seq_len + 1:
+            raise UserError(f"calibrate_tokens: the last train shard's {len(last):,} tokens are "
+                            f"too few to hold back one window of {seq_len + 1}; give 0")
+    return [*shards[:-1], last[:-tokens]], [last[-tokens:]], note
 
 
 @dataclass
@@ -254,7 +259,11 @@ class LanguageTask(Task):
             raise UserError("embed_init: the GPT baseline learns its own embeddings; use learned")
         super().__init__(cfg, data, device, cfg.max_steps)
         index, count = data_share
-        self.train_shards, self.heldback = held_back(data.train, cfg.calibrate_tokens)
+        self.train_shards, self.heldback, note = held_back(data.train, cfg.calibrate_tokens,
+                                                           cfg.seq_len)
+        self.heldback_tokens = 0 if self.heldback is None else len(self.heldback[0])
+        if note and runs.is_writer():
+            print(note, flush=True)
         self.batches = TokenBatches(self.train_shards, cfg.batch_size // count, cfg.seq_len,
                                     device, seed=cfg.seed, rank=index, world_size=count)
 
@@ -320,11 +329,12 @@ class LanguageTask(Task):
         cfg = self.cfg
         heldback = None if self.heldback is None else val_batches(
             self.heldback, cfg.batch_size, cfg.seq_len, self.device)
-        return validation_loss(model, schedule, self.val_batches(),
+        val = validation_loss(model, schedule, self.val_batches(),
                                stochastic=cfg.inference == "stochastic", seed=cfg.seed,
                                chains=cfg.eval_chains, transport=transport,
                                readout=cfg.readout, heldback=heldback,
                                ode_steps=cfg.inference_steps, ode_solver=cfg.ode_solver)
+        return val if heldback is None else {**val, "heldback_tokens": self.heldback_tokens}
 
     def eval_fields(self, val: dict) -> dict:
         return {**val, "val_perplexity": math.exp(min(val["val_loss"], 50.0))}
