@@ -219,9 +219,12 @@ class LMConfig(TaskConfig):
     DEFAULT = "stdlib"  # the config --task lm uses when none is named
 
     def check(self) -> None:
-        if self.readout != "classifier" and self.parallel in ("blocks", "blocks+data"):
-            raise ConfigError(f"readout: {self.readout} reads every block at every position; "
-                              "with --parallel blocks use --readout classifier")
+        if (self.readout != "classifier" or self.calibrate_tokens) and \
+                self.parallel in ("blocks", "blocks+data"):
+            raise ConfigError(f"readout: {self.readout} (calibrate_tokens "
+                              f"{self.calibrate_tokens}) reads every block at every position; "
+                              "with --parallel blocks use --readout classifier "
+                              "--calibrate-tokens 0")
         if self.readout == "fitted" and not self.calibrate_tokens:
             raise ConfigError("readout: fitted mixes with weights fitted on held-back tokens; "
                               "give --calibrate-tokens")

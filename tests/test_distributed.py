@@ -36,7 +36,8 @@ IMAGE = ["--num-blocks", "4", "--batch-size", "256", "--dropout", "0", "--no-pro
 LM = ["--task", "lm", "--width", "32", "--heads", "2", "--embed-dim", "8", "--num-blocks", "3",
       "--seq-len", "16", "--batch-size", "4", "--eval-tokens", "64", "--eval-chains", "2",
       "--sample-tokens", "0", "--no-progress", "--device", "cpu", "--eval-every", "2",
-      "--dist-timeout", "60"]
+      "--dist-timeout", "60", "--readout", "classifier",  # split blocks: z_T's readout alone
+      "--calibrate-tokens", "0"]
 
 
 def torchrun(args: list[str], nproc: int = 2, module: str = "noprop_fast.train",
