@@ -201,9 +201,12 @@ class LMConfig(TaskConfig):
                         "chain; fitted: the blocks' softmaxes and the classifier mixed with "
                         "weights fitted on held-back tokens (needs --calibrate-tokens)",
                         ("classifier", "last", "first", "blocks", "fitted"))
-    calibrate_tokens: int = _opt(0, "hold back the train split's last this many tokens and fit a "
-                                 "temperature of the readout on them at each evaluation; 0: off",
+    calibrate_tokens: int = _opt(0, "hold back the train split's last this many tokens and fit "
+                                 "the fitted readout's weights on them at each evaluation; 0: off",
                                  minimum=0)
+    fit_temperature: bool = _opt(False, "with calibrate_tokens: also fit each readout's "
+                                 "temperature on the held-back tokens (33 candidates, 2^-2..2^2; "
+                                 "a slower evaluation)")
     sample: str | None = _opt("The ", "prompt whose continuations are printed at the end (--sample "
                               "with --resume samples from a finished run)")
     sample_tokens: int = _opt(200, "tokens per sample; 0: no samples", minimum=0)

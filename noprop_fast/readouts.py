@@ -149,20 +149,32 @@ def fitted_readout(val_rows: torch.Tensor, heldback_rows: torch.Tensor) -> dict:
     return out
 
 
-def readout_losses(val: dict, heldback: dict | None) -> dict:
+def chosen_temperatures(heldback: dict | None) -> list[int]:
+    """The TEMPERATURES indices the val tokens are scored at: 1, and each readout's best on the
+    held-back tokens (`Scores.means()` at TEMPERATURES), K chains and one."""
+    if heldback is None:
+        return [ONE]
+    return sorted({ONE} | {int(i) for means in heldback.values() for i in means.argmin(dim=1)})
+
+
+def readout_losses(val: dict, chosen: list[int], heldback: dict | None) -> dict:
     """{readout: {"val_loss", "val_loss_one_chain"[, "temperature", "temperature_one_chain",
-    "uncalibrated", "uncalibrated_one_chain"]}} from `Scores.means()` of the val tokens and, where calibrated, of the held-back tokens at
-    TEMPERATURES: each loss at the temperature that is best on the held-back tokens."""
+    "uncalibrated", "uncalibrated_one_chain"]}} from `Scores.means()` of the val tokens at the
+    `chosen` TEMPERATURES and, where calibrated, of the held-back tokens at all of them: each loss
+    at the temperature that is best on the held-back tokens."""
+    at = {index: k for k, index in enumerate(chosen)}
     out = {}
     for readout, means in val.items():
+        one = at[ONE]
         if heldback is None:
-            out[readout] = {"val_loss": float(means[0, 0]), "val_loss_one_chain": float(means[1, 0])}
+            out[readout] = {"val_loss": float(means[0, one]),
+                            "val_loss_one_chain": float(means[1, one])}
             continue
-        best = heldback[readout].argmin(dim=1)               # [2]: K chains, one chain
-        out[readout] = {"val_loss": float(means[0, best[0]]),
-                        "val_loss_one_chain": float(means[1, best[1]]),
+        best = [int(i) for i in heldback[readout].argmin(dim=1)]  # K chains, one chain
+        out[readout] = {"val_loss": float(means[0, at[best[0]]]),
+                        "val_loss_one_chain": float(means[1, at[best[1]]]),
                         "temperature": float(TEMPERATURES[best[0]]),
                         "temperature_one_chain": float(TEMPERATURES[best[1]]),
-                        "uncalibrated": float(means[0, ONE]),
-                        "uncalibrated_one_chain": float(means[1, ONE])}
+                        "uncalibrated": float(means[0, one]),
+                        "uncalibrated_one_chain": float(means[1, one])}
     return out

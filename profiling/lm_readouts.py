@@ -1,5 +1,6 @@
 """Every NoProp-LM readout of finished runs, with stochastic and noise-free chains, K chains and
-one, on the run's own val tokens (calibrated on its held-back tokens where it kept some) (docs/language.md, "What limits NoProp-LM"):
+one, on the run's own val tokens (calibrated on its held-back tokens where it kept some), and
+each block's softmax and the classifier alone (docs/language.md, "What limits NoProp-LM"):
 
     python profiling/lm_readouts.py RUN [RUN ...] --out FILE.json
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from noprop_fast import runs
+from noprop_fast import readouts, runs
 from noprop_fast.config import LMConfig, load_config
 from noprop_fast.data.shards import val_batches
 from noprop_fast.schedule import NoiseSchedule
@@ -36,8 +37,16 @@ def evaluate(run_dir: Path, inference: str, chains: int) -> dict:
         task.heldback, cfg.batch_size, cfg.seq_len, device)
     val = validation_loss(model, schedule, task.val_batches(), inference == "stochastic",
                           cfg.seed, chains, heldback=heldback)
+    # each component alone: blocks 1..T, then the classifier ([2, T + 1, M] at temperature 1)
+    scores = readouts.Scores(torch.ones(1), keep_rows=True)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for x, y in task.val_batches():
+        scores.add(model, schedule, x, y, chains, inference == "stochastic", generator)
+    per_component = (-scores.rows().mean(-1)).tolist()
     return {"run": str(run_dir), "inference": inference, "chains": chains,
             "val_tokens": val["val_tokens"], "readouts": val["readouts"],
+            "each_component": {"chains": [round(v, 4) for v in per_component[0]],
+                               "one_chain": [round(v, 4) for v in per_component[1]]},
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -55,7 +64,8 @@ def main() -> int:
             print(run_dir.name, inference, {r: (round(v["val_loss"], 4),
                                                 round(v["val_loss_one_chain"], 4),
                                                 v.get("weights", v.get("temperature")))
-                                            for r, v in row["readouts"].items()}, flush=True)
+                                            for r, v in row["readouts"].items()},
+                  "each block, then the classifier:", row["each_component"], flush=True)
     args.out.write_text(json.dumps({
         "command": "python " + " ".join(sys.argv), "device": f"cpu ({platform.processor()}, "
         f"{torch.get_num_threads()} threads)", "torch": torch.__version__,

@@ -42,7 +42,7 @@ def _state(run_dir):
 
 @pytest.mark.parametrize("extra", [[], ["--method", "backprop"], ["--fused"],
                                    ["--block-ce", "1", "--readout", "blocks",
-                                    "--calibrate-tokens", "200"]],
+                                    "--calibrate-tokens", "200", "--fit-temperature"]],
                          ids=["noprop", "backprop", "noprop-fused", "noprop-block-ce-calibrated"])
 def test_lm_resume_replays_the_uninterrupted_run(word_shards, tmp_path, capsys, extra):
     base = TINY + extra + ["--data-dir", str(word_shards), "--eval-every", "2",

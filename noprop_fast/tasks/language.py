@@ -69,13 +69,15 @@ def fm_chain_losses(model, features: torch.Tensor, target: torch.Tensor, steps: 
 @torch.no_grad()
 def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = True,
                     seed: int = 0, chains: int = 1, transport=None, readout: str = "classifier",
-                    heldback=None, ode_steps: int = 20, ode_solver: str = "euler") -> dict:
+                    heldback=None, ode_steps: int = 20, ode_solver: str = "euler",
+                    temperatures: bool = False) -> dict:
     """The validation loss over the (x, y) batches, in eval mode, the chains' noise drawn from
     `seed` (the same numbers at every evaluation): {"val_loss", "val_loss_one_chain",
     "val_tokens"}, in nats per token. NoProp: `val_loss` is -log of `readout`'s mean probability
     of y over `chains` chains per position, `val_loss_one_chain` the first chain's alone
     (`readouts.py`), and "readouts" holds every readout's; `heldback`: batches of held-back train
-    tokens on which each readout's temperature is fitted. The GPT: both are its cross-entropy.
+    tokens on which the fitted readout's weights are fitted, and with `temperatures` each
+    readout's temperature. The GPT: both are its cross-entropy.
     `transport` (blocks split across processes): the classifier readout, as in
     `noprop.chain_from_features`. NoProp-FM: the classifier on z_1 of its ODE (`ode_steps`
     steps of `ode_solver`) in place of the chain."""
@@ -83,14 +85,15 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
     model.eval()
     try:
         if model.method == "noprop" and transport is None:
-            fitted = None
-            if heldback is not None:
+            fitted = held = None
+            if heldback is not None:  # the temperatures only where asked: 33 scorings a row
                 fitted = _scores(model, schedule, heldback, stochastic, seed, chains,
-                                 readouts.TEMPERATURES)
-            grid = readouts.TEMPERATURES if fitted is not None else torch.ones(1)
-            scores = _scores(model, schedule, batches, stochastic, seed, chains, grid)
-            table = readouts.readout_losses(scores.means(), None if fitted is None
-                                            else fitted.means())
+                                 readouts.TEMPERATURES if temperatures else torch.ones(1))
+                held = fitted.means() if temperatures else None
+            chosen = readouts.chosen_temperatures(held)
+            scores = _scores(model, schedule, batches, stochastic, seed, chains,
+                             readouts.TEMPERATURES[chosen], keep_rows=fitted is not None)
+            table = readouts.readout_losses(scores.means(), chosen, held)
             if fitted is not None:
                 table["fitted"] = readouts.fitted_readout(scores.rows(), fitted.rows())
             return {**table[readout], "val_tokens": scores.tokens, "readouts": table}
@@ -100,8 +103,9 @@ def validation_loss(model, schedule: NoiseSchedule, batches, stochastic: bool = 
         model.train(was_training)
 
 
-def _scores(model, schedule, batches, stochastic, seed, chains, temperatures) -> readouts.Scores:
-    scores, generator = readouts.Scores(temperatures, keep_rows=len(temperatures) > 1), None
+def _scores(model, schedule, batches, stochastic, seed, chains, temperatures,
+            keep_rows: bool = True) -> readouts.Scores:
+    scores, generator = readouts.Scores(temperatures, keep_rows), None
     for x, y in batches:
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -333,6 +337,7 @@ class LanguageTask(Task):
                                stochastic=cfg.inference == "stochastic", seed=cfg.seed,
                                chains=cfg.eval_chains, transport=transport,
                                readout=cfg.readout, heldback=heldback,
+                               temperatures=cfg.fit_temperature,
                                ode_steps=cfg.inference_steps, ode_solver=cfg.ode_solver)
         return val if heldback is None else {**val, "heldback_tokens": self.heldback_tokens}
 
