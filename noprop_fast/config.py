@@ -193,13 +193,15 @@ class LMConfig(TaskConfig):
                             "over K chains of p(y | z_T) (K = 1: one chain's cross-entropy, also "
                             "reported)", minimum=1)
     block_ce: float = _opt(0.0, "weight of a local cross-entropy on each block's own softmax "
-                           "over the vocabulary (block t's term trains block t alone); 0: off",
+                           "over the vocabulary (block t's term trains block t alone); 0: off; "
+                           "NoProp-LM's blocks only (noprop-fm and the GPT have none)",
                            minimum=0.0)
     readout: str = _opt("classifier", "the predictive distribution val_loss and samples use: "
                         "classifier: the classifier on z_T; last, first: the last or the first "
                         "block's softmax; blocks: the mean of every block's softmax along the "
                         "chain; fitted: the blocks' softmaxes and the classifier mixed with "
-                        "weights fitted on held-back tokens (needs --calibrate-tokens)",
+                        "weights fitted on held-back tokens (needs --calibrate-tokens); "
+                        "noprop-fm reads its classifier on z_1 whatever this says",
                         ("classifier", "last", "first", "blocks", "fitted"))
     calibrate_tokens: int = _opt(0, "hold back the train split's last this many tokens and fit "
                                  "the fitted readout's weights on them at each evaluation; 0: off",
@@ -222,6 +224,9 @@ class LMConfig(TaskConfig):
     DEFAULT = "stdlib"  # the config --task lm uses when none is named
 
     def check(self) -> None:
+        if self.method == "noprop-fm" and self.parallel != "none":
+            raise ConfigError("parallel: noprop-fm runs in one process (--parallel splits "
+                              "NoProp-LM's blocks or batches)")
         if (self.readout != "classifier" or self.calibrate_tokens) and \
                 self.parallel in ("blocks", "blocks+data"):
             raise ConfigError(f"readout: {self.readout} (calibrate_tokens "
@@ -236,18 +241,9 @@ class LMConfig(TaskConfig):
         if (self.width // self.heads) not in (16, 32, 64, 128):
             raise ConfigError(f"heads: the head size width / heads = {self.width // self.heads} "
                               "must be one of 16, 32, 64, 128")
-        if self.method == "noprop-fm" and self.parallel != "none":
-            raise ConfigError("parallel: noprop-fm runs in one process (--parallel splits "
-                              "NoProp-LM's blocks or batches)")
         if self.method == "noprop-fm" and self.embed_init != "learned":
             raise ConfigError("embed_init: noprop-fm's classifier is trained by its anchor, "
                               "which needs learned embeddings; use embed_init learned")
-        blockwise = {"block_ce": self.block_ce != 0, "readout": self.readout != "classifier",
-                     "calibrate_tokens": self.calibrate_tokens != 0}
-        for name, changed in blockwise.items():
-            if self.method == "noprop-fm" and changed:
-                raise ConfigError(f"{name}: NoProp-LM's blocks only; noprop-fm has one network, "
-                                  f"read by its classifier on z_1 (leave {name} at its default)")
 
 
 TASK_CONFIGS = {"image": ImageConfig, "lm": LMConfig}

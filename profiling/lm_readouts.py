@@ -54,11 +54,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--chains", type=int, default=8)
+    parser.add_argument("--inference", nargs="+", default=["stochastic", "noise-free"],
+                        choices=["stochastic", "noise-free"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows = []
     for run_dir in args.runs:
-        for inference in ("stochastic", "noise-free"):
+        for inference in args.inference:
             row = evaluate(run_dir, inference, args.chains)
             rows.append(row)
             print(run_dir.name, inference, {r: (round(v["val_loss"], 4),
