@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from . import threads
+from . import readouts, threads
 from .errors import ConfigError, UserError
 from .schedule import NoiseSchedule, cosine_alpha_bar
 
@@ -202,7 +202,7 @@ class LMConfig(TaskConfig):
                         "chain; fitted: the blocks' softmaxes and the classifier mixed with "
                         "weights fitted on held-back tokens (needs --calibrate-tokens); "
                         "noprop-fm reads its classifier on z_1 whatever this says",
-                        ("classifier", "last", "first", "blocks", "fitted"))
+                        readouts.CHOICES)
     calibrate_tokens: int = _opt(0, "hold back the train split's last this many tokens and fit "
                                  "the fitted readout's weights on them at each evaluation; 0: off",
                                  minimum=0)

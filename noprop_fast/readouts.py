@@ -24,7 +24,8 @@ from .layers import softmax_embedding
 from .ops.chunked_ce import cross_entropy_rows
 from .schedule import denoise_step
 
-READOUTS = ("classifier", "last", "first", "blocks")  # and "fitted", with held-back tokens
+READOUTS = ("classifier", "last", "first", "blocks")  # scored from the chains alone
+CHOICES = READOUTS + ("fitted",)  # and the mixture fitted on held-back tokens
 # what a calibrated readout chooses from: 2^-2 .. 2^2 in steps of 2^(1/8), 1 included
 TEMPERATURES = 2.0 ** torch.linspace(-2.0, 2.0, 33)
 ONE = 16  # TEMPERATURES[ONE] == 1
@@ -91,6 +92,7 @@ class Scores:
         classifier), K chains' mean and the first chain's, at temperature 1: `rows()`."""
         self.temperatures, self.sums, self.tokens = temperatures, {}, 0
         self.kept = [] if keep_rows else None
+        self.one = int((temperatures == 1).nonzero()[0]) if keep_rows else None
 
     @torch.no_grad()
     def add(self, model, schedule, x: torch.Tensor, y: torch.Tensor, chains: int,
@@ -109,8 +111,7 @@ class Scores:
                                  mixture(scores[:1], readout).sum(-1)])     # [2, S]
             self.sums[readout] = part if readout not in self.sums else self.sums[readout] + part
         if self.kept is not None:
-            one = int((self.temperatures == 1).nonzero()[0])
-            at_one = scores[:, :, one]                                       # [K, T + 1, M]
+            at_one = scores[:, :, self.one]                                  # [K, T + 1, M]
             self.kept.append(torch.stack([
                 torch.logsumexp(at_one, 0) - math.log(at_one.shape[0]), at_one[0]]))
         self.tokens += target.numel()

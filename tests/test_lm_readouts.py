@@ -28,7 +28,7 @@ from test_lm import L, T, V, changed_after, cpp_ops, noprop_model, one_thread, w
 # -- (a) causality -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "cpp"])
-@pytest.mark.parametrize("readout", readouts.READOUTS + ("fitted",))
+@pytest.mark.parametrize("readout", readouts.CHOICES)
 @pytest.mark.parametrize("i", [0, L - 2])
 def test_every_readout_has_no_leak(fused, readout, i):
     model = noprop_model(cpp_ops() if fused else REFERENCE).eval()

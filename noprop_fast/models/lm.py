@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ..layers import (ALL_BLOCKS, BlockEmbedding, BlockLayerNorm, BlockLinear, block_slice,
                       softmax_embedding, use_ops)
 from ..ops import REFERENCE, Ops
-from ..ops.chunked_ce import cross_entropy_rows
 from .image import TIME_FREQUENCIES, ClassEmbedding, DenoisingModel, time_encoding
 
 MAX_QUERY = 128  # the head's query width Dq: the fused softmax head holds D <= 128 in one tile
@@ -124,16 +123,6 @@ class LanguageBlocks(nn.Module):
         ce = torch.stack([self.ops.linear_cross_entropy(q[b].float(), keys[b], biases[b], target)
                           for b in range(q.shape[0])])
         return u_hat, ce
-
-    @torch.no_grad()
-    def block_log_loss(self, features: torch.Tensor, z: torch.Tensor, target: torch.Tensor,
-                       block: int, temperatures: torch.Tensor | None = None) -> torch.Tensor:
-        """-log p_t(y | x, z) of block t's own softmax for every row, [M] (or [S, M] for S
-        temperatures dividing the logits): features [1, M, D] and z [M, d] of block `block`."""
-        one = slice(block, block + 1)
-        q = self.head_input(features, z.unsqueeze(0), one)[0].float()         # [M, Dq]
-        return cross_entropy_rows(q, self.head.weight[block], self.head.bias[block], target,
-                                  temperatures=temperatures)
 
 
 class FlowLanguageBlocks(LanguageBlocks):

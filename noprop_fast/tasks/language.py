@@ -131,12 +131,11 @@ def _classifier_loss(model, schedule, batches, stochastic, seed, chains, transpo
                                                        generator, transport).float(),
                                    weight, bias, target)
                 for _ in range(chains)])                      # [K, N*L]: -log p(y | z_T^k)
-            mixture = math.log(chains) - torch.logsumexp(-losses, dim=0)
-            part = torch.stack([mixture.sum(), losses[0].sum()])
         elif model.method == "noprop-fm":
             features = model.blocks.features(x)               # [1, N*L, D], shared by the chains
             losses = torch.stack([fm_chain_losses(model, features, target, *ode, generator)
                                   for _ in range(chains)])    # [K, N*L]: -log p(y | z_1^k)
+        if model.method in ("noprop", "noprop-fm"):
             mixture = math.log(chains) - torch.logsumexp(-losses, dim=0)
             part = torch.stack([mixture.sum(), losses[0].sum()])
         else:
